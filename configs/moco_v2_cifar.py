@@ -1,0 +1,24 @@
+"""The official single-device CIFAR-10 demo recipe (facebookresearch/moco colab notebook):
+CIFAR-stem ResNet-18, K=4096, m=0.99, T=0.1, lr 0.06 per batch 512 (0.03 per 256), wd 5e-4,
+cosine, BN split into 8 groups (group size 64 at batch 512), 200 epochs."""
+
+from moco_jax.config_defaults import base_config
+
+
+def get_config():
+    config = base_config()
+    config.dataset.name = "cifar10"
+    config.dataset.image_size = 32
+    config.batch_size = 512
+    config.num_devices = 1
+    config.model.backbone = "resnet18"
+    config.model.cifar_stem = True
+    config.model.bn_group_size = 64
+    config.moco.queue_size = 4096
+    config.moco.momentum = 0.99
+    config.moco.temperature = 0.1
+    config.optim.base_lr = 0.03
+    config.optim.weight_decay = 5e-4
+    config.optim.schedule = "cosine"
+    config.optim.lr_milestones = ()
+    return config

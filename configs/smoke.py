@@ -1,0 +1,22 @@
+"""A tiny config that compiles and runs in seconds on CPU: for smoke tests and first contact."""
+
+from moco_jax.config_defaults import base_config
+
+
+def get_config():
+    config = base_config()
+    config.dataset.name = "fashion_mnist"
+    config.dataset.image_size = 16
+    config.dataset.num_channels = 1
+    config.batch_size = 64
+    config.epochs = 1
+    config.model.backbone = "resnet18"
+    config.model.width_multiplier = 0.0625
+    config.model.cifar_stem = True
+    config.model.bn_group_size = 0
+    config.moco.queue_size = 96
+    config.moco.momentum = 0.99
+    config.moco.temperature = 0.1
+    config.optim.schedule = "cosine"
+    config.optim.lr_milestones = ()
+    return config

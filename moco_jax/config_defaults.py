@@ -1,0 +1,69 @@
+"""Every config field, its default and what it means. Config files start from ``base_config``.
+
+Fields (override any from the command line, e.g. ``--config.moco.queue_size=4096``):
+
+- ``seed``: PRNG seed of initialisation, queue and key shuffling.
+- ``batch_size``: global batch (all devices together); ``optim.base_lr`` is scaled by it / 256.
+- ``epochs``: length of training; the lr schedule is per epoch.
+- ``num_devices``: devices of the data mesh; 0 uses all visible devices.
+- ``dataset.name`` / ``dataset.data_dir``: TFDS dataset name and directory (None = TFDS default).
+- ``dataset.image_size`` / ``dataset.num_channels``: training image shape ``[S, S, C]``.
+- ``dataset.num_train_examples``: examples per epoch (0 = read from the dataset).
+- ``model.backbone``: registered backbone name (``resnet18``, ``resnet34``, ``resnet50``, ``mlp``).
+- ``model.width_multiplier``: channels of the first stage = 64 x this (0.25 -> 16).
+- ``model.cifar_stem``: 3x3 stride-1 first conv and no max-pool (small images).
+- ``model.head``: ``linear`` (MoCo v1) or ``mlp`` (MoCo v2).
+- ``model.dim``: dimension of the keys/queries (128).
+- ``model.bn_mode``: ``shuffle`` (Shuffle-BN across devices), ``sync`` (global-batch BN
+  statistics) or ``local`` (per-device statistics, no shuffling).
+- ``model.bn_group_size``: samples per BN group within a device (0 = the whole per-device batch);
+  e.g. 32 with a batch of 256 on one device gives the official demo's 8 groups. Not with ``sync``.
+- ``model.dtype``: compute dtype, ``float32`` or ``bfloat16`` (params and BN stats stay float32).
+- ``moco.queue_size`` (K), ``moco.momentum`` (m of the key encoder), ``moco.temperature`` (T).
+- ``optim.base_lr``: learning rate per 256 images; ``optim.momentum``; ``optim.weight_decay``
+  (coupled, on all parameters, as ``torch.optim.SGD``); ``optim.schedule``: ``cosine``, ``step``
+  or ``constant``; ``optim.lr_milestones``: epochs at which ``step`` multiplies the lr by 0.1.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """MoCo v1 on ImageNet with the paper's hyper-parameters; other configs edit a copy."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 256
+    config.epochs = 200
+    config.num_devices = 0
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "imagenet2012"
+    config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+    config.dataset.image_size = 224
+    config.dataset.num_channels = 3
+    config.dataset.num_train_examples = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.backbone = "resnet50"
+    config.model.width_multiplier = 1.0
+    config.model.cifar_stem = False
+    config.model.head = "linear"
+    config.model.dim = 128
+    config.model.bn_mode = "shuffle"
+    config.model.bn_group_size = 0
+    config.model.dtype = "float32"
+
+    config.moco = ml_collections.ConfigDict()
+    config.moco.queue_size = 65536
+    config.moco.momentum = 0.999
+    config.moco.temperature = 0.07
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.base_lr = 0.03
+    config.optim.momentum = 0.9
+    config.optim.weight_decay = 1e-4
+    config.optim.schedule = "step"
+    config.optim.lr_milestones = (120, 160)
+    return config

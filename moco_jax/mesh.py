@@ -1,0 +1,39 @@
+"""The device mesh and putting host batches on it."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moco_jax.step import DATA_AXIS
+
+
+def make_data_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (all by default) named ``data``."""
+    available = jax.device_count()
+    num_devices = num_devices or available
+    if num_devices > available:
+        raise ValueError(f"asked for {num_devices} devices but only {available} are visible")
+    return jax.make_mesh(
+        (num_devices,),
+        (DATA_AXIS,),
+        axis_types=(jax.sharding.AxisType.Explicit,),
+        devices=jax.devices()[:num_devices],
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch split along its first axis over the ``data`` axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def shard_batch(mesh: Mesh, local_batch: np.ndarray) -> jax.Array:
+    """This process's rows of the global batch -> one global ``jax.Array`` on the mesh."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+def replicate(mesh: Mesh, tree):
+    """Place a pytree replicated on every device of ``mesh``."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
