@@ -1,0 +1,104 @@
+"""The multi-device step: sync BN equals one device, EMA extremes, metrics and BN modes."""
+
+import jax
+import numpy as np
+import pytest
+
+from tiny import build, image_batches, run_steps, tiny_config
+
+
+def _to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _assert_close(a, b, tol=2e-5):
+    for (path, x), y in zip(
+        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol, err_msg=str(path))
+
+
+def test_sync_bn_on_8_devices_equals_1_device_with_the_same_global_batch():
+    config = tiny_config(**{"model.bn_mode": "sync", "moco.momentum": 0.9})
+    batches = image_batches(config, steps=3)
+    results = []
+    for devices in (8, 1):
+        engine, state = build(config, devices)
+        state, history = run_steps(engine, state, batches)
+        results.append((_to_numpy(state.replace(rng=jax.random.key_data(state.rng))), history))
+    (state8, hist8), (state1, hist1) = results
+    for key in ("loss", "top1", "positive_similarity", "negative_similarity", "ema_distance"):
+        np.testing.assert_allclose([h[key] for h in hist8], [h[key] for h in hist1], rtol=2e-5)
+    for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "queue"):
+        _assert_close(getattr(state8, field), getattr(state1, field))
+    assert int(state8.queue_ptr) == int(state1.queue_ptr) == (3 * 64) % 96
+    assert int(state8.step) == 3
+
+
+@pytest.fixture(scope="module")
+def local_bn_engine():
+    """A compiled 8-device step with momentum 0; each test gets a fresh (donatable) state."""
+    config = tiny_config(**{"model.bn_mode": "local", "moco.momentum": 0.0})
+    engine, _ = build(config, 8)
+    return engine, lambda: engine.init_state(jax.random.key(0), (16, 16, 1), 96)
+
+
+def test_momentum_zero_copies_the_online_weights_before_the_update(local_bn_engine):
+    engine, fresh_state = local_bn_engine
+    state = fresh_state()
+    before = _to_numpy(state.params)
+    (images_q, images_k), second = image_batches(tiny_config(), steps=2)
+    state, _ = run_steps(engine, state, [(images_q, images_k)])
+    after_first = _to_numpy(state.params)
+    # After step 1 the key encoder equals the params at the *start* of step 1 ...
+    _assert_close(state.ema_params, before, tol=0)
+    state, _ = run_steps(engine, state, [second])
+    # ... and after step 2 it equals the params at the start of step 2.
+    _assert_close(state.ema_params, after_first, tol=0)
+
+
+def test_momentum_one_freezes_the_key_encoder():
+    config = tiny_config(**{"model.bn_mode": "local", "moco.momentum": 1.0})
+    engine, state = build(config, 8)
+    initial = _to_numpy(state.ema_params)
+    state, history = run_steps(engine, state, image_batches(config, steps=2))
+    _assert_close(state.ema_params, initial, tol=0)
+    assert history[-1]["ema_distance"] > 0  # while the online encoder did move
+
+
+def test_metrics_and_initial_state(local_bn_engine):
+    engine, fresh_state = local_bn_engine
+    state = fresh_state()
+    _assert_close(state.ema_params, state.params, tol=0)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(state.queue), axis=1), 1.0, rtol=1e-5)
+    config = tiny_config()
+    state, history = run_steps(engine, state, image_batches(config, steps=3, seed=5))
+    assert set(history[0]) == {
+        "loss",
+        "top1",
+        "positive_similarity",
+        "negative_similarity",
+        "ema_distance",
+        "learning_rate",
+        "queue_ptr",
+    }
+    assert [h["queue_ptr"] for h in history] == [64, 32, 0]  # K=96, batch 64: wraps
+    # Cosine over 1 epoch of 2 steps: epoch 0 at the peak lr (0.03 * 64 / 256).
+    np.testing.assert_allclose([h["learning_rate"] for h in history[:2]], 0.0075, rtol=1e-6)
+    for h in history:
+        assert np.isfinite(h["loss"]) and 0.0 <= h["top1"] <= 1.0
+        assert -1.0 <= h["negative_similarity"] <= 1.0
+
+
+def test_shuffle_bn_changes_the_keys_but_not_the_contract():
+    """Shuffle-BN on 8 devices runs, differs from local BN, and still enqueues unit keys."""
+    config = tiny_config(**{"model.bn_mode": "shuffle"})
+    batches = image_batches(config, steps=1)
+    engine, state = build(config, 8)
+    state, (metrics,) = run_steps(engine, state, batches)
+    local_engine, local_state = build(tiny_config(**{"model.bn_mode": "local"}), 8)
+    local_state, _ = run_steps(local_engine, local_state, batches)
+    keys = np.asarray(state.queue)[:64]
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(keys, np.asarray(local_state.queue)[:64], atol=1e-4)
+    assert np.isfinite(metrics["loss"])
