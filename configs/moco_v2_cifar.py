@@ -21,4 +21,10 @@ def get_config():
     config.optim.weight_decay = 5e-4
     config.optim.schedule = "cosine"
     config.optim.lr_milestones = ()
+    # The demo's transform: crop (0.2, 1), flip, jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale.
+    config.augment.jitter = (0.4, 0.4, 0.4, 0.1)
+    config.augment.jitter_prob = 0.8
+    config.augment.grayscale_before_jitter = False
+    config.dataset.mean = (0.4914, 0.4822, 0.4465)
+    config.dataset.std = (0.2023, 0.1994, 0.2010)
     return config

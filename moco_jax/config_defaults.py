@@ -9,6 +9,15 @@ Fields (override any from the command line, e.g. ``--config.moco.queue_size=4096
 - ``dataset.name`` / ``dataset.data_dir``: TFDS dataset name and directory (None = TFDS default).
 - ``dataset.image_size`` / ``dataset.num_channels``: training image shape ``[S, S, C]``.
 - ``dataset.num_train_examples``: examples per epoch (0 = read from the dataset).
+- ``dataset.mean`` / ``dataset.std``: per-channel normalisation (of images in [0, 1]).
+- ``augment.crop``: random-resized-crop on device (False when the host already cropped);
+  ``augment.crop_scale`` / ``augment.crop_ratio``: its area fraction and aspect-ratio ranges.
+- ``augment.flip``: horizontal flip with p=0.5.
+- ``augment.jitter``: colour-jitter strengths (brightness, contrast, saturation, hue), applied
+  with probability ``augment.jitter_prob`` in a random order per example.
+- ``augment.grayscale_prob``; ``augment.grayscale_before_jitter`` (MoCo v1's order) or after.
+- ``augment.blur_prob`` / ``augment.solarize_prob``: (query view, key view) probabilities of
+  Gaussian blur (sigma in ``augment.blur_sigma``) and solarisation.
 - ``model.backbone``: registered backbone name (``resnet18``, ``resnet34``, ``resnet50``, ``mlp``).
 - ``model.width_multiplier``: channels of the first stage = 64 x this (0.25 -> 16).
 - ``model.cifar_stem``: 3x3 stride-1 first conv and no max-pool (small images).
@@ -44,6 +53,23 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset.image_size = 224
     config.dataset.num_channels = 3
     config.dataset.num_train_examples = 0
+
+    config.dataset.mean = (0.485, 0.456, 0.406)
+    config.dataset.std = (0.229, 0.224, 0.225)
+
+    # MoCo v1's augmentation (main_moco.py without --aug-plus).
+    config.augment = ml_collections.ConfigDict()
+    config.augment.crop = True
+    config.augment.crop_scale = (0.2, 1.0)
+    config.augment.crop_ratio = (3 / 4, 4 / 3)
+    config.augment.flip = True
+    config.augment.jitter = (0.4, 0.4, 0.4, 0.4)
+    config.augment.jitter_prob = 1.0
+    config.augment.grayscale_prob = 0.2
+    config.augment.grayscale_before_jitter = True
+    config.augment.blur_prob = (0.0, 0.0)
+    config.augment.blur_sigma = (0.1, 2.0)
+    config.augment.solarize_prob = (0.0, 0.0)
 
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "resnet50"
