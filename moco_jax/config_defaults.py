@@ -8,7 +8,8 @@ Fields (override any from the command line, e.g. ``--config.moco.queue_size=4096
 - ``num_devices``: devices of the data mesh; 0 uses all visible devices.
 - ``dataset.name`` / ``dataset.data_dir``: TFDS dataset name and directory (None = TFDS default).
 - ``dataset.image_size`` / ``dataset.num_channels``: training image shape ``[S, S, C]``.
-- ``dataset.num_train_examples``: examples per epoch (0 = read from the dataset).
+- ``dataset.download``: let TFDS download and prepare a missing dataset (offline machines
+  prepare ``fashion_mnist`` from the Debian package's files either way).
 - ``dataset.mean`` / ``dataset.std``: per-channel normalisation (of images in [0, 1]).
 - ``augment.crop``: random-resized-crop on device (False when the host already cropped);
   ``augment.crop_scale`` / ``augment.crop_ratio``: its area fraction and aspect-ratio ranges.
@@ -32,6 +33,11 @@ Fields (override any from the command line, e.g. ``--config.moco.queue_size=4096
 - ``optim.base_lr``: learning rate per 256 images; ``optim.momentum``; ``optim.weight_decay``
   (coupled, on all parameters, as ``torch.optim.SGD``); ``optim.schedule``: ``cosine``, ``step``
   or ``constant``; ``optim.lr_milestones``: epochs at which ``step`` multiplies the lr by 0.1.
+- ``knn.every_epochs``: kNN monitor period (and always after the last epoch); ``knn.k`` and
+  ``knn.temperature``: neighbours and vote temperature (200 and 0.1 as the official demo).
+- ``checkpoint.every_steps``: save period in steps (a save also follows every epoch);
+  ``checkpoint.keep``: how many recent checkpoints stay on disk.
+- ``log_every_steps``: how often step metrics are fetched, logged and written.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
     config.dataset.image_size = 224
     config.dataset.num_channels = 3
-    config.dataset.num_train_examples = 0
+    config.dataset.download = True
 
     config.dataset.mean = (0.485, 0.456, 0.406)
     config.dataset.std = (0.229, 0.224, 0.225)
@@ -92,4 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 1e-4
     config.optim.schedule = "step"
     config.optim.lr_milestones = (120, 160)
+
+    config.knn = ml_collections.ConfigDict()
+    config.knn.every_epochs = 10
+    config.knn.k = 200
+    config.knn.temperature = 0.1
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.keep = 3
+
+    config.log_every_steps = 50
     return config

@@ -1,0 +1,1 @@
+"""Input: TFDS datasets prepared (offline where possible), sharded per process, fed to the mesh."""

@@ -1,0 +1,105 @@
+"""Small datasets kept on the accelerators as uint8; the host only picks indices.
+
+The training images are split evenly over the mesh's devices (each process holds the devices it
+owns). Each epoch every device walks a fresh permutation of its own examples, so every example is
+used once per epoch across all devices and processes; the last partial batch is dropped (as the
+reference's ``drop_last=True``). The sampler is a pure function of ``(seed, epoch, device)``, so a
+resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from moco_jax.augment import normalize_only, two_views
+from moco_jax.mesh import shard_batch
+from moco_jax.step import DATA_AXIS
+
+
+def _local_device_indices(mesh: Mesh) -> list[int]:
+    """Positions along the data axis of this process's devices, in mesh order."""
+    devices = list(mesh.devices.flat)
+    return [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+
+
+def put_sharded(mesh: Mesh, images: np.ndarray, labels: np.ndarray, pad: bool):
+    """Split this process's examples evenly over its devices and place them on the mesh.
+
+    With ``pad`` the remainder is padded (label -1, to be ignored) instead of dropped.
+    Returns ``(images, labels, per_device_count)``.
+    """
+    local_devices = len(_local_device_indices(mesh))
+    count = len(images)
+    per_device = -(-count // local_devices) if pad else count // local_devices
+    if per_device == 0:
+        raise ValueError(f"{count} examples cannot be spread over {local_devices} devices")
+    total = per_device * local_devices
+    if pad and total > count:
+        images = np.concatenate([images, np.zeros((total - count, *images.shape[1:]), np.uint8)])
+        labels = np.concatenate([labels, np.full(total - count, -1, np.int32)])
+    return (
+        shard_batch(mesh, images[:total]),
+        shard_batch(mesh, labels[:total]),
+        per_device,
+    )
+
+
+@dataclasses.dataclass
+class ResidentTrainSet:
+    """Training images on device and the host-side sampler of per-device indices."""
+
+    mesh: Mesh
+    images: jax.Array  # [num_devices * per_device, H, W, C] uint8, sharded over ``data``
+    labels: jax.Array
+    per_device: int
+    per_device_batch: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.per_device // self.per_device_batch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """``[steps, local_devices * per_device_batch]`` device-local indices for ``epoch``."""
+        rows = []
+        for device in _local_device_indices(self.mesh):
+            rng = np.random.default_rng([self.seed, epoch, device])
+            perm = rng.permutation(self.per_device)[: self.steps_per_epoch * self.per_device_batch]
+            rows.append(perm.reshape(self.steps_per_epoch, self.per_device_batch))
+        return np.concatenate(rows, axis=1).astype(np.int32)
+
+    def batch_indices(self, epoch_indices: np.ndarray, step_in_epoch: int) -> jax.Array:
+        """The global index array of one step, sharded like the images."""
+        return shard_batch(self.mesh, epoch_indices[step_in_epoch])
+
+
+def make_view_fn(mesh: Mesh, config: Any):
+    """Jitted ``(images, indices, rng) -> (view_q, view_k)`` that gathers and augments on device."""
+    size = config.dataset.image_size
+    mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
+    aug = config.augment
+
+    def per_device(images, indices, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+        return two_views(rng, images[indices], aug, size, mean, std)
+
+    return jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
+            out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        )
+    )
+
+
+def make_eval_transform(config: Any):
+    """uint8 -> normalised float, the evaluation transform (no augmentation)."""
+    mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
+    return lambda images: normalize_only(images, mean, std)

@@ -1,0 +1,80 @@
+"""Finding, preparing and reading TFDS datasets by name, with clear errors when they are missing."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from moco_jax.data.local_sources import LocalSourceError, prepare_from_local
+
+KNOWN_DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenette", "imagenet2012")
+# Small enough to keep on the accelerator as uint8 and augment entirely on device.
+RESIDENT_DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100")
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be found, prepared or used as configured."""
+
+
+def _quiet_tensorflow():
+    """Import TensorFlow without letting it grab accelerators or print start-up noise."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+    return tf
+
+
+def prepared_builder(name: str, data_dir: str | None, download: bool = True):
+    """The TFDS builder of ``name``, prepared once (cached in ``data_dir``)."""
+    _quiet_tensorflow()
+    import tensorflow_datasets as tfds
+
+    if name not in tfds.list_builders():
+        raise DatasetError(
+            f"unknown dataset {name!r}: not a TFDS dataset name (tested here: "
+            f"{', '.join(KNOWN_DATASETS)})"
+        )
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    try:
+        if prepare_from_local(name, data_dir):
+            return tfds.builder(name, data_dir=data_dir)
+    except LocalSourceError as err:
+        raise DatasetError(f"preparing {name} from local files failed: {err}") from err
+    hint = {
+        "fashion_mnist": "offline: sudo apt-get install dataset-fashion-mnist",
+        "imagenet2012": "download ILSVRC2012_img_{train,val}.tar into <data_dir>/downloads/manual",
+    }.get(name, f"run `tfds build {name}` on a machine with internet")
+    if not download:
+        raise DatasetError(
+            f"dataset {name!r} is not prepared in {builder.data_dir_root} and downloading is "
+            f"off (dataset.download=False); {hint}"
+        )
+    try:
+        builder.download_and_prepare()
+    except Exception as err:  # network errors, missing manual files, ...
+        raise DatasetError(
+            f"dataset {name!r} is not prepared in {builder.data_dir_root} and could not be "
+            f"downloaded or prepared ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"{hint}"
+        ) from err
+    return builder
+
+
+def load_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """This process's share of ``split`` as uint8 images ``[n, H, W, C]`` and int32 labels."""
+    import jax
+    import tensorflow_datasets as tfds
+
+    process_split = tfds.split_for_jax_process(split, drop_remainder=True)
+    if jax.process_count() == 1:
+        process_split = split
+    data = tfds.as_numpy(builder.as_dataset(split=process_split, batch_size=-1))
+    images = np.asarray(data["image"], np.uint8)
+    if images.ndim == 3:
+        images = images[..., None]
+    return images, np.asarray(data["label"], np.int32)

@@ -1,0 +1,87 @@
+"""Metrics on disk: JSON lines, TensorBoard event files and the PNG plot of a run."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+
+class MetricsWriter:
+    """Writes step metrics, epoch records and baselines under the workdir (process 0 only)."""
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+        self.workdir, self.enabled = workdir, enabled
+        self._tensorboard = None
+        if enabled:
+            import tensorflow as tf  # already needed by TFDS; writes TensorBoard event files
+
+            self._tf = tf
+            self._tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def _append(self, name: str, record: dict) -> None:
+        if self.enabled:
+            with open(self.workdir / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write_step(self, step: int, scalars: dict[str, float]) -> None:
+        self._append("metrics.jsonl", {"step": step, **scalars})
+        self._scalars(step, "train", scalars)
+
+    def write_epoch(self, record: dict) -> None:
+        self._append("epochs.jsonl", record)
+        self._scalars(record["epoch"], "epoch", {k: v for k, v in record.items() if k != "epoch"})
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
+    def _scalars(self, step: int, prefix: str, scalars: dict[str, float]) -> None:
+        if self._tensorboard is None:
+            return
+        with self._tensorboard.as_default(step=step):
+            for name, value in scalars.items():
+                self._tf.summary.scalar(f"{prefix}/{name}", value)
+
+    def write_baselines(self, baselines: dict[str, float]) -> None:
+        if self.enabled:
+            (self.workdir / "baselines.json").write_text(json.dumps(baselines, indent=2) + "\n")
+
+    def read_history(self, up_to_epoch: int | None = None) -> dict:
+        """Baselines and epoch records written so far (a resumed run continues them)."""
+        history: dict = {}
+        baselines = self.workdir / "baselines.json"
+        if baselines.exists():
+            history["baselines"] = json.loads(baselines.read_text())
+        epochs = self.workdir / "epochs.jsonl"
+        if epochs.exists():
+            records = [json.loads(line) for line in epochs.read_text().splitlines() if line]
+            if up_to_epoch is not None:
+                records = [r for r in records if r["epoch"] <= up_to_epoch]
+            history["epochs"] = records
+        return history
+
+
+def plot_history(history: dict, path: pathlib.Path, title: str) -> None:
+    """Loss and kNN top-1 per epoch, with the raw-pixel and random-init baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = history.get("epochs", [])
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], "o-")
+    ax_loss.set(xlabel="epoch", ylabel="InfoNCE loss (epoch mean)", title=f"{title}: loss")
+    knn = [r for r in epochs if "knn_head" in r]
+    for key, label in [("knn_head", "head (output)"), ("knn_backbone", "backbone (pooled)")]:
+        ax_knn.plot([r["epoch"] for r in knn], [r[key] for r in knn], "o-", label=label)
+    baselines = history.get("baselines", {})
+    styles = [("knn_pixels", "raw pixels", "k:"), ("random_init_knn_head", "random init", "r:")]
+    for key, label, style in styles:
+        if key in baselines:
+            ax_knn.axhline(baselines[key], linestyle=style[1:], color=style[0], label=label)
+    ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title=f"{title}: kNN (k=200, t=0.1)")
+    ax_knn.legend()
+    for ax in (ax_loss, ax_knn):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
