@@ -31,6 +31,8 @@ CLUSTER_ENV_VARS = (
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO logs drown the progress bar
     import jax
 
     if FLAGS.distributed == "on" or (

@@ -8,6 +8,10 @@ def get_config():
     config.dataset.name = "fashion_mnist"
     config.dataset.image_size = 16
     config.dataset.num_channels = 1
+    config.dataset.mean = (0.28604,)
+    config.dataset.std = (0.35302,)
+    config.dataset.max_train_examples = 512
+    config.dataset.max_test_examples = 256
     config.batch_size = 64
     config.epochs = 1
     config.model.backbone = "resnet18"
@@ -19,4 +23,7 @@ def get_config():
     config.moco.temperature = 0.1
     config.optim.schedule = "cosine"
     config.optim.lr_milestones = ()
+    config.knn.every_epochs = 1
+    config.knn.k = 20
+    config.log_every_steps = 2
     return config

@@ -10,6 +10,8 @@ Fields (override any from the command line, e.g. ``--config.moco.queue_size=4096
 - ``dataset.image_size`` / ``dataset.num_channels``: training image shape ``[S, S, C]``.
 - ``dataset.download``: let TFDS download and prepare a missing dataset (offline machines
   prepare ``fashion_mnist`` from the Debian package's files either way).
+- ``dataset.max_train_examples`` / ``dataset.max_test_examples``: use only the first N examples of
+  each split per process (0 = all): quick experiments and smoke tests.
 - ``dataset.mean`` / ``dataset.std``: per-channel normalisation (of images in [0, 1]).
 - ``augment.crop``: random-resized-crop on device (False when the host already cropped);
   ``augment.crop_scale`` / ``augment.crop_ratio``: its area fraction and aspect-ratio ranges.
@@ -59,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset.image_size = 224
     config.dataset.num_channels = 3
     config.dataset.download = True
+    config.dataset.max_train_examples = 0
+    config.dataset.max_test_examples = 0
 
     config.dataset.mean = (0.485, 0.456, 0.406)
     config.dataset.std = (0.229, 0.224, 0.225)

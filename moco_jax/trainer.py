@@ -20,7 +20,13 @@ from absl import logging
 
 from moco_jax.checkpointing import Checkpointer
 from moco_jax.data.resident import ResidentTrainSet, make_view_fn, put_sharded
-from moco_jax.data.tfds_source import RESIDENT_DATASETS, DatasetError, load_arrays, prepared_builder
+from moco_jax.data.tfds_source import (
+    RESIDENT_DATASETS,
+    DatasetError,
+    get_builder,
+    load_arrays,
+    prepared_builder,
+)
 from moco_jax.engine import build_engine
 from moco_jax.mesh import make_data_mesh
 from moco_jax.metrics_io import MetricsWriter, plot_history
@@ -73,6 +79,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     mesh = make_data_mesh(config.num_devices or None)
     num_devices = mesh.shape[DATA_AXIS]
     validate_config(config, num_devices)
+    get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     if config.dataset.name not in RESIDENT_DATASETS:
         raise DatasetError(
             f"dataset {config.dataset.name!r}: only datasets that fit on the accelerators "
@@ -82,11 +89,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     _check_workdir(workdir_path)
 
     # --- Data: prepared once, this process's share, resident on device. ---
-    builder = prepared_builder(
-        config.dataset.name, config.dataset.data_dir, config.dataset.download
-    )
-    train_images, train_labels = load_arrays(builder, "train")
-    test_images, test_labels = load_arrays(builder, "test")
+    dataset = config.dataset
+    builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
+    train_images, train_labels = load_arrays(builder, "train", dataset.max_train_examples)
+    test_images, test_labels = load_arrays(builder, "test", dataset.max_test_examples)
     per_device_batch = config.batch_size // num_devices
     _check_data_fits(config, train_images, per_device_batch, num_devices)
     images, labels, per_device = put_sharded(mesh, train_images, train_labels, pad=False)

@@ -27,17 +27,25 @@ def _quiet_tensorflow():
     return tf
 
 
-def prepared_builder(name: str, data_dir: str | None, download: bool = True):
-    """The TFDS builder of ``name``, prepared once (cached in ``data_dir``)."""
+def get_builder(name: str, data_dir: str | None):
+    """The TFDS builder of ``name`` (not necessarily prepared); a clear error if unknown."""
     _quiet_tensorflow()
     import tensorflow_datasets as tfds
 
-    if name not in tfds.list_builders():
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as err:
         raise DatasetError(
             f"unknown dataset {name!r}: not a TFDS dataset name (tested here: "
             f"{', '.join(KNOWN_DATASETS)})"
-        )
-    builder = tfds.builder(name, data_dir=data_dir)
+        ) from err
+
+
+def prepared_builder(name: str, data_dir: str | None, download: bool = True):
+    """The TFDS builder of ``name``, prepared once (cached in ``data_dir``)."""
+    import tensorflow_datasets as tfds
+
+    builder = get_builder(name, data_dir)
     if builder.is_prepared():
         return builder
     try:
@@ -65,8 +73,11 @@ def prepared_builder(name: str, data_dir: str | None, download: bool = True):
     return builder
 
 
-def load_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """This process's share of ``split`` as uint8 images ``[n, H, W, C]`` and int32 labels."""
+def load_arrays(builder, split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """This process's share of ``split`` as uint8 images ``[n, H, W, C]`` and int32 labels.
+
+    ``limit`` > 0 keeps only the first ``limit`` examples of the share.
+    """
     import jax
     import tensorflow_datasets as tfds
 
@@ -77,4 +88,7 @@ def load_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(data["image"], np.uint8)
     if images.ndim == 3:
         images = images[..., None]
-    return images, np.asarray(data["label"], np.int32)
+    labels = np.asarray(data["label"], np.int32)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels

@@ -1,0 +1,21 @@
+"""The real Fashion-MNIST, prepared once per machine into a repo-local TFDS directory."""
+
+import pathlib
+
+import pytest
+
+from moco_jax.data import local_sources
+
+DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / ".tfds_cache"
+
+
+def fashion_mnist_data_dir() -> str:
+    if not local_sources.FASHION_MNIST_DIR.exists():
+        pytest.skip(
+            f"{local_sources.FASHION_MNIST_DIR} missing: {local_sources.INSTALL_HINT} "
+            "(the README's test command installs it)"
+        )
+    from moco_jax.data.tfds_source import prepared_builder
+
+    prepared_builder("fashion_mnist", str(DATA_DIR))
+    return str(DATA_DIR)

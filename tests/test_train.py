@@ -1,0 +1,92 @@
+"""train.py end to end on real Fashion-MNIST (a few steps), and its one-line errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from data_fixtures import fashion_mnist_data_dir
+
+from moco_jax.data.tfds_source import DatasetError
+from moco_jax.trainer import train_and_evaluate
+from moco_jax.validation import ConfigError
+from tiny import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _train_py(workdir, *overrides, devices=8):
+    env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "smoke.py"),
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return fashion_mnist_data_dir()
+
+
+def test_smoke_pretraining_through_train_py(tmp_path, data_dir):
+    result = _train_py(tmp_path, f"--config.dataset.data_dir={data_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("metrics.jsonl", "epochs.jsonl", "baselines.json", "pretraining.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert any((tmp_path / "tensorboard").iterdir())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("knn_pixels", "random_init_knn_head", "final_loss", "final_knn_head"):
+        assert 0 <= summary[key] <= 100, key
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["step"] == 8  # 512 examples / batch 64
+    assert steps[-1]["queue_ptr"] == (8 * 64) % 96
+    assert "summary:" in result.stdout
+
+    # Rerunning the same command resumes from the final checkpoint: no step is repeated.
+    again = _train_py(tmp_path, f"--config.dataset.data_dir={data_dir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(steps)
+
+
+def test_bad_input_on_the_command_line_is_one_clear_line(tmp_path):
+    result = _train_py(tmp_path, "--config.dataset.name=fashoin_mnist", devices=1)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'fashoin_mnist'")
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,error,message",
+    [
+        ({"dataset.name": "cifar10", "dataset.download": False}, DatasetError, "not prepared"),
+        ({"dataset.max_train_examples": 32}, ConfigError, "batch_size 64 is larger than the 32"),
+        ({"model.cifar_stem": False}, ConfigError, "too small for the ImageNet stem"),
+        ({"dataset.num_channels": 3}, ConfigError, "images have 1 channel"),
+        ({"dataset.image_size": 8, "augment.crop": False}, ConfigError, "augment.crop is off"),
+    ],
+)
+def test_data_dependent_config_errors(tmp_path, data_dir, overrides, error, message):
+    config = tiny_config(**{"dataset.data_dir": data_dir, **overrides})
+    if overrides.get("dataset.name") == "cifar10":
+        config.dataset.data_dir = str(tmp_path)
+    with pytest.raises(error, match=message):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path, data_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="is not writable"):
+        train_and_evaluate(tiny_config(**{"dataset.data_dir": data_dir}), str(blocker / "run"))
