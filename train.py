@@ -31,8 +31,9 @@ CLUSTER_ENV_VARS = (
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # library INFO logs drown the progress bar
+    from moco_jax.cli_errors import quiet_library_logs, run_with_clear_errors
+
+    quiet_library_logs()
     import jax
 
     if FLAGS.distributed == "on" or (
@@ -43,7 +44,6 @@ def main(argv):
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
 
-    from moco_jax.cli_errors import run_with_clear_errors
     from moco_jax.trainer import train_and_evaluate
 
     summary = run_with_clear_errors(train_and_evaluate, FLAGS.config, FLAGS.workdir)

@@ -27,8 +27,14 @@ class Checkpointer:
     def restore_latest(self, template: MoCoState) -> MoCoState:
         """The latest saved state laid out like ``template``, or ``template`` if none exists."""
         step = self.manager.latest_step()
-        if step is None:
-            return template
+        return template if step is None else self.restore(step, template)
+
+    def restore(self, step: int, template: MoCoState) -> MoCoState:
+        """The state saved at ``step``, laid out like ``template``."""
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step}; available: {list(self.manager.all_steps())}"
+            )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 

@@ -38,6 +38,10 @@ class MoCoState:
     queue_ptr: jax.Array
     rng: jax.Array
 
+    def query_variables(self) -> dict[str, Any]:
+        """Flax variables of the query encoder (what evaluation and transfer use)."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 def create_state(
     rng: jax.Array,

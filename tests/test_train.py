@@ -10,6 +10,7 @@ import pytest
 from data_fixtures import fashion_mnist_data_dir
 
 from moco_jax.data.tfds_source import DatasetError
+from moco_jax.evaluate import evaluate_knn
 from moco_jax.trainer import train_and_evaluate
 from moco_jax.validation import ConfigError
 from tiny import tiny_config
@@ -56,6 +57,13 @@ def test_smoke_pretraining_through_train_py(tmp_path, data_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(steps)
+
+    # The standalone evaluation of the saved run reproduces the final kNN numbers.
+    result = evaluate_knn(str(tmp_path))
+    assert result["step"] == 8
+    assert result["knn_head"] == pytest.approx(summary["final_knn_head"])
+    assert result["knn_pixels"] == pytest.approx(summary["knn_pixels"])
+    assert result["random_init_knn_head"] == pytest.approx(summary["random_init_knn_head"])
 
 
 def test_bad_input_on_the_command_line_is_one_clear_line(tmp_path):

@@ -1,0 +1,122 @@
+"""Everything a run needs before its first step, shared by training and evaluation.
+
+Order matters: config checks and the dataset name come first (cheap, before any data is read or
+anything is compiled), then the data, then the engine and the state (fresh or restored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from moco_jax.checkpointing import Checkpointer
+from moco_jax.data.resident import ResidentTrainSet, put_sharded
+from moco_jax.data.tfds_source import (
+    RESIDENT_DATASETS,
+    DatasetError,
+    get_builder,
+    load_arrays,
+    prepared_builder,
+)
+from moco_jax.engine import Engine, build_engine
+from moco_jax.mesh import make_data_mesh
+from moco_jax.monitor import KnnMonitor
+from moco_jax.state import MoCoState
+from moco_jax.step import DATA_AXIS
+from moco_jax.validation import ConfigError, validate_config
+
+
+@dataclasses.dataclass
+class Run:
+    """A configured run: mesh, data on device, engine, state and its checkpoints."""
+
+    config: Any
+    workdir: pathlib.Path
+    mesh: Mesh
+    train_set: ResidentTrainSet
+    engine: Engine
+    state: MoCoState
+    checkpointer: Checkpointer
+    monitor: KnnMonitor
+
+
+def setup_run(config: Any, workdir: str | pathlib.Path) -> Run:
+    """Validate, load the data, build the engine and restore the latest checkpoint if any."""
+    mesh = make_data_mesh(config.num_devices or None)
+    num_devices = mesh.shape[DATA_AXIS]
+    validate_config(config, num_devices)
+    get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
+    if config.dataset.name not in RESIDENT_DATASETS:
+        raise DatasetError(
+            f"dataset {config.dataset.name!r}: only datasets that fit on the accelerators "
+            f"({', '.join(RESIDENT_DATASETS)}) have an input pipeline yet"
+        )
+    workdir = pathlib.Path(workdir)
+    _check_workdir(workdir)
+
+    # Data: prepared once, this process's share, resident on device.
+    dataset = config.dataset
+    builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
+    train_images, train_labels = load_arrays(builder, "train", dataset.max_train_examples)
+    test_images, test_labels = load_arrays(builder, "test", dataset.max_test_examples)
+    per_device_batch = config.batch_size // num_devices
+    _check_data_fits(config, train_images, per_device_batch, num_devices)
+    images, labels, per_device = put_sharded(mesh, train_images, train_labels, pad=False)
+    train_set = ResidentTrainSet(mesh, images, labels, per_device, per_device_batch, config.seed)
+
+    # Engine and state (fresh or restored).
+    engine = build_engine(config, mesh, train_set.steps_per_epoch)
+    image_shape = (dataset.image_size, dataset.image_size, train_images.shape[-1])
+    state = engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
+    checkpointer = Checkpointer(workdir / "checkpoints", config)
+    state = checkpointer.restore_latest(state)
+    monitor = KnnMonitor.create(
+        mesh, engine.model, config, train_set.images, train_set.labels, test_images, test_labels
+    )
+    return Run(config, workdir, mesh, train_set, engine, state, checkpointer, monitor)
+
+
+def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num_devices: int):
+    """Dataset-vs-config rules that need the data: channels, image size, batch vs dataset size."""
+    height, width, channels = images.shape[1:]
+    if channels != config.dataset.num_channels:
+        raise ConfigError(
+            f"dataset.num_channels is {config.dataset.num_channels} but {config.dataset.name} "
+            f"images have {channels} channel(s)"
+        )
+    if not config.augment.crop and (height, width) != (config.dataset.image_size,) * 2:
+        raise ConfigError(
+            f"dataset.image_size {config.dataset.image_size} differs from the images' "
+            f"{height}x{width} and augment.crop is off (nothing would resize them)"
+        )
+    if config.model.backbone.startswith("resnet") and not config.model.cifar_stem:
+        if config.dataset.image_size < 32:
+            raise ConfigError(
+                f"dataset.image_size {config.dataset.image_size} is too small for the ImageNet "
+                f"stem (it downsamples 32x); set model.cifar_stem=True for small images"
+            )
+    if len(images) < config.batch_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than the {len(images)} training examples"
+        )
+    if len(images) // num_devices < per_device_batch:
+        raise ConfigError(
+            f"each of the {num_devices} devices holds {len(images) // num_devices} examples, "
+            f"fewer than its batch of {per_device_batch}"
+        )
+
+
+def _check_workdir(workdir: pathlib.Path) -> None:
+    """Fail before training if the workdir cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"workdir {workdir} is not writable: {err.strerror or err}") from err
