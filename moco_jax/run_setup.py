@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.checkpointing import Checkpointer
-from moco_jax.data.resident import ResidentTrainSet, put_sharded
+from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.tfds_source import (
     RESIDENT_DATASETS,
     DatasetError,
@@ -38,7 +38,7 @@ class Run:
     config: Any
     workdir: pathlib.Path
     mesh: Mesh
-    train_set: ResidentTrainSet
+    train_views: ResidentViews  # step -> (view_q, view_k) on the mesh
     engine: Engine
     state: MoCoState
     checkpointer: Checkpointer
@@ -78,7 +78,8 @@ def setup_run(config: Any, workdir: str | pathlib.Path) -> Run:
     monitor = KnnMonitor.create(
         mesh, engine.model, config, train_set.images, train_set.labels, test_images, test_labels
     )
-    return Run(config, workdir, mesh, train_set, engine, state, checkpointer, monitor)
+    train_views = ResidentViews(train_set, config)
+    return Run(config, workdir, mesh, train_views, engine, state, checkpointer, monitor)
 
 
 def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num_devices: int):

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from absl import logging
 
 from moco_jax.checkpointing import Checkpointer
-from moco_jax.data.resident import make_view_fn
 from moco_jax.metrics_io import MetricsWriter, plot_history
 from moco_jax.run_setup import setup_run
 
@@ -33,13 +32,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     Returns the final summary (last epoch's loss, kNN top-1 and the baselines).
     """
     run = setup_run(config, workdir)
-    mesh, engine, train_set, monitor = run.mesh, run.engine, run.train_set, run.monitor
-    checkpointer, state, workdir_path = run.checkpointer, run.state, run.workdir
-    steps_per_epoch = train_set.steps_per_epoch
+    engine, monitor, checkpointer = run.engine, run.monitor, run.checkpointer
+    state, workdir_path = run.state, run.workdir
+    steps_per_epoch = run.train_views.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     start_step = int(state.step)
-    view_fn = make_view_fn(mesh, config)
-    data_rng = jax.random.key(config.seed + 1)
+    train_views = run.train_views
     writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
     history = writer.read_history(up_to_epoch=start_step // steps_per_epoch)
     if jax.process_index() == 0:
@@ -62,11 +60,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     metrics = None
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if step_in_epoch == 0 or step == start_step:
-            epoch_indices = train_set.epoch_indices(epoch)
-        indices = train_set.batch_indices(epoch_indices, step_in_epoch)
-        views = view_fn(train_set.images, indices, jax.random.fold_in(data_rng, step))
-        state, metrics = engine.train_step(state, *views)
+        state, metrics = engine.train_step(state, *train_views(step))
         checkpointer.save(step + 1, state)
         epoch_loss, epoch_steps = epoch_loss + metrics["loss"], epoch_steps + 1
         window_steps += 1

@@ -99,6 +99,28 @@ def make_view_fn(mesh: Mesh, config: Any):
     )
 
 
+class ResidentViews:
+    """``views(step)``: the two augmented views of global step ``step``, made on device.
+
+    A pure function of ``(seed, step)``: resuming at any step continues the same data order.
+    """
+
+    def __init__(self, train_set: ResidentTrainSet, config: Any):
+        self.train_set = train_set
+        self.steps_per_epoch = train_set.steps_per_epoch
+        self._view_fn = make_view_fn(train_set.mesh, config)
+        self._rng = jax.random.key(config.seed + 1)
+        self._epoch, self._epoch_indices = None, None
+
+    def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._epoch_indices = epoch, self.train_set.epoch_indices(epoch)
+        indices = self.train_set.batch_indices(self._epoch_indices, step_in_epoch)
+        rng = jax.random.fold_in(self._rng, step)
+        return self._view_fn(self.train_set.images, indices, rng)
+
+
 def make_eval_transform(config: Any):
     """uint8 -> normalised float, the evaluation transform (no augmentation)."""
     mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
