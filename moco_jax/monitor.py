@@ -1,64 +1,79 @@
 """kNN monitor during and after pretraining: frozen features of the train split as memory bank,
-test split evaluated; plus the raw-pixel and random-init baselines for the same data."""
+test split evaluated; plus the raw-pixel and random-init baselines for the same data.
+
+Images reach it as a *source*: a callable returning an iterable of ``(uint8 images, labels)``
+batches already on the mesh (rows sharded over ``data``; label -1 marks padding). A resident
+dataset is one batch; a streamed one (ImageNet) is many.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from moco_jax.data.resident import make_eval_transform, put_sharded
+from moco_jax.data.resident import make_eval_transform
 from moco_jax.knn import make_feature_fn, make_knn_accuracy_fn, pixel_features
+
+Source = Callable[[], Iterable[tuple[jax.Array, jax.Array]]]
+
+# Raw-pixel features of images larger than this are downsampled to it (ImageNet's 150k-d pixel
+# vectors for 1.28M images would not fit anywhere).
+MAX_PIXEL_SIZE = 32
 
 
 @dataclasses.dataclass
 class KnnMonitor:
-    """Evaluates encoder variables with weighted kNN; everything stays on device."""
+    """Evaluates encoder variables with weighted kNN; features stay on device."""
 
     mesh: Mesh
     model: nn.Module
     config: Any
-    bank_images: jax.Array
-    bank_labels: jax.Array
-    test_images: jax.Array
-    test_labels: jax.Array
+    bank_source: Source
+    test_source: Source
     num_classes: int
 
     def __post_init__(self):
         self._features = make_feature_fn(self.mesh, self.model, make_eval_transform(self.config))
         knn = self.config.knn
         self._accuracy = make_knn_accuracy_fn(self.mesh, self.num_classes, knn.k, knn.temperature)
+        self._pixels = jax.jit(_small_pixel_features)
 
-    @classmethod
-    def create(cls, mesh, model, config, bank_images, bank_labels, test_images_np, test_labels_np):
-        """``bank_*``: the resident training set; ``test_*_np``: this process's test examples."""
-        test_images, test_labels, _ = put_sharded(mesh, test_images_np, test_labels_np, pad=True)
-        num_classes = int(max(np.max(test_labels_np), int(jax.device_get(bank_labels).max()))) + 1
-        return cls(
-            mesh, model, config, bank_images, bank_labels, test_images, test_labels, num_classes
-        )
+    def _collect(self, source: Source, featurize) -> tuple[list[jax.Array], jax.Array]:
+        outputs, labels = [], []
+        for images, batch_labels in source():
+            outputs.append(featurize(images))
+            labels.append(batch_labels)
+        columns = [jnp.concatenate(column) for column in zip(*outputs, strict=True)]
+        return columns, jnp.concatenate(labels)
+
+    def _top1(self, featurize) -> list[float]:
+        bank, bank_labels = self._collect(self.bank_source, featurize)
+        test, test_labels = self._collect(self.test_source, featurize)
+        return [
+            100 * self._accuracy(t, test_labels, b, bank_labels)
+            for t, b in zip(test, bank, strict=True)
+        ]
 
     def evaluate(self, variables: dict) -> dict[str, float]:
-        """Top-1 (%) of kNN on the head (128-d output) and backbone (pooled) features."""
-        bank_head, bank_backbone = self._features(variables, self.bank_images)
-        test_head, test_backbone = self._features(variables, self.test_images)
-        return {
-            "knn_head": 100
-            * self._accuracy(test_head, self.test_labels, bank_head, self.bank_labels),
-            "knn_backbone": 100
-            * self._accuracy(test_backbone, self.test_labels, bank_backbone, self.bank_labels),
-        }
+        """Top-1 (%) of kNN on the head (``dim``-d output) and backbone (pooled) features."""
+        head, backbone = self._top1(lambda images: self._features(variables, images))
+        return {"knn_head": head, "knn_backbone": backbone}
 
     def pixel_baseline(self) -> float:
-        """Top-1 (%) of the same kNN on L2-normalised raw pixels."""
-        features = jax.jit(pixel_features)
-        return 100 * self._accuracy(
-            features(self.test_images),
-            self.test_labels,
-            features(self.bank_images),
-            self.bank_labels,
-        )
+        """Top-1 (%) of the same kNN on L2-normalised raw pixels in [0, 1]."""
+        (top1,) = self._top1(lambda images: (self._pixels(images),))
+        return top1
+
+
+def _small_pixel_features(images: jax.Array) -> jax.Array:
+    size = images.shape[1]
+    if size > MAX_PIXEL_SIZE:
+        shape = (images.shape[0], MAX_PIXEL_SIZE, MAX_PIXEL_SIZE, images.shape[-1])
+        images = jax.image.resize(images.astype(jnp.float32), shape, "linear")
+    return pixel_features(images)

@@ -16,15 +16,15 @@ from jax.sharding import Mesh
 
 from moco_jax.checkpointing import Checkpointer
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
+from moco_jax.data.streaming import StreamingViews, eval_batches
 from moco_jax.data.tfds_source import (
     RESIDENT_DATASETS,
-    DatasetError,
     get_builder,
     load_arrays,
     prepared_builder,
 )
 from moco_jax.engine import Engine, build_engine
-from moco_jax.mesh import make_data_mesh
+from moco_jax.mesh import make_data_mesh, shard_batch
 from moco_jax.monitor import KnnMonitor
 from moco_jax.state import MoCoState
 from moco_jax.step import DATA_AXIS
@@ -38,7 +38,7 @@ class Run:
     config: Any
     workdir: pathlib.Path
     mesh: Mesh
-    train_views: ResidentViews  # step -> (view_q, view_k) on the mesh
+    train_views: ResidentViews | StreamingViews  # step -> (view_q, view_k) on the mesh
     engine: Engine
     state: MoCoState
     checkpointer: Checkpointer
@@ -51,35 +51,83 @@ def setup_run(config: Any, workdir: str | pathlib.Path) -> Run:
     num_devices = mesh.shape[DATA_AXIS]
     validate_config(config, num_devices)
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
-    if config.dataset.name not in RESIDENT_DATASETS:
-        raise DatasetError(
-            f"dataset {config.dataset.name!r}: only datasets that fit on the accelerators "
-            f"({', '.join(RESIDENT_DATASETS)}) have an input pipeline yet"
-        )
     workdir = pathlib.Path(workdir)
     _check_workdir(workdir)
 
-    # Data: prepared once, this process's share, resident on device.
+    # Data: prepared once, this process's share; small datasets resident on device.
     dataset = config.dataset
     builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
+    if dataset.name in RESIDENT_DATASETS:
+        train_views, bank_source, test_source = _resident_data(config, mesh, builder)
+    else:
+        train_views, bank_source, test_source = _streaming_data(config, mesh, builder)
+
+    # Engine and state (fresh or restored).
+    engine = build_engine(config, mesh, train_views.steps_per_epoch)
+    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
+    state = engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
+    checkpointer = Checkpointer(workdir / "checkpoints", config)
+    state = checkpointer.restore_latest(state)
+    num_classes = builder.info.features["label"].num_classes
+    monitor = KnnMonitor(mesh, engine.model, config, bank_source, test_source, num_classes)
+    return Run(config, workdir, mesh, train_views, engine, state, checkpointer, monitor)
+
+
+def _resident_data(config: Any, mesh: Mesh, builder):
+    """Train set on device (sampled by index) and the kNN sources over the resident arrays."""
+    dataset, num_devices = config.dataset, mesh.shape[DATA_AXIS]
     train_images, train_labels = load_arrays(builder, "train", dataset.max_train_examples)
     test_images, test_labels = load_arrays(builder, "test", dataset.max_test_examples)
     per_device_batch = config.batch_size // num_devices
     _check_data_fits(config, train_images, per_device_batch, num_devices)
     images, labels, per_device = put_sharded(mesh, train_images, train_labels, pad=False)
     train_set = ResidentTrainSet(mesh, images, labels, per_device, per_device_batch, config.seed)
+    test = put_sharded(mesh, test_images, test_labels, pad=True)[:2]
+    return ResidentViews(train_set, config), lambda: [(images, labels)], lambda: [test]
 
-    # Engine and state (fresh or restored).
-    engine = build_engine(config, mesh, train_set.steps_per_epoch)
-    image_shape = (dataset.image_size, dataset.image_size, train_images.shape[-1])
-    state = engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
-    checkpointer = Checkpointer(workdir / "checkpoints", config)
-    state = checkpointer.restore_latest(state)
-    monitor = KnnMonitor.create(
-        mesh, engine.model, config, train_set.images, train_set.labels, test_images, test_labels
+
+def _streaming_data(config: Any, mesh: Mesh, builder):
+    """Host-cropped training stream and streamed kNN sources (centre crops)."""
+    dataset = config.dataset
+    if not config.augment.crop:
+        raise ConfigError("augment.crop must be on for streamed datasets (the host crops)")
+    views = StreamingViews(mesh, builder, config)
+    if views.num_records < views.local_batch:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than the {views.num_records} training "
+            f"examples of {dataset.name}"
+        )
+    _check_stem(config)
+    eval_batch = config.batch_size // jax.process_count()
+
+    def source(split: str, limit: int):
+        def batches():
+            for images, labels in eval_batches(builder, split, config, eval_batch, limit):
+                short = eval_batch - len(labels)  # pad the last batch; label -1 is ignored
+                if short:
+                    images = np.concatenate(
+                        [images, np.zeros((short, *images.shape[1:]), np.uint8)]
+                    )
+                    labels = np.concatenate([labels, np.full(short, -1, np.int32)])
+                yield shard_batch(mesh, images), shard_batch(mesh, labels.astype(np.int32))
+
+        return batches
+
+    test_split = "validation" if "validation" in builder.info.splits else "test"
+    return (
+        views,
+        source("train", dataset.max_train_examples),
+        source(test_split, dataset.max_test_examples),
     )
-    train_views = ResidentViews(train_set, config)
-    return Run(config, workdir, mesh, train_views, engine, state, checkpointer, monitor)
+
+
+def _check_stem(config: Any) -> None:
+    if config.model.backbone.startswith("resnet") and not config.model.cifar_stem:
+        if config.dataset.image_size < 32:
+            raise ConfigError(
+                f"dataset.image_size {config.dataset.image_size} is too small for the ImageNet "
+                f"stem (it downsamples 32x); set model.cifar_stem=True for small images"
+            )
 
 
 def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num_devices: int):
@@ -95,12 +143,7 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
             f"dataset.image_size {config.dataset.image_size} differs from the images' "
             f"{height}x{width} and augment.crop is off (nothing would resize them)"
         )
-    if config.model.backbone.startswith("resnet") and not config.model.cifar_stem:
-        if config.dataset.image_size < 32:
-            raise ConfigError(
-                f"dataset.image_size {config.dataset.image_size} is too small for the ImageNet "
-                f"stem (it downsamples 32x); set model.cifar_stem=True for small images"
-            )
+    _check_stem(config)
     if len(images) < config.batch_size:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {len(images)} training examples"

@@ -1,0 +1,238 @@
+"""Large-image datasets (ImageNet, Imagenette): the host decodes and crops, the device the rest.
+
+Per example the host (tf.data, parallel) decodes the JPEG only inside two independent
+random-resized-crop windows (torchvision's sampler: area in ``augment.crop_scale``, log-uniform
+aspect ratio in ``augment.crop_ratio``, 10 tries, then the whole image) and resizes each to the
+training size as uint8. Flip, colour jitter, grayscale, blur, solarize and normalisation then run
+on device (``moco_jax.augment`` with the crop turned off).
+
+Every random choice is a stateless function of ``(seed, epoch, example index)`` and the record
+order of an epoch is a fixed shuffle of ``(seed, epoch)``, so the stream of step ``s`` can be
+rebuilt after a restart by skipping records (cheap: nothing is decoded while skipping).
+Images that fail to decode are skipped and counted (``skipped_images`` in the metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from moco_jax.augment import augment_batch
+from moco_jax.mesh import shard_batch
+from moco_jax.step import DATA_AXIS
+
+SHUFFLE_BUFFER = 16_384
+
+
+def _tf():
+    from moco_jax.data.tfds_source import _quiet_tensorflow
+
+    return _quiet_tensorflow()
+
+
+def _crop_window(tf, shape, seed, scale, ratio):
+    """``[top, left, h, w]`` of torchvision's RandomResizedCrop sampler (stateless)."""
+    height = tf.cast(shape[0], tf.float32)
+    width = tf.cast(shape[1], tf.float32)
+    area = height * width
+    uniforms = tf.random.stateless_uniform([4, 10], seed=seed)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * uniforms[0])
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniforms[1]
+    aspect = tf.exp(log_ratio)
+    w = tf.round(tf.sqrt(target_area * aspect))
+    h = tf.round(tf.sqrt(target_area / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(valid, tf.int32))
+    any_valid = tf.reduce_any(valid)
+    h = tf.where(any_valid, h[first], height)
+    w = tf.where(any_valid, w[first], width)
+    top = tf.where(any_valid, tf.floor(uniforms[2][first] * (height - h + 1)), 0.0)
+    left = tf.where(any_valid, tf.floor(uniforms[3][first] * (width - w + 1)), 0.0)
+    return tf.cast(tf.stack([top, left, h, w]), tf.int32)
+
+
+def _image_shape(tf, encoded, channels):
+    """Height and width without decoding JPEGs (other formats are decoded)."""
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+        lambda: tf.shape(tf.io.decode_image(encoded, channels, expand_animations=False))[:2],
+    )
+
+
+def _decode_crop(tf, encoded, window, size, channels):
+    """Decode only ``window`` (JPEG) or decode and slice (other formats), then resize."""
+
+    def other():
+        image = tf.io.decode_image(encoded, channels, expand_animations=False)
+        return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
+
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=channels),
+        other,
+    )
+    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def make_crop_fn(config: Any, epoch: int):
+    """tf.data map: ``(index, (encoded image, label)) -> (crop_q, crop_k, label)``."""
+    tf = _tf()
+    size, channels = config.dataset.image_size, config.dataset.num_channels
+    scale, ratio = tuple(config.augment.crop_scale), tuple(config.augment.crop_ratio)
+
+    def crop(index, example):
+        encoded, label = example
+        shape = _image_shape(tf, encoded, channels)
+        base = tf.stack([tf.cast(config.seed * 1_000_003 + epoch, tf.int64), index])
+        views = []
+        for view in range(2):
+            seed = tf.cast(base + tf.constant([0, view], tf.int64) * (1 << 40), tf.int64)
+            window = _crop_window(tf, shape, seed, scale, ratio)
+            views.append(_decode_crop(tf, encoded, window, size, channels))
+        return views[0], views[1], label
+
+    return crop
+
+
+def make_eval_fn(config: Any):
+    """tf.data map for evaluation: resize the shorter side to ``S * 256 / 224``, centre-crop S."""
+    tf = _tf()
+    size, channels = config.dataset.image_size, config.dataset.num_channels
+
+    def centre(encoded, label):
+        image = tf.io.decode_image(encoded, channels, expand_animations=False)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        resize_to = size * 256 / 224
+        factor = resize_to / tf.reduce_min(shape)
+        new_shape = tf.cast(tf.round(shape * factor), tf.int32)
+        image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+        top = (new_shape[0] - size) // 2
+        left = (new_shape[1] - size) // 2
+        image = image[top : top + size, left : left + size]
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+
+    return centre
+
+
+def records(builder, split: str):
+    """This process's ``(index, encoded image, label)`` records, images left undecoded."""
+    import tensorflow_datasets as tfds
+
+    tf = _tf()
+    process_split = split
+    if jax.process_count() > 1:
+        process_split = tfds.split_for_jax_process(split, drop_remainder=True)
+    ds = builder.as_dataset(
+        split=process_split,
+        shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(add_tfds_id=False),
+    )
+    ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+    return ds.enumerate()
+
+
+def count_records(builder, split: str) -> int:
+    """Examples of ``split`` that this process reads."""
+    total = builder.info.splits[split].num_examples
+    return total // jax.process_count() if jax.process_count() > 1 else total
+
+
+def crop_dataset(records_ds, config: Any, epoch: int, skip: int, batch: int):
+    """Epoch ``epoch``'s shuffled records from ``skip`` on, two host crops each, batched.
+
+    Undecodable images are dropped (``ignore_errors``); callers count them.
+    """
+    tf = _tf()
+    size = int(records_ds.cardinality())
+    buffer = SHUFFLE_BUFFER if size < 0 else max(1, min(size, SHUFFLE_BUFFER))
+    ds = records_ds.shuffle(buffer, seed=config.seed * 7919 + epoch, reshuffle_each_iteration=False)
+    ds = ds.skip(skip)
+    ds = ds.map(
+        make_crop_fn(config, epoch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    ds = ds.ignore_errors()
+    return ds.batch(batch, drop_remainder=False).prefetch(2)
+
+
+def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
+    """``(uint8 images, labels)`` numpy batches of ``split``, centre-cropped, in order."""
+    tf = _tf()
+    ds = records(builder, split)
+    if limit:
+        ds = ds.take(limit)
+    eval_fn = make_eval_fn(config)
+    ds = ds.map(lambda index, example: eval_fn(*example), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors().batch(batch).prefetch(2)
+    return ds.as_numpy_iterator()
+
+
+class StreamingViews:
+    """``views(step)`` for datasets streamed from disk: host crops, device augmentation.
+
+    Steps must be asked for in order; asking for another step (a resume) rebuilds the stream
+    at that step's position.
+    """
+
+    def __init__(self, mesh: Mesh, builder, config: Any):
+        self.mesh, self.builder, self.config = mesh, builder, config
+        self.local_batch = config.batch_size // jax.process_count()
+        self.num_records = count_records(builder, "train")
+        self.steps_per_epoch = self.num_records // self.local_batch
+        self.skipped_images = 0
+        self._iterator: Iterator | None = None
+        self._next_step = None
+        self._records = records(builder, "train")
+        aug = config.augment.copy_and_resolve_references()
+        aug.crop = False  # done on the host
+        mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
+        size = config.dataset.image_size
+
+        def per_device(crops_q, crops_k, rng):
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+            q_rng, k_rng = jax.random.split(rng)
+            return (
+                augment_batch(q_rng, crops_q, aug, 0, size, mean, std),
+                augment_batch(k_rng, crops_k, aug, 1, size, mean, std),
+            )
+
+        self._augment = jax.jit(
+            jax.shard_map(
+                per_device,
+                mesh=mesh,
+                in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
+                out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+            )
+        )
+        self._rng = jax.random.key(config.seed + 1)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Full batches of (crops_q, crops_k) from ``start_step`` of ``epoch`` on."""
+        ds = crop_dataset(
+            self._records, self.config, epoch, start_step * self.local_batch, self.local_batch
+        )
+        expected, seen = self.num_records - start_step * self.local_batch, 0
+        for crops_q, crops_k, labels in ds.as_numpy_iterator():
+            seen += len(labels)
+            if len(labels) == self.local_batch:  # the last partial batch is dropped
+                yield crops_q, crops_k
+        self.skipped_images += expected - seen
+        # Skipped images left this epoch short of full batches: go on in the next epoch's order.
+        yield from self._batches(epoch + 1, 0)
+
+    def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        if self._next_step != step or step_in_epoch == 0:
+            self._iterator = self._batches(epoch, step_in_epoch)
+        crops_q, crops_k = next(self._iterator)
+        self._next_step = step + 1
+        rng = jax.random.fold_in(self._rng, step)
+        return self._augment(shard_batch(self.mesh, crops_q), shard_batch(self.mesh, crops_k), rng)
