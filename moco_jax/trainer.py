@@ -80,6 +80,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             window_start, window_steps = time.time(), 0
         if last_of_epoch:
             record = {"epoch": epoch + 1, "loss": float(epoch_loss) / epoch_steps}
+            if hasattr(train_views, "skipped_images"):  # streamed data: undecodable images
+                record["skipped_images"] = train_views.skipped_images
             _check_finite(record["loss"], step + 1, checkpointer)
             if (epoch + 1) % config.knn.every_epochs == 0 or epoch + 1 == config.epochs:
                 t0 = time.time()
