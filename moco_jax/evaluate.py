@@ -9,11 +9,11 @@ printed and written to ``DIR/knn_eval.json``.
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 import ml_collections
 from absl import app, flags
+from etils import epath
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A pretraining run's workdir (holds config.json).")
@@ -21,7 +21,7 @@ flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the la
 flags.DEFINE_string("data_dir", None, "Override dataset.data_dir of the saved config.")
 
 
-def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
     """The config a run was started with."""
     path = workdir / "config.json"
     if not path.exists():
@@ -35,7 +35,7 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
 
     from moco_jax.run_setup import setup_run
 
-    workdir_path = pathlib.Path(workdir)
+    workdir_path = epath.Path(workdir)
     config = load_run_config(workdir_path)
     if data_dir is not None:
         config.dataset.data_dir = data_dir

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import pathlib
+
+from etils import epath
 
 
 class MetricsWriter:
     """Writes step metrics, epoch records and baselines under the workdir (process 0 only)."""
 
-    def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+    def __init__(self, workdir: epath.Path, enabled: bool = True):
         self.workdir, self.enabled = workdir, enabled
         self._tensorboard = None
         if enabled:
@@ -20,7 +21,7 @@ class MetricsWriter:
 
     def _append(self, name: str, record: dict) -> None:
         if self.enabled:
-            with open(self.workdir / name, "a") as f:
+            with (self.workdir / name).open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def write_step(self, step: int, scalars: dict[str, float]) -> None:
@@ -59,7 +60,7 @@ class MetricsWriter:
         return history
 
 
-def plot_history(history: dict, path: pathlib.Path, title: str) -> None:
+def plot_history(history: dict, path: epath.Path, title: str) -> None:
     """Loss and kNN top-1 per epoch, with the raw-pixel and random-init baselines."""
     import matplotlib
 
@@ -83,5 +84,6 @@ def plot_history(history: dict, path: pathlib.Path, title: str) -> None:
     for ax in (ax_loss, ax_knn):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with path.open("wb") as f:  # epath: the workdir may be a bucket
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)

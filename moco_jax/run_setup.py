@@ -7,11 +7,11 @@ anything is compiled), then the data, then the engine and the state (fresh or re
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from moco_jax.checkpointing import Checkpointer
@@ -36,7 +36,7 @@ class Run:
     """A configured run: mesh, data on device, engine, state and its checkpoints."""
 
     config: Any
-    workdir: pathlib.Path
+    workdir: epath.Path
     mesh: Mesh
     train_views: ResidentViews | StreamingViews  # step -> (view_q, view_k) on the mesh
     engine: Engine
@@ -45,13 +45,13 @@ class Run:
     monitor: KnnMonitor
 
 
-def setup_run(config: Any, workdir: str | pathlib.Path) -> Run:
+def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     """Validate, load the data, build the engine and restore the latest checkpoint if any."""
     mesh = make_data_mesh(config.num_devices or None)
     num_devices = mesh.shape[DATA_AXIS]
     validate_config(config, num_devices)
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     _check_workdir(workdir)
 
     # Data: prepared once, this process's share; small datasets resident on device.
@@ -155,8 +155,8 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
         )
 
 
-def _check_workdir(workdir: pathlib.Path) -> None:
-    """Fail before training if the workdir cannot be written."""
+def _check_workdir(workdir: epath.Path) -> None:
+    """Fail before training if the workdir cannot be written (local path or bucket)."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
