@@ -10,7 +10,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from moco_jax.mesh import replicate
+from moco_jax.mesh import replicated
 from moco_jax.models import build_encoder
 from moco_jax.optim import Schedule, make_lr_schedule, make_optimizer
 from moco_jax.state import MoCoState, create_state
@@ -32,10 +32,11 @@ class Engine:
         self, rng: jax.Array, image_shape: tuple[int, int, int], queue_size: int
     ) -> MoCoState:
         """A fresh state, replicated over the mesh."""
-        state = jax.jit(
-            lambda r: create_state(r, self.model, self.optimizer, image_shape, queue_size)
+        # Built inside jit with replicated outputs: every process computes the same state.
+        return jax.jit(
+            lambda r: create_state(r, self.model, self.optimizer, image_shape, queue_size),
+            out_shardings=replicated(self.mesh),
         )(rng)
-        return replicate(self.mesh, state)
 
 
 def build_engine(config: Any, mesh: Mesh, steps_per_epoch: int) -> Engine:

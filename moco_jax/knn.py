@@ -12,10 +12,11 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from moco_jax.losses import l2_normalize
+from moco_jax.mesh import replicate
 from moco_jax.step import DATA_AXIS
 
 
@@ -103,11 +104,9 @@ def make_knn_accuracy_fn(
             out_specs=(P(), P()),
         )
     )
-    replicated = NamedSharding(mesh, P())
 
     def accuracy(features, labels, bank, bank_labels) -> float:
-        bank = jax.device_put(bank, replicated)
-        bank_labels = jax.device_put(bank_labels, replicated)
+        bank, bank_labels = replicate(mesh, (bank, bank_labels))
         correct, counted = fn(features, labels, bank, bank_labels)
         return float(correct) / max(int(counted), 1)
 

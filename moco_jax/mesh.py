@@ -34,6 +34,12 @@ def shard_batch(mesh: Mesh, local_batch: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of a value held whole by every device of ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
 def replicate(mesh: Mesh, tree):
-    """Place a pytree replicated on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """A pytree of jax arrays made whole on every device (works across processes: a jitted
+    identity with replicated output, not ``device_put``, which needs addressable devices)."""
+    return jax.jit(lambda x: x, out_shardings=replicated(mesh))(tree)
