@@ -27,4 +27,5 @@ def get_config():
     config.augment.grayscale_before_jitter = False
     config.dataset.mean = (0.4914, 0.4822, 0.4465)
     config.dataset.std = (0.2023, 0.1994, 0.2010)
+    config.knn.every_epochs = 1
     return config
