@@ -50,6 +50,8 @@ def make_config(head):
     config.epochs = EPOCHS
     config.dataset.image_size = image_shape[0]
     config.dataset.num_channels = image_shape[2]
+    config.dataset.mean = (0.5,) * image_shape[2]  # one value per channel (validated)
+    config.dataset.std = (0.25,) * image_shape[2]
     config.model.head = head
     config.model.dim = dim
     config.model.bn_mode = "shuffle"
