@@ -1,4 +1,9 @@
-"""Command-line entry points turn expected failures into one clear line and exit code 2."""
+"""Command-line entry points turn expected failures into one clear line and exit code 2.
+
+A run stopped by SIGTERM (preemption) after saving its state prints one ``stopped:`` line and exits
+with 143 (128 + SIGTERM), as a process killed by the signal would: schedulers that requeue
+preempted jobs see the usual code, and rerunning the same command resumes.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +25,19 @@ def quiet_library_logs() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
+PREEMPTED_EXIT_CODE = 128 + 15
+
+
 def run_with_clear_errors(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call ``fn``; a config, dataset, file-system or divergence error prints one line and exits."""
-    from moco_jax.trainer import TrainingDiverged
+    """Call ``fn``; a config, dataset, file-system, checkpoint or divergence error prints one line
+    and exits with 2; a preemption prints one line and exits with 143."""
+    from moco_jax.checkpointing import CheckpointError, Preempted, TrainingDiverged
 
     try:
         return fn(*args)
-    except (*EXPECTED_ERRORS, TrainingDiverged) as err:
+    except (*EXPECTED_ERRORS, CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)

@@ -37,9 +37,18 @@ Fields (override any from the command line, e.g. ``--config.moco.queue_size=4096
   or ``constant``; ``optim.lr_milestones``: epochs at which ``step`` multiplies the lr by 0.1.
 - ``knn.every_epochs``: kNN monitor period (and always after the last epoch); ``knn.k`` and
   ``knn.temperature``: neighbours and vote temperature (200 and 0.1 as the official demo).
-- ``checkpoint.every_steps``: save period in steps (a save also follows every epoch);
-  ``checkpoint.keep``: how many recent checkpoints stay on disk.
+- ``checkpoint.every_steps``: save period in steps (0 = only at epoch ends; a save also follows
+  every epoch, and SIGTERM saves the current step before the run stops);
+  ``checkpoint.keep``: how many recent checkpoints stay on disk;
+  ``checkpoint.keep_every_steps``: also save, and keep for good, every checkpoint whose step is a
+  multiple of this (0 = none). Checkpoints live in ``<workdir>/checkpoints``; rerunning with the
+  same workdir resumes from the newest intact one (see ``moco_jax/checkpointing.py``).
 - ``log_every_steps``: how often step metrics are fetched, logged and written.
+- ``init_from``: a workdir, checkpoints directory or one step's directory of another run; a run
+  that has no checkpoint of its own starts with that run's encoder weights (backbone, and the head
+  if its shapes agree) in both encoders, with a fresh optimizer, queue and step. How fine-tuning
+  and linear evaluation start from pretraining, and how a run with another K or dim reuses one.
+  None = random initialisation.
 """
 
 from __future__ import annotations
@@ -111,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3
+    config.checkpoint.keep_every_steps = 0
 
     config.log_every_steps = 50
+    config.init_from = ml_collections.config_dict.placeholder(str)
     return config

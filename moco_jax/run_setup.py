@@ -14,7 +14,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from moco_jax.checkpointing import Checkpointer
+from moco_jax.checkpointing import Checkpointer, load_encoder_weights
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import StreamingViews, eval_batches
 from moco_jax.data.tfds_source import (
@@ -28,7 +28,7 @@ from moco_jax.mesh import make_data_mesh, shard_batch
 from moco_jax.monitor import KnnMonitor
 from moco_jax.state import MoCoState
 from moco_jax.step import DATA_AXIS
-from moco_jax.validation import ConfigError, validate_config
+from moco_jax.validation import ConfigError, validate_config, validate_run_config
 
 
 @dataclasses.dataclass
@@ -47,6 +47,7 @@ class Run:
 
 def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     """Validate, load the data, build the engine and restore the latest checkpoint if any."""
+    validate_run_config(config, jax.device_count())
     mesh = make_data_mesh(config.num_devices or None)
     num_devices = mesh.shape[DATA_AXIS]
     validate_config(config, num_devices)
@@ -67,7 +68,10 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
     state = engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
     checkpointer = Checkpointer(workdir / "checkpoints", config)
-    state = checkpointer.restore_latest(state)
+    checkpointer.check_can_save(state)  # read-only or full disk: fail before training
+    state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged ones
+    if checkpointer.restored_step is None and config.get("init_from"):
+        state = load_encoder_weights(config.init_from, state, config)
     num_classes = builder.info.features["label"].num_classes
     monitor = KnnMonitor(mesh, engine.model, config, bank_source, test_source, num_classes)
     return Run(config, workdir, mesh, train_views, engine, state, checkpointer, monitor)

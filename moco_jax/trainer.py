@@ -16,19 +16,21 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from moco_jax.checkpointing import Checkpointer
+from moco_jax.checkpointing import Checkpointer, TrainingDiverged
+from moco_jax.faults import Faults
 from moco_jax.metrics_io import MetricsWriter, plot_history
 from moco_jax.run_setup import setup_run
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+__all__ = ["TrainingDiverged", "train_and_evaluate"]
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Pretrain with MoCo as ``config`` says, writing everything under ``workdir``.
 
-    Rerunning with the same ``workdir`` resumes from its latest checkpoint.
+    Rerunning with the same ``workdir`` resumes from its latest checkpoint, exactly: the data
+    order is a function of the step, and the running epoch loss is saved with the state. SIGTERM
+    saves the current step and raises ``Preempted``; a NaN/inf loss or state raises
+    ``TrainingDiverged`` and is never saved.
     Returns the final summary (last epoch's loss, kNN top-1 and the baselines).
     """
     run = setup_run(config, workdir)
@@ -55,14 +57,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     # --- The loop. ---
     progress = _progress_bar(total_steps, start_step)
-    epoch_loss, epoch_steps = jnp.zeros(()), 0
+    epoch_loss, epoch_steps = _resumed_epoch_loss(checkpointer, start_step, steps_per_epoch)
     window_start, window_steps = time.time(), 0
     metrics = None
+    faults = Faults.from_env()  # test-only fault injection; inert unless MOCO_JAX_FAULT_* is set
+    checkpointer.watch_sigterm()
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         state, metrics = engine.train_step(state, *train_views(step))
-        checkpointer.save(step + 1, state)
+        state, metrics = faults.after_step(step + 1, state, metrics)
         epoch_loss, epoch_steps = epoch_loss + metrics["loss"], epoch_steps + 1
+        checkpointer.save(step + 1, state, extra={"epoch_loss_sum": epoch_loss})
+        faults.after_save(step + 1)
         window_steps += 1
         last_of_epoch = step_in_epoch == steps_per_epoch - 1
         if (step + 1) % config.log_every_steps == 0 or last_of_epoch:
@@ -91,8 +97,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             history.setdefault("epochs", []).append(record)
             progress.write(_describe_epoch(record))
             epoch_loss, epoch_steps = jnp.zeros(()), 0
-            checkpointer.save(step + 1, state, force=True)
+            checkpointer.save(step + 1, state, force=True, extra={"epoch_loss_sum": epoch_loss})
             window_start = time.time()
+        if checkpointer.reached_preemption(step + 1):
+            progress.close()
+            checkpointer.stop_for_preemption(step + 1, state, {"epoch_loss_sum": epoch_loss})
     progress.close()
     checkpointer.close()
 
@@ -102,6 +111,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         plot_history(history, workdir_path / "pretraining.png", config.dataset.name)
         (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _resumed_epoch_loss(checkpointer: Checkpointer, start_step: int, steps_per_epoch: int):
+    """The running (loss sum, steps) of the epoch ``start_step`` falls in, as saved with it."""
+    saved = checkpointer.restored_extra.get("epoch_loss_sum")
+    steps = start_step % steps_per_epoch
+    if saved is None or steps == 0:
+        return jnp.zeros(()), 0
+    return jnp.asarray(saved, jnp.float32), steps
 
 
 def _check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:

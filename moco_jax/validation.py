@@ -1,7 +1,15 @@
-"""Up-front config checks: a clear, specific error before anything is compiled."""
+"""Up-front config checks: a clear, specific error before anything is compiled.
+
+Every field of ``config_defaults.base_config`` is checked for its type and range, then the rules
+that tie fields together (K >= global batch, batch divisible by the devices, BN groups, image size
+vs. the ResNet stem, kNN k vs. the training subset). ``validate_run_config`` adds what only a run
+needs (devices asked for, normalisation per channel) and runs before the mesh is made; rules that
+need the data (channels, image size without cropping, dataset size) are in ``run_setup``.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from moco_jax.models import available_backbones
@@ -26,7 +34,142 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): NaN and infinity are never meaningful settings."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _numbers(value: Any, length: int | None = None) -> bool:
+    """A tuple/list of numbers (of ``length`` items if given)."""
+    return (
+        isinstance(value, (tuple, list))
+        and (length is None or len(value) == length)
+        and all(_is_number(v) for v in value)
+    )
+
+
+def _probability(name: str, value: Any) -> None:
+    _require(
+        _is_number(value) and 0.0 <= value <= 1.0,
+        f"{name} must be a probability in [0, 1], got {value!r}",
+    )
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    _require(_is_int(value) and value >= low, f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _flag(name: str, value: Any) -> None:
+    _require(_is_bool(value), f"{name} must be True or False, got {value!r}")
+
+
+def _range_pair(name: str, value: Any, upper: float | None, what: str) -> None:
+    """``(low, high)`` with ``0 < low <= high`` (``<= upper`` if given)."""
+    bound = f" <= {upper:g}" if upper is not None else ""
+    ok = _numbers(value, 2) and 0 < value[0] <= value[1] and (upper is None or value[1] <= upper)
+    _require(
+        ok,
+        f"{name} must be ({what} min, max) with 0 < min <= max{bound}, "
+        f"got {tuple(value) if isinstance(value, list) else value!r}",
+    )
+
+
+def _validate_data_fields(config: Any) -> None:
+    """``seed``, ``num_devices``, ``dataset.*`` and ``augment.*``."""
+    dataset, aug = config.dataset, config.augment
+    _int_at_least("seed", config.seed, 0)
+    _int_at_least("num_devices", config.num_devices, 0)
+    _require(
+        isinstance(dataset.name, str) and dataset.name.strip() != "",
+        f"dataset.name must be a TFDS dataset name, got {dataset.name!r}",
+    )
+    _require(
+        dataset.data_dir is None or (isinstance(dataset.data_dir, str) and dataset.data_dir),
+        f"dataset.data_dir must be a directory (or None for the TFDS default), "
+        f"got {dataset.data_dir!r}",
+    )
+    _flag("dataset.download", dataset.download)
+    _int_at_least("dataset.max_train_examples", dataset.max_train_examples, 0)
+    _int_at_least("dataset.max_test_examples", dataset.max_test_examples, 0)
+    for name, value in [("dataset.mean", dataset.mean), ("dataset.std", dataset.std)]:
+        _require(_numbers(value), f"{name} must be a tuple of numbers, got {value!r}")
+    _require(
+        all(s > 0 for s in dataset.std), f"dataset.std must be > 0, got {tuple(dataset.std)!r}"
+    )
+
+    _flag("augment.crop", aug.crop)
+    _range_pair("augment.crop_scale", aug.crop_scale, 1.0, "area fraction")
+    _range_pair("augment.crop_ratio", aug.crop_ratio, None, "aspect ratio")
+    _flag("augment.flip", aug.flip)
+    jitter = aug.jitter
+    _require(
+        _numbers(jitter, 4) and all(v >= 0 for v in jitter) and jitter[3] <= 0.5,
+        "augment.jitter must be 4 strengths (brightness, contrast, saturation, hue), each >= 0 "
+        f"and hue <= 0.5, got {tuple(jitter) if isinstance(jitter, list) else jitter!r}",
+    )
+    _probability("augment.jitter_prob", aug.jitter_prob)
+    _probability("augment.grayscale_prob", aug.grayscale_prob)
+    _flag("augment.grayscale_before_jitter", aug.grayscale_before_jitter)
+    for name, value in [
+        ("augment.blur_prob", aug.blur_prob),
+        ("augment.solarize_prob", aug.solarize_prob),
+    ]:
+        _require(
+            _numbers(value, 2) and all(0.0 <= v <= 1.0 for v in value),
+            f"{name} must be two probabilities in [0, 1] (query view, key view), got {value!r}",
+        )
+    _range_pair("augment.blur_sigma", aug.blur_sigma, None, "Gaussian sigma")
+
+
+def _validate_run_fields(config: Any) -> None:
+    """``optim.lr_milestones``, ``knn.*``, ``checkpoint.*``, ``log_every_steps``, ``init_from``."""
+    milestones = config.optim.lr_milestones
+    _require(
+        isinstance(milestones, (tuple, list))
+        and all(_is_int(m) and m >= 1 for m in milestones)
+        and list(milestones) == sorted(set(milestones)),
+        f"optim.lr_milestones must be increasing epochs >= 1, got {milestones!r}",
+    )
+    knn = config.knn
+    _int_at_least("knn.every_epochs", knn.every_epochs, 1)
+    _int_at_least("knn.k", knn.k, 1)
+    _require(
+        _is_number(knn.temperature) and knn.temperature > 0,
+        f"knn.temperature must be > 0, got {knn.temperature!r}",
+    )
+    checkpoint = config.checkpoint
+    _int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
+    _int_at_least("checkpoint.keep", checkpoint.keep, 1)
+    _int_at_least("checkpoint.keep_every_steps", checkpoint.get("keep_every_steps", 0), 0)
+    _int_at_least("log_every_steps", config.log_every_steps, 1)
+    init_from = config.get("init_from")
+    _require(
+        init_from is None or (isinstance(init_from, str) and init_from.strip() != ""),
+        f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
+    )
+
+
+def validate_run_config(config: Any, visible_devices: int) -> None:
+    """The rules of a whole run that building an engine does not need (``setup_run`` calls this
+    first, then ``validate_config``): ``num_devices`` against the devices this process sees
+    (before the mesh is made), and one normalisation mean and std per image channel."""
+    _int_at_least("num_devices", config.num_devices, 0)
+    _require(
+        config.num_devices <= visible_devices,
+        f"num_devices is {config.num_devices} but only {visible_devices} device(s) are visible "
+        f"(0 uses all of them)",
+    )
+    dataset = config.dataset
+    channels = dataset.num_channels
+    for name, value in [("dataset.mean", dataset.mean), ("dataset.std", dataset.std)]:
+        _require(
+            _numbers(value) and (not _is_int(channels) or len(value) == channels),
+            f"{name} must hold one number per channel (dataset.num_channels={channels!r}), "
+            f"got {value!r}",
+        )
 
 
 def validate_config(config: Any, num_devices: int) -> None:
@@ -41,6 +184,8 @@ def validate_config(config: Any, num_devices: int) -> None:
         ("dataset.num_channels", config.dataset.num_channels),
     ]:
         _require(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+    _validate_data_fields(config)
+    _flag("model.cifar_stem", m.cifar_stem)
     _require(
         _is_int(m.bn_group_size) and m.bn_group_size >= 0,
         f"model.bn_group_size must be an integer >= 0, got {m.bn_group_size!r}",
@@ -85,6 +230,8 @@ def validate_config(config: Any, num_devices: int) -> None:
         f"optim.schedule must be one of {list(SCHEDULES)}, got {optim.schedule!r}",
     )
 
+    _validate_run_fields(config)
+
     # Cross-field rules.
     _require(num_devices >= 1, f"need at least one device, got {num_devices}")
     _require(
@@ -113,4 +260,17 @@ def validate_config(config: Any, num_devices: int) -> None:
             per_device % m.bn_group_size == 0,
             f"model.bn_group_size {m.bn_group_size} does not divide the per-device batch "
             f"{per_device} (batch_size {config.batch_size} / {num_devices} devices)",
+        )
+    if m.backbone.startswith("resnet") and not m.cifar_stem:
+        _require(
+            config.dataset.image_size >= 32,
+            f"dataset.image_size {config.dataset.image_size} is too small for the ImageNet stem "
+            f"(it downsamples 32x); set model.cifar_stem=True for small images",
+        )
+    max_train = config.dataset.max_train_examples
+    if max_train:
+        _require(
+            config.knn.k <= max_train,
+            f"knn.k ({config.knn.k}) must be <= dataset.max_train_examples ({max_train}): "
+            f"the kNN memory bank is the training set",
         )

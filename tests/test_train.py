@@ -83,7 +83,11 @@ def test_bad_input_on_the_command_line_is_one_clear_line(tmp_path):
         ({"dataset.name": "cifar10", "dataset.download": False}, DatasetError, "not prepared"),
         ({"dataset.max_train_examples": 32}, ConfigError, "batch_size 64 is larger than the 32"),
         ({"model.cifar_stem": False}, ConfigError, "too small for the ImageNet stem"),
-        ({"dataset.num_channels": 3}, ConfigError, "images have 1 channel"),
+        (
+            {"dataset.num_channels": 3, "dataset.mean": (0.5,) * 3, "dataset.std": (0.5,) * 3},
+            ConfigError,
+            "images have 1 channel",
+        ),
         ({"dataset.image_size": 8, "augment.crop": False}, ConfigError, "augment.crop is off"),
     ],
 )

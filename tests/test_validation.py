@@ -4,6 +4,7 @@ import pytest
 
 from moco_jax import ConfigError, build_engine, engine, validate_config
 from moco_jax.mesh import make_data_mesh
+from moco_jax.validation import validate_run_config
 from tiny import tiny_config
 
 BAD_VALUES = [
@@ -33,6 +34,65 @@ BAD_VALUES = [
         8,
         r"per-device batch \(4\) must be divisible by 8",
     ),
+    # Every other field of config_defaults.py: types (None, bools for numbers), ranges, shapes.
+    ({"seed": -1}, 1, "seed must be an integer >= 0, got -1"),
+    ({"seed": True}, 1, "seed must be an integer >= 0, got True"),
+    ({"num_devices": -2}, 1, "num_devices must be an integer >= 0, got -2"),
+    ({"batch_size": None}, 1, "batch_size must be a positive integer, got None"),
+    ({"moco.queue_size": None}, 1, "moco.queue_size must be a positive integer, got None"),
+    ({"dataset.name": ""}, 1, "dataset.name must be a TFDS dataset name, got ''"),
+    ({"dataset.data_dir": ""}, 1, "dataset.data_dir must be a directory"),
+    ({"dataset.download": None}, 1, "dataset.download must be True or False, got None"),
+    ({"dataset.image_size": 0}, 1, "dataset.image_size must be a positive integer, got 0"),
+    ({"dataset.num_channels": None}, 1, "dataset.num_channels must be a positive integer"),
+    (
+        {"dataset.max_train_examples": -1},
+        1,
+        "dataset.max_train_examples must be an integer >= 0, got -1",
+    ),
+    ({"dataset.max_test_examples": -5}, 1, "dataset.max_test_examples must be an integer >= 0"),
+    ({"dataset.mean": ("0.5",)}, 1, r"dataset.mean must be a tuple of numbers, got \('0.5',\)"),
+    ({"dataset.std": (0.0,)}, 1, r"dataset.std must be > 0, got \(0.0,\)"),
+    ({"augment.crop": None}, 1, "augment.crop must be True or False, got None"),
+    (
+        {"augment.crop_scale": (0.5, 0.2)},
+        1,
+        r"augment.crop_scale must be \(area fraction min, max\) with 0 < min <= max <= 1, "
+        r"got \(0.5, 0.2\)",
+    ),
+    ({"augment.crop_scale": (0.2, 1.5)}, 1, "augment.crop_scale must be .* <= 1, got"),
+    ({"augment.crop_scale": (0.2,)}, 1, r"augment.crop_scale must be .*got \(0.2,\)"),
+    ({"augment.crop_ratio": (0.0, 1.0)}, 1, r"augment.crop_ratio must be \(aspect ratio min"),
+    ({"augment.flip": None}, 1, "augment.flip must be True or False, got None"),
+    ({"augment.jitter": (0.4, -0.1, 0.4, 0.1)}, 1, "augment.jitter must be 4 strengths"),
+    ({"augment.jitter": (0.4, 0.4, 0.4, 0.6)}, 1, "each >= 0 and hue <= 0.5, got"),
+    ({"augment.jitter": (0.4, 0.4, 0.4)}, 1, r"augment.jitter must be 4 strengths .*\(0.4, 0.4"),
+    ({"augment.jitter_prob": 1.5}, 1, r"augment.jitter_prob must be a probability in \[0, 1\]"),
+    ({"augment.grayscale_prob": -0.2}, 1, "augment.grayscale_prob must be a probability"),
+    (
+        {"augment.grayscale_before_jitter": None},
+        1,
+        "augment.grayscale_before_jitter must be True or False",
+    ),
+    ({"augment.blur_prob": (0.5,)}, 1, r"augment.blur_prob must be two probabilities"),
+    ({"augment.blur_prob": (1.0, 1.1)}, 1, r"augment.blur_prob must be two probabilities"),
+    ({"augment.solarize_prob": (0.0, -0.2)}, 1, "augment.solarize_prob must be two probabilities"),
+    ({"augment.blur_sigma": (2.0, 0.1)}, 1, r"augment.blur_sigma must be \(Gaussian sigma min"),
+    ({"model.cifar_stem": None}, 1, "model.cifar_stem must be True or False, got None"),
+    ({"model.cifar_stem": False}, 1, "dataset.image_size 16 is too small for the ImageNet stem"),
+    ({"optim.base_lr": float("nan")}, 1, "optim.base_lr must be > 0, got nan"),
+    ({"optim.momentum": 1.0}, 1, r"optim.momentum must be in \[0, 1\), got 1.0"),
+    ({"optim.lr_milestones": (160, 120)}, 1, "optim.lr_milestones must be increasing epochs"),
+    ({"optim.lr_milestones": (0, 5)}, 1, "optim.lr_milestones must be increasing epochs >= 1"),
+    ({"knn.every_epochs": 0}, 1, "knn.every_epochs must be an integer >= 1, got 0"),
+    ({"knn.k": 0}, 1, "knn.k must be an integer >= 1, got 0"),
+    ({"knn.k": 600}, 1, r"knn.k \(600\) must be <= dataset.max_train_examples \(512\)"),
+    ({"knn.temperature": 0.0}, 1, "knn.temperature must be > 0, got 0.0"),
+    ({"checkpoint.every_steps": -1}, 1, "checkpoint.every_steps must be an integer >= 0"),
+    ({"checkpoint.keep": 0}, 1, "checkpoint.keep must be an integer >= 1, got 0"),
+    ({"checkpoint.keep_every_steps": -2}, 1, "checkpoint.keep_every_steps must be an integer"),
+    ({"log_every_steps": 0}, 1, "log_every_steps must be an integer >= 1, got 0"),
+    ({"init_from": ""}, 1, "init_from must be a path to another run's checkpoints"),
 ]
 
 
@@ -47,6 +107,45 @@ def test_bad_config_is_refused_with_a_specific_message(overrides, devices, messa
         validate_config(config, devices)
     with pytest.raises(ConfigError, match=message):
         build_engine(config, make_data_mesh(devices), steps_per_epoch=10)
+
+
+def test_every_config_field_has_a_bad_value_above():
+    """The table covers every field of base_config (a new field needs a rule and a row)."""
+    from moco_jax.config_defaults import base_config
+
+    def leaves(config, prefix=""):
+        for key, value in config.items():
+            name = f"{prefix}{key}"
+            if hasattr(value, "items"):
+                yield from leaves(value, f"{name}.")
+            else:
+                yield name
+
+    covered = {field for overrides, _, _ in BAD_VALUES for field in overrides}
+    covered |= {field for overrides, _ in RUN_BAD_VALUES for field in overrides}
+    assert set(leaves(base_config())) - covered == set()
+
+
+# Rules of a run that building an engine does not need (validate_run_config, before the mesh).
+RUN_BAD_VALUES = [
+    ({"num_devices": 16}, "num_devices is 16 but only 8 device"),
+    (
+        {"dataset.mean": (0.5, 0.5, 0.5)},
+        r"dataset.mean must hold one number per channel \(dataset.num_channels=1\)",
+    ),
+    ({"dataset.std": (0.3, 0.3)}, "dataset.std must hold one number per channel"),
+    ({"dataset.num_channels": 3}, r"dataset.mean must hold one number .*got \(0.28604,\)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", RUN_BAD_VALUES)
+def test_bad_run_config_is_refused_before_the_mesh(overrides, message, tmp_path):
+    from moco_jax.run_setup import setup_run
+
+    with pytest.raises(ConfigError, match=message):
+        validate_run_config(tiny_config(**overrides), visible_devices=8)
+    with pytest.raises(ConfigError, match=message):
+        setup_run(tiny_config(**overrides), tmp_path)
 
 
 def test_good_configs_pass():

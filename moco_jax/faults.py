@@ -1,0 +1,57 @@
+"""Fault injection for the preemption and divergence tests: off unless an environment variable asks.
+
+Each variable names a step count ``N`` (the state after ``N`` optimizer steps):
+
+- ``MOCO_JAX_FAULT_KILL_AT_STEP=N``: SIGKILL this process right after step ``N`` (and its
+  checkpoint save, if one was due, has started): a machine that vanishes mid-run.
+- ``MOCO_JAX_FAULT_SIGTERM_AT_STEP=N``: send this process SIGTERM after step ``N``, as a
+  scheduler preempting the job would.
+- ``MOCO_JAX_FAULT_NAN_AT_STEP=N``: step ``N``'s loss becomes NaN and the parameters it produces
+  are poisoned, as a diverging step would leave them.
+
+Nothing here changes a run when the variables are unset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+
+
+def _step_from_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    kill_at: int | None = None
+    sigterm_at: int | None = None
+    nan_at: int | None = None
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        return cls(
+            kill_at=_step_from_env("MOCO_JAX_FAULT_KILL_AT_STEP"),
+            sigterm_at=_step_from_env("MOCO_JAX_FAULT_SIGTERM_AT_STEP"),
+            nan_at=_step_from_env("MOCO_JAX_FAULT_NAN_AT_STEP"),
+        )
+
+    def after_step(self, step: int, state, metrics):
+        """The step's ``(state, metrics)``, poisoned if ``step`` is ``nan_at``."""
+        if step != self.nan_at:
+            return state, metrics
+        poison = lambda x: x * jnp.nan  # noqa: E731
+        metrics = {**metrics, "loss": poison(metrics["loss"])}
+        return state.replace(params=jax.tree.map(poison, state.params)), metrics
+
+    def after_save(self, step: int) -> None:
+        """Deliver the signal asked for at ``step``, if any."""
+        if step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
