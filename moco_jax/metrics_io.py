@@ -45,7 +45,22 @@ class MetricsWriter:
         if self.enabled:
             (self.workdir / "baselines.json").write_text(json.dumps(baselines, indent=2) + "\n")
 
-    def read_history(self, up_to_epoch: int | None = None) -> dict:
+    def rewind(self, step: int, steps_per_epoch: int) -> None:
+        """Forget records written after ``step``: a resumed run redoes those steps and epochs."""
+        if not self.enabled:
+            return
+        for name, key, last in [
+            ("metrics.jsonl", "step", step),
+            ("epochs.jsonl", "epoch", step // steps_per_epoch),
+        ]:
+            path = self.workdir / name
+            if path.exists():
+                lines = [line for line in path.read_text().splitlines() if line]
+                kept = [line for line in lines if json.loads(line)[key] <= last]
+                if len(kept) != len(lines):
+                    path.write_text("".join(line + "\n" for line in kept))
+
+    def read_history(self) -> dict:
         """Baselines and epoch records written so far (a resumed run continues them)."""
         history: dict = {}
         baselines = self.workdir / "baselines.json"
@@ -53,10 +68,9 @@ class MetricsWriter:
             history["baselines"] = json.loads(baselines.read_text())
         epochs = self.workdir / "epochs.jsonl"
         if epochs.exists():
-            records = [json.loads(line) for line in epochs.read_text().splitlines() if line]
-            if up_to_epoch is not None:
-                records = [r for r in records if r["epoch"] <= up_to_epoch]
-            history["epochs"] = records
+            history["epochs"] = [
+                json.loads(line) for line in epochs.read_text().splitlines() if line
+            ]
         return history
 
 

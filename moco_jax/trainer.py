@@ -41,7 +41,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     start_step = int(state.step)
     train_views = run.train_views
     writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
-    history = writer.read_history(up_to_epoch=start_step // steps_per_epoch)
+    writer.rewind(start_step, steps_per_epoch)
+    history = writer.read_history()
     if jax.process_index() == 0:
         (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 

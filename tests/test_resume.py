@@ -149,6 +149,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):
     assert int(arrays["queue_ptr"]) == (EPOCHS * STEPS_PER_EPOCH * 64) % 96
     assert meta["fingerprint"] == expected_meta["fingerprint"]
 
+    logged = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").open()]
+    assert len(logged) == len(set(logged))  # records after the checkpoint were rewound
     steps = _records(interrupted / "metrics.jsonl", "step", drop="images_per_sec")
     assert sorted(steps) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     assert steps == _records(reference / "metrics.jsonl", "step", drop="images_per_sec")
