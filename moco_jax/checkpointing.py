@@ -453,7 +453,9 @@ def _find_step_dir(path: epath.Path) -> epath.Path:
 
 
 def _placed_like(saved: np.ndarray, like: jax.Array) -> jax.Array:
-    return jax.device_put(np.asarray(saved, like.dtype), like.sharding)
+    """``saved`` laid out like ``like``; works when other processes own some of the devices."""
+    host = np.asarray(saved, like.dtype)
+    return jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index])
 
 
 # --- Config and shape comparison. ---
