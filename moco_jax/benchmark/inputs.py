@@ -17,38 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from moco_jax.augment import augment_batch
 from moco_jax.data.resident import make_view_fn, put_sharded
+from moco_jax.data.streaming import make_crop_augment_fn
 from moco_jax.data.tfds_source import RESIDENT_DATASETS
 from moco_jax.mesh import replicate, shard_batch
 from moco_jax.step import DATA_AXIS
-
-
-def _crop_augment_fn(mesh: Mesh, config: Any):
-    """The device half of the streamed pipeline (as ``data.streaming.StreamingViews``)."""
-    aug = config.augment.copy_and_resolve_references()
-    aug.crop = False  # the host crops
-    mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
-    size = config.dataset.image_size
-
-    def per_device(crops_q, crops_k, rng):
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
-        q_rng, k_rng = jax.random.split(rng)
-        return (
-            augment_batch(q_rng, crops_q, aug, 0, size, mean, std),
-            augment_batch(k_rng, crops_k, aug, 1, size, mean, std),
-        )
-
-    return jax.jit(
-        jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-            out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
-        )
-    )
 
 
 class SyntheticViews:
@@ -72,7 +46,7 @@ class SyntheticViews:
             self.crops = tuple(
                 shard_batch(mesh, rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)
             )
-            self._fn = _crop_augment_fn(mesh, config)
+            self._fn = make_crop_augment_fn(mesh, config)
 
     def args(self, step: int, seed: int = 0) -> tuple[jax.Array, ...]:
         """Device arrays that select and randomise step ``step`` (host work happens here)."""

@@ -175,6 +175,31 @@ def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
     return ds.as_numpy_iterator()
 
 
+def make_crop_augment_fn(mesh: Mesh, config: Any):
+    """The device half: jitted ``(crops_q, crops_k, rng) -> (view_q, view_k)``, crop turned off."""
+    aug = config.augment.copy_and_resolve_references()
+    aug.crop = False  # done on the host
+    mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
+    size = config.dataset.image_size
+
+    def per_device(crops_q, crops_k, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+        q_rng, k_rng = jax.random.split(rng)
+        return (
+            augment_batch(q_rng, crops_q, aug, 0, size, mean, std),
+            augment_batch(k_rng, crops_k, aug, 1, size, mean, std),
+        )
+
+    return jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
+            out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        )
+    )
+
+
 class StreamingViews:
     """``views(step)`` for datasets streamed from disk: host crops, device augmentation.
 
@@ -191,27 +216,7 @@ class StreamingViews:
         self._iterator: Iterator | None = None
         self._next_step = None
         self._records = records(builder, "train")
-        aug = config.augment.copy_and_resolve_references()
-        aug.crop = False  # done on the host
-        mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
-        size = config.dataset.image_size
-
-        def per_device(crops_q, crops_k, rng):
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
-            q_rng, k_rng = jax.random.split(rng)
-            return (
-                augment_batch(q_rng, crops_q, aug, 0, size, mean, std),
-                augment_batch(k_rng, crops_k, aug, 1, size, mean, std),
-            )
-
-        self._augment = jax.jit(
-            jax.shard_map(
-                per_device,
-                mesh=mesh,
-                in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-                out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
-            )
-        )
+        self._augment = make_crop_augment_fn(mesh, config)
         self._rng = jax.random.key(config.seed + 1)
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
