@@ -77,6 +77,7 @@ class MetricsWriter:
 def plot_history(history: dict, path: epath.Path, title: str) -> None:
     """Loss and kNN top-1 per epoch, with the raw-pixel and random-init baselines."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,9 +95,12 @@ def plot_history(history: dict, path: epath.Path, title: str) -> None:
         if key in baselines:
             ax_knn.axhline(baselines[key], linestyle=style[1:], color=style[0], label=label)
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title=f"{title}: kNN (k=200, t=0.1)")
-    ax_knn.legend()
+    ax_knn.legend(loc="lower right")
+    last_epoch = max((r["epoch"] for r in epochs), default=1)
     for ax in (ax_loss, ax_knn):
         ax.grid(alpha=0.3)
+        ax.set_xlim(0.5, last_epoch + 0.5)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     with path.open("wb") as f:  # epath: the workdir may be a bucket
         fig.savefig(f, dpi=100, format="png")
