@@ -175,13 +175,23 @@ def augment_batch(
 
 
 def two_views(
-    rng: jax.Array, images: jax.Array, aug: Any, out_size: int, mean: tuple, std: tuple
+    rng: jax.Array,
+    images: jax.Array,
+    aug: Any,
+    out_size: int,
+    mean: tuple,
+    std: tuple,
+    images_k: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The query and key views of the same uint8 batch, independently augmented."""
+    """The query and key views of a uint8 batch, independently augmented.
+
+    ``images_k``: the key view's own source (the host's second crop of each image, for streamed
+    datasets); by default both views come from ``images``.
+    """
     q_rng, k_rng = jax.random.split(rng)
     return (
         augment_batch(q_rng, images, aug, 0, out_size, mean, std),
-        augment_batch(k_rng, images, aug, 1, out_size, mean, std),
+        augment_batch(k_rng, images if images_k is None else images_k, aug, 1, out_size, mean, std),
     )
 
 

@@ -34,6 +34,23 @@ def shard_batch(mesh: Mesh, local_batch: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
+def shard_views(mesh: Mesh, per_device):
+    """Jit ``per_device(a, b, rng) -> (view_q, view_k)`` over the mesh: ``a``, ``b`` and the views
+    split along the batch, ``rng`` replicated and folded with the device index first."""
+
+    def body(a, b, rng):
+        return per_device(a, b, jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS)))
+
+    return jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
+            out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        )
+    )
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of a value held whole by every device of ``mesh``."""
     return NamedSharding(mesh, P())

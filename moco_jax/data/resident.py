@@ -15,11 +15,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from moco_jax.augment import normalize_only, two_views
-from moco_jax.mesh import shard_batch
-from moco_jax.step import DATA_AXIS
+from moco_jax.mesh import shard_batch, shard_views
 
 
 def _local_device_indices(mesh: Mesh) -> list[int]:
@@ -86,17 +84,9 @@ def make_view_fn(mesh: Mesh, config: Any):
     aug = config.augment
 
     def per_device(images, indices, rng):
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
         return two_views(rng, images[indices], aug, size, mean, std)
 
-    return jax.jit(
-        jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-            out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
-        )
-    )
+    return shard_views(mesh, per_device)
 
 
 class ResidentViews:

@@ -21,11 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from moco_jax.augment import augment_batch
-from moco_jax.mesh import shard_batch
-from moco_jax.step import DATA_AXIS
+from moco_jax.augment import two_views
+from moco_jax.mesh import shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
 
@@ -183,21 +181,9 @@ def make_crop_augment_fn(mesh: Mesh, config: Any):
     size = config.dataset.image_size
 
     def per_device(crops_q, crops_k, rng):
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
-        q_rng, k_rng = jax.random.split(rng)
-        return (
-            augment_batch(q_rng, crops_q, aug, 0, size, mean, std),
-            augment_batch(k_rng, crops_k, aug, 1, size, mean, std),
-        )
+        return two_views(rng, crops_q, aug, size, mean, std, images_k=crops_k)
 
-    return jax.jit(
-        jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-            out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
-        )
-    )
+    return shard_views(mesh, per_device)
 
 
 class StreamingViews:
