@@ -49,9 +49,7 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
         config.moco.queue_size,
     )
     state = run.checkpointer.restore(step, initial) if step is not None else run.state
-    result = {"step": int(state.step), "knn_pixels": run.monitor.pixel_baseline()}
-    random_init = run.monitor.evaluate(initial.query_variables())
-    result.update({f"random_init_{k}": v for k, v in random_init.items()})
+    result = {"step": int(state.step), **run.monitor.baselines(initial.query_variables())}
     result.update(run.monitor.evaluate(state.query_variables()))
     run.checkpointer.close()
     if jax.process_index() == 0:

@@ -65,6 +65,13 @@ class KnnMonitor:
         head, backbone = self._top1(lambda images: self._features(variables, images))
         return {"knn_head": head, "knn_backbone": backbone}
 
+    def baselines(self, initial_variables: dict) -> dict[str, float]:
+        """What pretraining has to beat: raw pixels and the encoder before training."""
+        result = {"knn_pixels": self.pixel_baseline()}
+        initial = self.evaluate(initial_variables)
+        result.update({f"random_init_{k}": v for k, v in initial.items()})
+        return result
+
     def pixel_baseline(self) -> float:
         """Top-1 (%) of the same kNN on L2-normalised raw pixels in [0, 1]."""
         (top1,) = self._top1(lambda images: (self._pixels(images),))

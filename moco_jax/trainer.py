@@ -36,10 +36,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     run = setup_run(config, workdir)
     engine, monitor, checkpointer = run.engine, run.monitor, run.checkpointer
     state, workdir_path = run.state, run.workdir
-    steps_per_epoch = run.train_views.steps_per_epoch
+    train_views = run.train_views
+    steps_per_epoch = train_views.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     start_step = int(state.step)
-    train_views = run.train_views
     writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
     writer.rewind(start_step, steps_per_epoch)
     history = writer.read_history()
@@ -49,9 +49,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     # --- Baselines: what pretraining has to beat (computed once per workdir). ---
     if "baselines" not in history:
         t0 = time.time()
-        baselines = {"knn_pixels": monitor.pixel_baseline()}
-        random_init = monitor.evaluate(state.query_variables())
-        baselines.update({f"random_init_{k}": v for k, v in random_init.items()})
+        baselines = monitor.baselines(state.query_variables())
         writer.write_baselines(baselines)
         history["baselines"] = baselines
         logging.info("baselines (%.0fs): %s", time.time() - t0, baselines)
@@ -60,7 +58,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     progress = _progress_bar(total_steps, start_step)
     epoch_loss, epoch_steps = _resumed_epoch_loss(checkpointer, start_step, steps_per_epoch)
     window_start, window_steps = time.time(), 0
-    metrics = None
     faults = Faults.from_env()  # test-only fault injection; inert unless MOCO_JAX_FAULT_* is set
     checkpointer.watch_sigterm()
     for step in range(start_step, total_steps):
