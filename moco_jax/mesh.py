@@ -34,21 +34,56 @@ def shard_batch(mesh: Mesh, local_batch: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
-def shard_views(mesh: Mesh, per_device):
-    """Jit ``per_device(a, b, rng) -> (view_q, view_k)`` over the mesh: ``a``, ``b`` and the views
-    split along the batch, ``rng`` replicated and folded with the device index first."""
+def shard_views(mesh: Mesh, per_device, source_spec: P | None = None):
+    """Jit ``per_device(images, source, step, rng) -> (view_q, view_k)`` over the mesh.
 
-    def body(a, b, rng):
-        return per_device(a, b, jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS)))
+    ``images`` and the views are split along the batch; ``source`` (a second image batch, or the
+    epoch's index table) is split as ``source_spec`` says (None: along the batch too); ``step``
+    is the global step as a replicated device scalar and ``rng`` a replicated key, folded here
+    with the step and then with the device index. The jitted function returns
+    ``(view_q, view_k, step + 1)``: the next step stays on device, so a training loop sends
+    nothing from the host per step (``DeviceStep``).
+    """
+
+    def body(images, source, step, rng):
+        rng = jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(DATA_AXIS))
+        view_q, view_k = per_device(images, source, step, rng)
+        return view_q, view_k, step + 1
 
     return jax.jit(
         jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-            out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+            in_specs=(P(DATA_AXIS), source_spec or P(DATA_AXIS), P(), P()),
+            out_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
         )
     )
+
+
+class DeviceStep:
+    """The global step as a replicated int32 on the mesh, advanced by the view functions.
+
+    ``get(step)`` returns the device scalar for ``step``: the one the previous call's view function
+    produced when the loop goes on in order, or a fresh one put on the mesh (once, at start or
+    after a jump such as a resume). ``advance(next_step, step)`` records the device ``step + 1``.
+    """
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self._value: jax.Array | None = None
+        self._step: int | None = None
+
+    def get(self, step: int) -> jax.Array:
+        if self._step != step or self._value is None:
+            # Explicit transfer (allowed under transfer_guard("disallow")); works across processes.
+            self._value = jax.make_array_from_process_local_data(
+                replicated(self.mesh), np.asarray(step, np.int32)
+            )
+            self._step = step
+        return self._value
+
+    def advance(self, next_step: jax.Array, step: int) -> None:
+        self._value, self._step = next_step, step + 1
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

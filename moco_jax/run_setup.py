@@ -55,13 +55,9 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     workdir = epath.Path(workdir)
     _check_workdir(workdir)
 
-    # Data: prepared once, this process's share; small datasets resident on device.
     dataset = config.dataset
-    builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
-    if dataset.name in RESIDENT_DATASETS:
-        train_views, bank_source, test_source = _resident_data(config, mesh, builder)
-    else:
-        train_views, bank_source, test_source = _streaming_data(config, mesh, builder)
+    data = load_data(config, mesh)
+    train_views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
 
     # Engine and state (fresh or restored).
     engine = build_engine(config, mesh, train_views.steps_per_epoch)
@@ -72,9 +68,29 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged ones
     if checkpointer.restored_step is None and config.get("init_from"):
         state = load_encoder_weights(config.init_from, state, config)
-    num_classes = builder.info.features["label"].num_classes
-    monitor = KnnMonitor(mesh, engine.model, config, bank_source, test_source, num_classes)
+    monitor = KnnMonitor(mesh, engine.model, config, bank_source, test_source, data.num_classes)
     return Run(config, workdir, mesh, train_views, engine, state, checkpointer, monitor)
+
+
+@dataclasses.dataclass
+class Data:
+    """A run's data on the mesh: training views and the kNN monitor's two sources."""
+
+    train_views: ResidentViews | StreamingViews
+    bank_source: Any  # () -> iterable of (images, labels) on the mesh: the kNN memory bank
+    test_source: Any  # () -> the same for the evaluated split
+    num_classes: int
+
+
+def load_data(config: Any, mesh: Mesh) -> Data:
+    """Prepare the dataset once and load this process's share (small datasets stay on device)."""
+    dataset = config.dataset
+    builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
+    if dataset.name in RESIDENT_DATASETS:
+        sources = _resident_data(config, mesh, builder)
+    else:
+        sources = _streaming_data(config, mesh, builder)
+    return Data(*sources, builder.info.features["label"].num_classes)
 
 
 def _resident_data(config: Any, mesh: Mesh, builder):

@@ -13,11 +13,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from moco_jax.checkpointing import Checkpointer, TrainingDiverged
 from moco_jax.faults import Faults
+from moco_jax.mesh import replicated
 from moco_jax.metrics_io import MetricsWriter, plot_history
 from moco_jax.run_setup import setup_run
 
@@ -56,15 +58,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     # --- The loop. ---
     progress = _progress_bar(total_steps, start_step)
-    epoch_loss, epoch_steps = _resumed_epoch_loss(checkpointer, start_step, steps_per_epoch)
+    epoch_loss, epoch_steps = _resumed_epoch_loss(
+        checkpointer, start_step, steps_per_epoch, engine.mesh
+    )
     window_start, window_steps = time.time(), 0
     faults = Faults.from_env()  # test-only fault injection; inert unless MOCO_JAX_FAULT_* is set
     checkpointer.watch_sigterm()
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        state, metrics = engine.train_step(state, *train_views(step))
+        with jax.transfer_guard("disallow"):  # a step sends nothing implicitly host<->device
+            state, metrics = engine.train_step(state, *train_views(step))
         state, metrics = faults.after_step(step + 1, state, metrics)
-        epoch_loss, epoch_steps = epoch_loss + metrics["loss"], epoch_steps + 1
+        epoch_loss = metrics["loss"] if epoch_loss is None else epoch_loss + metrics["loss"]
+        epoch_steps += 1
         checkpointer.save(step + 1, state, extra={"epoch_loss_sum": epoch_loss})
         faults.after_save(step + 1)
         window_steps += 1
@@ -94,8 +100,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             writer.write_epoch(record)
             history.setdefault("epochs", []).append(record)
             progress.write(_describe_epoch(record))
-            epoch_loss, epoch_steps = jnp.zeros(()), 0
-            checkpointer.save(step + 1, state, force=True, extra={"epoch_loss_sum": epoch_loss})
+            epoch_loss, epoch_steps = None, 0
+            checkpointer.save(step + 1, state, force=True, extra={"epoch_loss_sum": 0.0})
             window_start = time.time()
         if checkpointer.reached_preemption(step + 1):
             progress.close()
@@ -111,13 +117,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     return summary
 
 
-def _resumed_epoch_loss(checkpointer: Checkpointer, start_step: int, steps_per_epoch: int):
-    """The running (loss sum, steps) of the epoch ``start_step`` falls in, as saved with it."""
+def _resumed_epoch_loss(
+    checkpointer: Checkpointer, start_step: int, steps_per_epoch: int, mesh: Mesh
+) -> tuple[jax.Array | None, int]:
+    """The running (loss sum, steps) of the epoch ``start_step`` falls in, as saved with it.
+
+    The sum lives on the mesh like the step's loss (None: nothing summed yet this epoch)."""
     saved = checkpointer.restored_extra.get("epoch_loss_sum")
     steps = start_step % steps_per_epoch
     if saved is None or steps == 0:
-        return jnp.zeros(()), 0
-    return jnp.asarray(saved, jnp.float32), steps
+        return None, 0
+    return jax.make_array_from_process_local_data(replicated(mesh), np.float32(saved)), steps
 
 
 def _check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:

@@ -42,16 +42,20 @@ images, labels, per_device = put_sharded(
     mesh, ids.astype(np.uint8)[:, None, None, None], ids, False
 )
 train_set = ResidentTrainSet(mesh, images, labels, per_device, 4, seed=0)
-pick = jax.jit(
+pick = jax.jit(  # the step's row of the epoch's on-device index table, as the view function does
     jax.shard_map(
-        lambda lab, i: lab[i], mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data")
-    )
+        lambda lab, table, step: lab[table[step]],
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "data"), P()),
+        out_specs=P("data"),
+    ),
+    static_argnums=2,
 )
 seen = []
 for epoch in range(2):
-    indices = train_set.epoch_indices(epoch)
+    table = train_set.device_epoch_indices(epoch)
     for step in range(train_set.steps_per_epoch):
-        batch = pick(labels, train_set.batch_indices(indices, step))
+        batch = pick(labels, table, step)
         seen.append(multihost_utils.process_allgather(batch, tiled=True))
 emit(epoch_ids=[np.concatenate(seen[:4]).tolist(), np.concatenate(seen[4:]).tolist()])
 

@@ -4,6 +4,7 @@ transfers inside the loop, bf16 compute with float32 state). No test asserts a s
 
 import importlib.util
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ from moco_jax.benchmark.runner import (
 from moco_jax.engine import build_engine
 from moco_jax.mesh import make_data_mesh
 from tiny import build, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -176,7 +179,7 @@ def tiny_engine():
 def test_step_donates_its_state(tiny_engine):
     engine, views, fresh_state = tiny_engine
     state = fresh_state()
-    images_q, images_k = views(views.args(0))
+    images_q, images_k = views(0)
     old = jax.tree.leaves(state)
     state, metrics = engine.train_step(state, images_q, images_k)
     assert all(leaf.is_deleted() for leaf in old)
@@ -185,16 +188,16 @@ def test_step_donates_its_state(tiny_engine):
 
 
 def test_no_host_transfers_inside_the_training_loop(tiny_engine):
-    """Augmentation + step for a few steps under ``transfer_guard("disallow")``: with the per-step
-    indices and keys placed on device beforehand, nothing crosses between host and device."""
+    """Augmentation + step for a few steps under ``transfer_guard("disallow")``: the epoch's
+    indices, the step counter and the augmentation key stay on device, so nothing crosses
+    between host and device."""
     engine, views, fresh_state = tiny_engine
     state = fresh_state()
-    per_step = [views.args(step) for step in range(4)]
-    state, _ = engine.train_step(state, *views(per_step[0]))  # compile outside the guard
+    state, _ = engine.train_step(state, *views(0))  # compile outside the guard
     losses = []
     with jax.transfer_guard("disallow"):
-        for args in per_step[1:]:
-            state, metrics = engine.train_step(state, *views(args))
+        for step in range(1, 4):
+            state, metrics = engine.train_step(state, *views(step))
             losses.append(metrics["loss"])
         with pytest.raises(Exception, match="[Dd]isallowed"):  # the guard is really on
             jax.jit(lambda x: x + 1)(np.ones(3, np.float32))
@@ -296,3 +299,54 @@ def test_collectives_parser_reads_async_and_grouped_forms():
     assert ops["all-to-all"]["result_bytes"] == 2 * 4 * 16 * 16 * 2
     assert ops["all-to-all"]["group_size"] == 8  # no groups written: the whole mesh
     assert ops["collective-permute"]["elements"] == 4
+
+
+def test_epoch_benchmark_compares_real_data_with_views_on_device(tmp_path):
+    """``python -m moco_jax.benchmark.epoch`` on the smoke config's real Fashion-MNIST: one
+    epoch through the trainer's input pipeline vs the same steps on views already on device."""
+    from data_fixtures import fashion_mnist_data_dir
+
+    from moco_jax.benchmark import epoch
+
+    data_dir = fashion_mnist_data_dir()
+    out = tmp_path / "epoch.json"
+    config_path = str(ROOT / "configs" / "smoke.py")
+    argv = ["--config", config_path, f"--config.dataset.data_dir={data_dir}", "--json", str(out)]
+    assert epoch.main(argv) == 0
+    report = json.loads(out.read_text())
+    jax_side = report["jax"]
+    assert jax_side["steps"] == jax_side["steps_per_epoch"] == 8  # 512 examples / batch 64
+    for key in ("real_s", "synthetic_s", "real_images_per_sec", "synthetic_images_per_sec"):
+        assert jax_side[key] > 0, key
+    assert jax_side["input_overhead"] == pytest.approx(
+        jax_side["real_s"] / jax_side["synthetic_s"] - 1
+    )
+    assert isinstance(jax_side["within_target"], bool)
+    assert np.isfinite(jax_side["last_loss"])
+    assert report["num_devices"] == 8 and report["batch_size"] == 64
+
+
+def test_epoch_benchmark_refuses_a_bad_config_in_one_line(capsys):
+    from moco_jax.benchmark import epoch
+
+    config_path = str(ROOT / "configs" / "smoke.py")
+    assert epoch.main(["--config", config_path, "--config.batch_size=60"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "batch_size" in error and "Traceback" not in error
+
+
+def test_torch_dataloader_epoch_of_the_official_pipeline():
+    """The PyTorch side of the epoch comparison (skipped without torch and torchvision)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from data_fixtures import fashion_mnist_data_dir
+
+    from moco_jax.benchmark.torch_epoch import make_view_transform, time_torch_epoch
+
+    config = tiny_config(**{"dataset.data_dir": fashion_mnist_data_dir()})
+    from PIL import Image
+
+    view = make_view_transform(config, 0)(Image.fromarray(np.full((28, 28), 128, np.uint8)))
+    assert tuple(view.shape) == (1, 16, 16)  # cropped and resized to image_size, one channel
+    result = time_torch_epoch(config, steps=2, workers=0, log=lambda _: None)
+    assert result["steps"] == 2 and result["epoch_s"] > 0 and np.isfinite(result["last_loss"])

@@ -2,14 +2,16 @@
 
 import gzip
 
+import jax
 import numpy as np
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
 from moco_jax.data import local_sources
-from moco_jax.data.resident import ResidentTrainSet, put_sharded
+from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.tfds_source import DatasetError, load_arrays, prepared_builder
 from moco_jax.mesh import make_data_mesh
+from tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,34 @@ def test_each_example_is_used_once_per_epoch_across_devices():
         epochs.append(global_ids)
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
     np.testing.assert_array_equal(train.epoch_indices(1).ravel(), train.epoch_indices(1).ravel())
-    # The batch that lands on the mesh holds the labels of the chosen examples.
-    batch = train.batch_indices(train.epoch_indices(0), 0)
-    assert batch.shape == (32,)
+    # On the mesh once per epoch: each device holds the columns of its own examples.
+    table = train.device_epoch_indices(0)
+    assert table.shape == (9, 32) and table.dtype == np.int32
+    for shard in table.addressable_shards:
+        d = mesh.devices.tolist().index(shard.device)
+        np.testing.assert_array_equal(shard.data, train.epoch_indices(0)[:, d * 4 : (d + 1) * 4])
+
+
+def test_resident_views_send_nothing_per_step_and_resume_anywhere():
+    """The trainer's view function under ``transfer_guard("disallow")`` across an epoch boundary
+    (the epoch's index table is the one explicit transfer), and a fresh instance asked for step 4
+    directly (a resume) makes exactly the views the in-order one made."""
+    config = tiny_config()
+    mesh = make_data_mesh(8)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8 * 24, 16, 16, 1), dtype=np.uint8)
+    sharded, labels, per_device = put_sharded(mesh, images, np.zeros(192, np.int32), pad=False)
+    train = ResidentTrainSet(mesh, sharded, labels, per_device, config.batch_size // 8, seed=0)
+    assert train.steps_per_epoch == 3
+    in_order = ResidentViews(train, config)
+    views = [in_order(0)]  # compiles
+    with jax.transfer_guard("disallow"):
+        views += [in_order(step) for step in range(1, 6)]
+        with pytest.raises(Exception, match="[Dd]isallowed"):  # the guard is really on
+            jax.jit(lambda x: x + 1)(np.ones(3, np.float32))
+    resumed = ResidentViews(train, config)
+    for step in (4, 5):
+        for a, b in zip(resumed(step), views[step], strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(views[4][0]), np.asarray(views[1][0]))  # other epoch
+    assert not np.array_equal(np.asarray(views[4][0]), np.asarray(views[4][1]))  # q != k

@@ -17,12 +17,14 @@ GPU/TPU and in the config's dtype (float32) on CPU.
 What is measured (all inputs synthetic and on device; see ``inputs.py``):
 
 - ``variants.step``: the jitted, state-donating training step alone, on fixed pre-augmented views;
-  ``variants.step_with_augment``: the on-device augmentation + the step, fresh indices and keys
-  every step, as in training. Each: ``warmup`` steps, then ``repeats`` x ``steps`` steps, each
+  ``variants.step_with_augment``: the trainer's own view pipeline (``ResidentViews``: the epoch's
+  index table, the step counter and the keys on device) + the step, as in training. Each:
+  ``warmup`` steps, then ``repeats`` x ``steps`` steps, each
   repeat timed to ``block_until_ready``; images/sec median, min, max, spread = (max-min)/median.
   The timed loops run under ``jax.transfer_guard("disallow")`` (no host round-trips inside).
 - ``compile``: trace, lower and XLA-compile seconds of the step (``.trace().lower().compile()``),
-  and the augmentation's compile; a persistent compilation cache, if configured, shortens them.
+  and the view function's first call (compile + one run); a persistent compilation cache, if
+  configured, shortens them.
 - ``memory``: the compiled step's ``memory_analysis()``; ``peak_bytes_estimate`` = argument +
   output - alias + temp bytes per device (see ``compiled.py``); on GPU also the allocator's
   ``peak_bytes_in_use`` after the run.

@@ -1,13 +1,14 @@
-"""Synthetic inputs that stay on the devices, shaped as the trainer's.
+"""Synthetic inputs fed through the trainer's own view pipeline, shaped as the trainer's.
 
-Small-image datasets (the trainer keeps them resident): uint8 images on device, per-step index
-arrays and RNG keys, and the trainer's own ``make_view_fn`` (gather + crop + every augmentation
-on device). Large-image datasets (streamed by the trainer: the host decodes and crops): two
-uint8 crops per image already on device and the device half of the pipeline (flip, jitter,
-grayscale, blur, solarize, normalisation); the host's JPEG decoding is not part of the number.
+Small-image datasets (the trainer keeps them resident): a pool of random uint8 images on device
+and the trainer's ``ResidentViews`` (the epoch's index table on device, gather + crop + every
+augmentation in one jitted call, the step counter kept on device). Large-image datasets
+(streamed by the trainer: the host decodes and crops): two uint8 crops per image already on
+device and the device half of the pipeline (flip, jitter, grayscale, blur, solarize,
+normalisation); the host's JPEG decoding is not part of the number.
 
-Everything a step needs is put on the devices before timing starts (``args(step)``), so the
-timed loop only dispatches device work.
+Between epochs the resident pipeline puts the next epoch's index table on the mesh (one explicit
+transfer per epoch, as in training); otherwise a step sends nothing from the host.
 """
 
 from __future__ import annotations
@@ -18,59 +19,51 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax.data.resident import make_view_fn, put_sharded
+from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import make_crop_augment_fn
 from moco_jax.data.tfds_source import RESIDENT_DATASETS
-from moco_jax.mesh import replicate, shard_batch
+from moco_jax.mesh import DeviceStep, replicate, shard_batch
 from moco_jax.step import DATA_AXIS
+
+POOL_STEPS = 32  # synthetic resident epoch: this many batches of distinct random images
 
 
 class SyntheticViews:
-    """``views(args(step))`` -> the two augmented float views of a step, made on device."""
+    """``views(step)`` -> the two augmented float views of global step ``step``, made on device."""
 
     def __init__(self, mesh: Mesh, config: Any, seed: int = 0):
         self.mesh = mesh
         self.batch = config.batch_size
         self.resident = config.dataset.name in RESIDENT_DATASETS
         num_devices = mesh.shape[DATA_AXIS]
+        local = len(mesh.local_devices)
         size, channels = config.dataset.image_size, config.dataset.num_channels
         rng = np.random.default_rng(seed)
         if self.resident:
-            pool = rng.integers(0, 256, (2 * self.batch, size, size, channels), dtype=np.uint8)
+            config = config.copy_and_resolve_references()
+            config.seed = seed  # augmentation keys of this instance
+            per_device_batch = self.batch // num_devices
+            pool = rng.integers(
+                0, 256, (POOL_STEPS * per_device_batch * local, size, size, channels), np.uint8
+            )
             labels = np.zeros(len(pool), np.int32)
-            self.images, _, self.per_device = put_sharded(self.mesh, pool, labels, pad=False)
-            self.per_device_batch = self.batch // num_devices
-            self._fn = make_view_fn(mesh, config)
+            images, labels, per_device = put_sharded(mesh, pool, labels, pad=False)
+            train_set = ResidentTrainSet(mesh, images, labels, per_device, per_device_batch, seed)
+            self._views = ResidentViews(train_set, config)
         else:
-            shape = (self.batch, size, size, channels)
-            self.crops = tuple(
+            shape = (self.batch // jax.process_count(), size, size, channels)
+            self._crops = tuple(
                 shard_batch(mesh, rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)
             )
-            self._fn = make_crop_augment_fn(mesh, config)
+            self._augment = make_crop_augment_fn(mesh, config)
+            self._rng = replicate(mesh, jax.random.key(seed + 1))
+            self._device_step = DeviceStep(mesh)
 
-    def args(self, step: int, seed: int = 0) -> tuple[jax.Array, ...]:
-        """Device arrays that select and randomise step ``step`` (host work happens here)."""
-        # Replicated over the mesh here: a key on one device would be copied to the others
-        # inside the loop (a device-to-device transfer that transfer_guard rightly refuses).
-        key = replicate(self.mesh, jax.random.fold_in(jax.random.key(seed), step))
-        if not self.resident:
-            return (key,)
-        rng = np.random.default_rng([seed, step])
-        local = len(self.mesh.local_devices)
-        indices = np.concatenate(
-            [rng.permutation(self.per_device)[: self.per_device_batch] for _ in range(local)]
-        ).astype(np.int32)
-        return (shard_batch(self.mesh, indices), key)
-
-    def __call__(self, args: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
         if self.resident:
-            return self._fn(self.images, *args)
-        return self._fn(*self.crops, *args)
-
-    @property
-    def fn(self):
-        """The jitted view function (for ``.lower(...).compile()`` timing)."""
-        return self._fn
-
-    def fn_args(self, args: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        return (self.images, *args) if self.resident else (*self.crops, *args)
+            return self._views(step)
+        view_q, view_k, next_step = self._augment(
+            *self._crops, self._device_step.get(step), self._rng
+        )
+        self._device_step.advance(next_step, step)
+        return view_q, view_k

@@ -316,9 +316,10 @@ def _loss_curves(
 
     def run(step_fn, run_seed):
         state = initial_state()
+        run_views = views if run_seed == seed else SyntheticViews(engine.mesh, config, run_seed)
         losses = []
         for step in range(steps):
-            state, metrics = step_fn(state, *views(views.args(step, run_seed)))
+            state, metrics = step_fn(state, *run_views(step))
             losses.append(metrics["loss"])
         return [float(x) for x in jax.device_get(losses)]
 
@@ -463,12 +464,10 @@ def _run(config, options, steps, repeats, warmup, loss_steps, log) -> dict[str, 
     copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
     initial_state = copy_state(state)  # for the loss check (the timed state gets donated)
     views = SyntheticViews(mesh, config, seed=options.seed)
-    first_args = views.args(0, options.seed)
     phases.start("compile", "compiling ...")
     start = time.perf_counter()
-    view_compiled = views.fn.lower(*views.fn_args(first_args)).compile()
+    images_q, images_k = jax.block_until_ready(views(0))  # the first call compiles
     augment_compile_s = time.perf_counter() - start
-    images_q, images_k = view_compiled(*views.fn_args(first_args))
     start = time.perf_counter()
     traced = engine.train_step.trace(state, images_q, images_k)
     trace_s = time.perf_counter() - start
@@ -523,10 +522,10 @@ def _run(config, options, steps, repeats, warmup, loss_steps, log) -> dict[str, 
     )
     variants["step"] = _summary(samples, batch)
     phases.start("time_step_with_augment", "timing augmentation + step ...")
-    per_step = [views.args(i, options.seed) for i in range(warmup + steps * repeats)]
+    per_step = list(range(1, 1 + warmup + steps * repeats))  # global steps, in order
 
-    def augment_and_step(s, args):
-        return step(s, *view_compiled(*views.fn_args(args)))
+    def augment_and_step(s, global_step):
+        return step(s, *views(global_step))
 
     state, samples = timed_loop(state, augment_and_step, per_step, steps, repeats, warmup)
     variants["step_with_augment"] = _summary(samples, batch)

@@ -14,10 +14,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moco_jax.augment import normalize_only, two_views
-from moco_jax.mesh import shard_batch, shard_views
+from moco_jax.mesh import DeviceStep, replicate, shard_batch, shard_views
+from moco_jax.step import DATA_AXIS
+
+# The epoch's index table: one row per step, its columns split over the devices like the batch.
+EPOCH_TABLE_SPEC = P(None, DATA_AXIS)
 
 
 def _local_device_indices(mesh: Mesh) -> list[int]:
@@ -72,21 +77,27 @@ class ResidentTrainSet:
             rows.append(perm.reshape(self.steps_per_epoch, self.per_device_batch))
         return np.concatenate(rows, axis=1).astype(np.int32)
 
-    def batch_indices(self, epoch_indices: np.ndarray, step_in_epoch: int) -> jax.Array:
-        """The global index array of one step, sharded like the images."""
-        return shard_batch(self.mesh, epoch_indices[step_in_epoch])
+    def device_epoch_indices(self, epoch: int) -> jax.Array:
+        """``epoch_indices(epoch)`` on the mesh, once per epoch: ``[steps, global batch]`` int32
+        with the columns of each device on that device (the view function picks the row)."""
+        sharding = NamedSharding(self.mesh, EPOCH_TABLE_SPEC)
+        return jax.make_array_from_process_local_data(sharding, self.epoch_indices(epoch))
 
 
-def make_view_fn(mesh: Mesh, config: Any):
-    """Jitted ``(images, indices, rng) -> (view_q, view_k)`` that gathers and augments on device."""
+def make_view_fn(mesh: Mesh, config: Any, steps_per_epoch: int):
+    """Jitted ``(images, epoch_table, step, rng) -> (view_q, view_k, step + 1)``: picks the step's
+    row of the epoch's index table, gathers and augments on device (see ``shard_views``)."""
     size = config.dataset.image_size
     mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
     aug = config.augment
 
-    def per_device(images, indices, rng):
+    def per_device(images, epoch_table, step, rng):
+        indices = jax.lax.dynamic_index_in_dim(
+            epoch_table, step % steps_per_epoch, axis=0, keepdims=False
+        )
         return two_views(rng, images[indices], aug, size, mean, std)
 
-    return shard_views(mesh, per_device)
+    return shard_views(mesh, per_device, EPOCH_TABLE_SPEC)
 
 
 class ResidentViews:
@@ -98,17 +109,21 @@ class ResidentViews:
     def __init__(self, train_set: ResidentTrainSet, config: Any):
         self.train_set = train_set
         self.steps_per_epoch = train_set.steps_per_epoch
-        self._view_fn = make_view_fn(train_set.mesh, config)
-        self._rng = jax.random.key(config.seed + 1)
-        self._epoch, self._epoch_indices = None, None
+        self._view_fn = make_view_fn(train_set.mesh, config, self.steps_per_epoch)
+        self._rng = replicate(train_set.mesh, jax.random.key(config.seed + 1))
+        self._device_step = DeviceStep(train_set.mesh)
+        self._epoch, self._epoch_table = None, None
 
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        """Host work only at an epoch's first step (its index table); otherwise pure dispatch."""
+        epoch = step // self.steps_per_epoch
         if epoch != self._epoch:
-            self._epoch, self._epoch_indices = epoch, self.train_set.epoch_indices(epoch)
-        indices = self.train_set.batch_indices(self._epoch_indices, step_in_epoch)
-        rng = jax.random.fold_in(self._rng, step)
-        return self._view_fn(self.train_set.images, indices, rng)
+            self._epoch, self._epoch_table = epoch, self.train_set.device_epoch_indices(epoch)
+        view_q, view_k, next_step = self._view_fn(
+            self.train_set.images, self._epoch_table, self._device_step.get(step), self._rng
+        )
+        self._device_step.advance(next_step, step)
+        return view_q, view_k
 
 
 def make_eval_transform(config: Any):

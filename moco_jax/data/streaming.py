@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.augment import two_views
-from moco_jax.mesh import shard_batch, shard_views
+from moco_jax.mesh import DeviceStep, replicate, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
 
@@ -174,13 +174,15 @@ def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
 
 
 def make_crop_augment_fn(mesh: Mesh, config: Any):
-    """The device half: jitted ``(crops_q, crops_k, rng) -> (view_q, view_k)``, crop turned off."""
+    """The device half: jitted ``(crops_q, crops_k, step, rng) -> (view_q, view_k, step + 1)``,
+    crop turned off (see ``shard_views``)."""
     aug = config.augment.copy_and_resolve_references()
     aug.crop = False  # done on the host
     mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
     size = config.dataset.image_size
 
-    def per_device(crops_q, crops_k, rng):
+    def per_device(crops_q, crops_k, step, rng):
+        del step  # the crops already are this step's
         return two_views(rng, crops_q, aug, size, mean, std, images_k=crops_k)
 
     return shard_views(mesh, per_device)
@@ -203,7 +205,8 @@ class StreamingViews:
         self._next_step = None
         self._records = records(builder, "train")
         self._augment = make_crop_augment_fn(mesh, config)
-        self._rng = jax.random.key(config.seed + 1)
+        self._rng = replicate(mesh, jax.random.key(config.seed + 1))
+        self._device_step = DeviceStep(mesh)
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Full batches of (crops_q, crops_k) from ``start_step`` of ``epoch`` on."""
@@ -225,5 +228,11 @@ class StreamingViews:
             self._iterator = self._batches(epoch, step_in_epoch)
         crops_q, crops_k = next(self._iterator)
         self._next_step = step + 1
-        rng = jax.random.fold_in(self._rng, step)
-        return self._augment(shard_batch(self.mesh, crops_q), shard_batch(self.mesh, crops_k), rng)
+        view_q, view_k, next_step = self._augment(
+            shard_batch(self.mesh, crops_q),
+            shard_batch(self.mesh, crops_k),
+            self._device_step.get(step),
+            self._rng,
+        )
+        self._device_step.advance(next_step, step)
+        return view_q, view_k
