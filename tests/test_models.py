@@ -84,3 +84,26 @@ def test_registry_accepts_a_new_backbone_and_rejects_unknown_names():
         build_encoder(config)
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("resnet18")(_tiny)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_grouped_batch_norm_matches_numpy_even_when_the_mean_dwarfs_the_spread(offset):
+    """One-pass statistics against a float64 two-pass NumPy BN: a mean of 1000 over a spread of
+    0.5 must not cancel the variance away (unshifted float32 E[x^2] - E[x]^2 is off by ~25%)."""
+    from moco_jax.models.batch_norm import BatchNorm
+
+    rng = np.random.default_rng(0)
+    x = (offset + rng.standard_normal((8, 5, 5, 3)) * np.array([0.5, 1.0, 2.0])).astype(np.float32)
+    bn = BatchNorm(group_size=4)  # two groups: sample i in group i % 2
+    variables = bn.init(jax.random.key(0), x)
+    y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+
+    groups = x.astype(np.float64).reshape(4, 2, 25, 3)
+    mean, var = groups.mean(axis=(0, 2)), groups.var(axis=(0, 2))
+    normalised = (groups - mean[None, :, None]) / np.sqrt(var + 1e-5)[None, :, None]
+    expected = normalised.reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-3 if offset else 1e-5)
+    stats = updates["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean.mean(axis=0), rtol=1e-5)
+    unbiased = var * 100 / 99
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * unbiased.mean(axis=0), rtol=1e-4)
