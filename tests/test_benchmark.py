@@ -13,7 +13,7 @@ import pytest
 
 from moco_jax.benchmark import __main__ as cli
 from moco_jax.benchmark import compiled as compiled_info
-from moco_jax.benchmark.floor import collect_matmuls, xla_floor
+from moco_jax.benchmark.floor import collect_matmuls, floor_pairs, xla_floor
 from moco_jax.benchmark.inputs import SyntheticViews
 from moco_jax.benchmark.runner import (
     STEPS_PER_EPOCH,
@@ -350,3 +350,23 @@ def test_torch_dataloader_epoch_of_the_official_pipeline():
     assert tuple(view.shape) == (1, 16, 16)  # cropped and resized to image_size, one channel
     result = time_torch_epoch(config, steps=2, workers=0, log=lambda _: None)
     assert result["steps"] == 2 and result["epoch_s"] > 0 and np.isfinite(result["last_loss"])
+
+
+def test_floor_pairs_time_the_floor_then_the_step_each_time():
+    """Each pair is one floor measurement followed by one step timing; the ratio is theirs."""
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(y)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4)))
+    step_seconds = iter([0.002, 0.004, 0.003])
+    result = floor_pairs(jaxpr, jax.devices()[0], lambda: next(step_seconds), 3, repeats=2)
+    assert [p["step_ms"] for p in result["pairs"]] == pytest.approx([2.0, 4.0, 3.0])
+    for p in result["pairs"]:
+        assert p["floor_ms"] > 0
+        assert p["step_over_floor"] == pytest.approx(p["step_ms"] / p["floor_ms"])
+    ratios = sorted(p["step_over_floor"] for p in result["pairs"])
+    assert result["step_over_floor_median"] == pytest.approx(ratios[1])

@@ -33,7 +33,8 @@ What is measured (all inputs synthetic and on device; see ``inputs.py``):
   ``mfu`` = model FLOPs x images/sec / (peak x devices), with the dense bf16 peaks of
   ``compiled.PEAK_BF16_FLOPS`` (H100, H200, A100, TPU v4/v5e/v5p/v6e); null where unknown (CPU).
 - ``floor``: XLA's floor on this device: every convolution and matmul of the step compiled and
-  timed alone, summed (``floor.py`` says exactly how); ``step_over_floor`` = step / floor.
+  timed alone, summed (``floor.py`` says exactly how); ``step_over_floor`` = step / floor;
+  ``--floor_pairs N`` adds N (floor, step) timings taken back to back and their median ratio.
 - ``torch`` (``--torch``): the PyTorch re-statement of the official step
   (``moco_jax.torch_reference``; same architecture, per-device batch, K, dim, BN groups;
   channels-last; autocast bf16 when the JAX run is bf16), run first in the same process;

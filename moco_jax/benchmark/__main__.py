@@ -42,6 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--torch_threads", type=int, default=0, help="PyTorch CPU threads (0: its default)"
     )
     parser.add_argument("--no_floor", dest="floor", action="store_false")
+    parser.add_argument(
+        "--floor_pairs",
+        type=int,
+        default=0,
+        help="also time the floor and then the step N times back to back (drift-proof ratio)",
+    )
     parser.add_argument("--no_collectives", dest="collectives", action="store_false")
     parser.add_argument("--collectives_devices", type=int, default=8)
     parser.add_argument(
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_steps=args.loss_steps,
         torch=args.torch,
         floor=args.floor,
+        floor_pairs=args.floor_pairs,
         collectives=args.collectives,
         collectives_devices=args.collectives_devices,
         fit_batch=args.fit_batch,

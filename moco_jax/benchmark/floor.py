@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -183,4 +184,25 @@ def xla_floor(step_jaxpr: Any, device, repeats: int = 5) -> dict[str, Any]:
             "weight-gradient), compiled alone by XLA with the same shapes, dtypes and "
             "parameters on one device; median of back-to-back calls; count-weighted sum"
         ),
+    }
+
+
+def floor_pairs(
+    step_jaxpr: Any, device, time_step: Callable[[], float], pairs: int, repeats: int = 5
+) -> dict[str, Any]:
+    """The floor and then the step, ``pairs`` times back to back: ``step_over_floor`` per pair.
+
+    One floor and one step timing taken minutes apart can disagree by the machine's drift (on a
+    shared CPU, ~10% between runs); each pair here is taken within seconds. ``time_step()``
+    returns the step's median seconds. Reports every pair and the median of their ratios.
+    """
+    rows = []
+    for _ in range(pairs):
+        floor_ms = xla_floor(step_jaxpr, device, repeats)["floor_ms"]
+        step_ms = time_step() * 1e3
+        ratio = step_ms / floor_ms
+        rows.append({"floor_ms": floor_ms, "step_ms": step_ms, "step_over_floor": ratio})
+    return {
+        "pairs": rows,
+        "step_over_floor_median": statistics.median(r["step_over_floor"] for r in rows),
     }

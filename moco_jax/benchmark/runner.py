@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moco_jax.benchmark import compiled as compiled_info
-from moco_jax.benchmark.floor import forward_matmul_flops, xla_floor
+from moco_jax.benchmark.floor import floor_pairs, forward_matmul_flops, xla_floor
 from moco_jax.benchmark.inputs import SyntheticViews
 from moco_jax.engine import Engine, build_engine
 from moco_jax.mesh import batch_sharding, make_data_mesh
@@ -76,6 +76,7 @@ class Options:
     loss_steps: int | None = None
     torch: bool = False
     floor: bool = True
+    floor_pairs: int = 0  # extra (floor, step) pairs taken back to back
     collectives: bool = True
     collectives_devices: int = 8
     fit_batch: bool = True
@@ -550,6 +551,18 @@ def _run(config, options, steps, repeats, warmup, loss_steps, log) -> dict[str, 
         floor["step_ms"] = step_ms
         floor["step_over_floor"] = step_ms / floor["floor_ms"] if floor["floor_ms"] else None
         floor["comparable"] = num_devices == 1
+        if options.floor_pairs > 0:
+            phases.start("floor_pairs", f"{options.floor_pairs} x (floor, then step) ...")
+            pair_state = [copy_state(initial_state)]
+
+            def time_step() -> float:
+                pair_state[0], samples = timed_loop(
+                    pair_state[0], lambda s, a: step(s, *a), [(images_q, images_k)], steps, 3, 1
+                )
+                return statistics.median(samples)
+
+            floor.update(floor_pairs(traced.jaxpr, device, time_step, options.floor_pairs))
+            del pair_state
         report["floor"] = floor
 
     # --- PyTorch side by side. ---
@@ -611,6 +624,12 @@ def format_summary(report: dict[str, Any]) -> str:
             f"XLA floor (convs + matmuls alone): {f['floor_ms']:.2f} ms; step "
             f"{f['step_ms']:.2f} ms = {f['step_over_floor']:.2f}x floor"
         )
+        if f.get("pairs"):
+            ratios = ", ".join(f"{p['step_over_floor']:.2f}" for p in f["pairs"])
+            lines.append(
+                f"  (floor, step) pairs back to back: {ratios}; median "
+                f"{f['step_over_floor_median']:.2f}x"
+            )
     t = report.get("torch")
     if t and "jax_over_torch" in t:
         lines.append(
