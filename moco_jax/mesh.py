@@ -40,12 +40,12 @@ def shard_views(mesh: Mesh, per_device, source_spec: P | None = None):
     ``images`` and the views are split along the batch; ``source`` (a second image batch, or the
     epoch's index table) is split as ``source_spec`` says (None: along the batch too); ``step``
     is the global step as a replicated device scalar and ``rng`` a replicated key, folded here
-    with the step and then with the device index. The jitted function returns
-    ``(view_q, view_k, step + 1)``: the next step stays on device, so a training loop sends
-    nothing from the host per step (``DeviceStep``).
+    with the step and then with the device index. The jitted function takes
+    ``(images, source, rng, step)`` and returns ``(view_q, view_k, step + 1)``: the next step
+    stays on device, so a training loop sends nothing from the host per step (``DeviceStep``).
     """
 
-    def body(images, source, step, rng):
+    def body(images, source, rng, step):
         rng = jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(DATA_AXIS))
         view_q, view_k = per_device(images, source, step, rng)
         return view_q, view_k, step + 1
@@ -63,9 +63,9 @@ def shard_views(mesh: Mesh, per_device, source_spec: P | None = None):
 class DeviceStep:
     """The global step as a replicated int32 on the mesh, advanced by the view functions.
 
-    ``get(step)`` returns the device scalar for ``step``: the one the previous call's view function
-    produced when the loop goes on in order, or a fresh one put on the mesh (once, at start or
-    after a jump such as a resume). ``advance(next_step, step)`` records the device ``step + 1``.
+    ``views(view_fn, step, *args)`` calls a ``shard_views`` function with the device scalar for
+    ``step``: the ``step + 1`` its previous call returned when the loop goes on in order, or a
+    fresh one put on the mesh (once, at start or after a jump such as a resume).
     """
 
     def __init__(self, mesh: Mesh):
@@ -73,17 +73,12 @@ class DeviceStep:
         self._value: jax.Array | None = None
         self._step: int | None = None
 
-    def get(self, step: int) -> jax.Array:
+    def views(self, view_fn, step: int, *args) -> tuple[jax.Array, jax.Array]:
         if self._step != step or self._value is None:
-            # Explicit transfer (allowed under transfer_guard("disallow")); works across processes.
-            self._value = jax.make_array_from_process_local_data(
-                replicated(self.mesh), np.asarray(step, np.int32)
-            )
-            self._step = step
-        return self._value
-
-    def advance(self, next_step: jax.Array, step: int) -> None:
-        self._value, self._step = next_step, step + 1
+            self._value = put_replicated(self.mesh, np.asarray(step, np.int32))
+        view_q, view_k, self._value = view_fn(*args, self._value)
+        self._step = step + 1
+        return view_q, view_k
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -95,3 +90,9 @@ def replicate(mesh: Mesh, tree):
     """A pytree of jax arrays made whole on every device (works across processes: a jitted
     identity with replicated output, not ``device_put``, which needs addressable devices)."""
     return jax.jit(lambda x: x, out_shardings=replicated(mesh))(tree)
+
+
+def put_replicated(mesh: Mesh, value: np.ndarray) -> jax.Array:
+    """A host value placed whole on every device of ``mesh``: an explicit transfer (allowed under
+    ``transfer_guard("disallow")``) that works across processes (each passes the same value)."""
+    return jax.make_array_from_process_local_data(replicated(mesh), value)

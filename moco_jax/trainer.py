@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from moco_jax.checkpointing import Checkpointer, TrainingDiverged
 from moco_jax.faults import Faults
-from moco_jax.mesh import replicated
+from moco_jax.mesh import put_replicated
 from moco_jax.metrics_io import MetricsWriter, plot_history
 from moco_jax.run_setup import setup_run
 
@@ -127,7 +127,7 @@ def _resumed_epoch_loss(
     steps = start_step % steps_per_epoch
     if saved is None or steps == 0:
         return None, 0
-    return jax.make_array_from_process_local_data(replicated(mesh), np.float32(saved)), steps
+    return put_replicated(mesh, np.float32(saved)), steps
 
 
 def _check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:

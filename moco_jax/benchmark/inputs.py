@@ -62,8 +62,4 @@ class SyntheticViews:
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
         if self.resident:
             return self._views(step)
-        view_q, view_k, next_step = self._augment(
-            *self._crops, self._device_step.get(step), self._rng
-        )
-        self._device_step.advance(next_step, step)
-        return view_q, view_k
+        return self._device_step.views(self._augment, step, *self._crops, self._rng)

@@ -85,7 +85,7 @@ class ResidentTrainSet:
 
 
 def make_view_fn(mesh: Mesh, config: Any, steps_per_epoch: int):
-    """Jitted ``(images, epoch_table, step, rng) -> (view_q, view_k, step + 1)``: picks the step's
+    """Jitted ``(images, epoch_table, rng, step) -> (view_q, view_k, step + 1)``: picks the step's
     row of the epoch's index table, gathers and augments on device (see ``shard_views``)."""
     size = config.dataset.image_size
     mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
@@ -119,11 +119,9 @@ class ResidentViews:
         epoch = step // self.steps_per_epoch
         if epoch != self._epoch:
             self._epoch, self._epoch_table = epoch, self.train_set.device_epoch_indices(epoch)
-        view_q, view_k, next_step = self._view_fn(
-            self.train_set.images, self._epoch_table, self._device_step.get(step), self._rng
+        return self._device_step.views(
+            self._view_fn, step, self.train_set.images, self._epoch_table, self._rng
         )
-        self._device_step.advance(next_step, step)
-        return view_q, view_k
 
 
 def make_eval_transform(config: Any):

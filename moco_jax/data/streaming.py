@@ -174,7 +174,7 @@ def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
 
 
 def make_crop_augment_fn(mesh: Mesh, config: Any):
-    """The device half: jitted ``(crops_q, crops_k, step, rng) -> (view_q, view_k, step + 1)``,
+    """The device half: jitted ``(crops_q, crops_k, rng, step) -> (view_q, view_k, step + 1)``,
     crop turned off (see ``shard_views``)."""
     aug = config.augment.copy_and_resolve_references()
     aug.crop = False  # done on the host
@@ -228,11 +228,5 @@ class StreamingViews:
             self._iterator = self._batches(epoch, step_in_epoch)
         crops_q, crops_k = next(self._iterator)
         self._next_step = step + 1
-        view_q, view_k, next_step = self._augment(
-            shard_batch(self.mesh, crops_q),
-            shard_batch(self.mesh, crops_k),
-            self._device_step.get(step),
-            self._rng,
-        )
-        self._device_step.advance(next_step, step)
-        return view_q, view_k
+        crops = (shard_batch(self.mesh, crops_q), shard_batch(self.mesh, crops_k))
+        return self._device_step.views(self._augment, step, *crops, self._rng)
