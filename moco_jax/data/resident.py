@@ -1,10 +1,11 @@
-"""Small datasets kept on the accelerators as uint8; the host only picks indices.
+"""Small datasets kept on the accelerators as uint8; the host only draws each epoch's order.
 
 The training images are split evenly over the mesh's devices (each process holds the devices it
 owns). Each epoch every device walks a fresh permutation of its own examples, so every example is
 used once per epoch across all devices and processes; the last partial batch is dropped (as the
 reference's ``drop_last=True``). The sampler is a pure function of ``(seed, epoch, device)``, so a
-resumed run sees exactly the batches an uninterrupted one would.
+resumed run sees exactly the batches an uninterrupted one would. The epoch's index table goes to
+the devices once per epoch; each step's row is picked on device (no per-step host transfer).
 """
 
 from __future__ import annotations
