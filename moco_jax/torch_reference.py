@@ -254,6 +254,24 @@ def build_moco(config: Any, num_splits: int) -> MoCo:
     )
 
 
+def build_for_training(
+    config: Any, batch: int, lr: float, device: str | torch.device = "cpu"
+) -> tuple[MoCo, torch.optim.Optimizer, nn.Module, int]:
+    """The official training set-up for one device's ``batch``: the MoCo module in train mode and
+    channels-last, SGD (momentum, coupled weight decay) at ``lr`` and the cross-entropy loss.
+    Also returns the number of BN groups (``batch / model.bn_group_size``)."""
+    group = config.model.bn_group_size
+    num_splits = batch // group if group else 1
+    model = build_moco(config, num_splits).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+    )
+    return model, optimizer, nn.CrossEntropyLoss().to(device), num_splits
+
+
 def cosine_learning_rate(lr: float, epoch: int, epochs: int) -> float:
     """``main_moco.adjust_learning_rate`` with ``--cos``: set at the start of each epoch."""
     return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))

@@ -86,7 +86,7 @@ def time_torch_epoch(
         ) from err
     from moco_jax.data.tfds_source import RESIDENT_DATASETS, load_arrays, prepared_builder
     from moco_jax.optim import scaled_learning_rate
-    from moco_jax.torch_reference import build_moco, cosine_learning_rate, train_step
+    from moco_jax.torch_reference import build_for_training, cosine_learning_rate, train_step
 
     dataset = config.dataset
     if dataset.name not in RESIDENT_DATASETS:
@@ -106,15 +106,8 @@ def time_torch_epoch(
         persistent_workers=False,
     )
     steps = min(steps or len(loader), len(loader))
-    group = config.model.bn_group_size
-    model = build_moco(config, batch // group if group else 1)
-    model = model.to(memory_format=torch.channels_last).train()
     lr = cosine_learning_rate(scaled_learning_rate(config.optim, batch), 0, config.epochs)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr, momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay,
-    )  # fmt: skip
-    criterion = torch.nn.CrossEntropyLoss()
+    model, optimizer, criterion, _ = build_for_training(config, batch, lr)
     log(f"PyTorch {torch.__version__}: {steps} steps, {workers} DataLoader workers ...")
     start = time.perf_counter()
     warm_end = None

@@ -46,22 +46,15 @@ def time_torch_step(
 
 def _measure(torch, config, per_device_batch, steps, repeats, warmup, seed) -> dict[str, Any]:
     from moco_jax.optim import scaled_learning_rate
-    from moco_jax.torch_reference import build_moco, train_step
+    from moco_jax.torch_reference import build_for_training, train_step
 
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    group = config.model.bn_group_size
-    num_splits = per_device_batch // group if group else 1
     channels_last = torch.channels_last
-    model = build_moco(config, num_splits).to(device).to(memory_format=channels_last).train()
     lr = scaled_learning_rate(config.optim, per_device_batch)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr,
-        momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay,
+    model, optimizer, criterion, num_splits = build_for_training(
+        config, per_device_batch, lr, device
     )
-    criterion = torch.nn.CrossEntropyLoss().to(device)
     size, channels = config.dataset.image_size, config.dataset.num_channels
     shape = (per_device_batch, channels, size, size)
     im_q = torch.randn(shape, device=device).contiguous(memory_format=channels_last)
