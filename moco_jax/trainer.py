@@ -61,6 +61,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     epoch_loss, epoch_steps = _resumed_epoch_loss(
         checkpointer, start_step, steps_per_epoch, engine.mesh
     )
+    train_views.restore(checkpointer.restored_extra)  # e.g. streamed data's skipped-image count
     window_start, window_steps = time.time(), 0
     faults = Faults.from_env()  # test-only fault injection; inert unless MOCO_JAX_FAULT_* is set
     checkpointer.watch_sigterm()
@@ -71,7 +72,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         state, metrics = faults.after_step(step + 1, state, metrics)
         epoch_loss = metrics["loss"] if epoch_loss is None else epoch_loss + metrics["loss"]
         epoch_steps += 1
-        checkpointer.save(step + 1, state, extra={"epoch_loss_sum": epoch_loss})
+        checkpointer.save(step + 1, state, extra=_extra(epoch_loss, train_views))
         faults.after_save(step + 1)
         window_steps += 1
         last_of_epoch = step_in_epoch == steps_per_epoch - 1
@@ -101,11 +102,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             history.setdefault("epochs", []).append(record)
             progress.write(_describe_epoch(record))
             epoch_loss, epoch_steps = None, 0
-            checkpointer.save(step + 1, state, force=True, extra={"epoch_loss_sum": 0.0})
+            checkpointer.save(step + 1, state, force=True, extra=_extra(0.0, train_views))
             window_start = time.time()
         if checkpointer.reached_preemption(step + 1):
             progress.close()
-            checkpointer.stop_for_preemption(step + 1, state, {"epoch_loss_sum": epoch_loss})
+            checkpointer.stop_for_preemption(step + 1, state, _extra(epoch_loss, train_views))
     progress.close()
     checkpointer.close()
 
@@ -115,6 +116,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         plot_history(history, workdir_path / "pretraining.png", config.dataset.name)
         (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _extra(epoch_loss: Any, train_views: Any) -> dict[str, Any]:
+    """The trainer's and the input pipeline's scalars saved with each checkpoint."""
+    return {"epoch_loss_sum": epoch_loss, **train_views.checkpoint_extra()}
 
 
 def _resumed_epoch_loss(

@@ -120,3 +120,32 @@ def test_pretraining_on_a_streamed_dataset(data_dir, tmp_path):
     # Colour classes are easy: raw pixels and the trained encoder both separate them well.
     assert summary["knn_pixels"] > 90
     assert 0 <= summary["final_knn_head"] <= 100
+
+
+def test_undecodable_images_are_counted_by_the_end_of_their_epoch(data_dir, monkeypatch):
+    """4 of 160 records fail (stubbed: TFDS will not store corrupt bytes). With batch 24 an epoch
+    still has its 6 full batches, so the count must come from finishing the epoch's stream (the
+    dropped partial batch), not from running short."""
+    from moco_jax.data import streaming
+
+    real = streaming.crop_dataset
+
+    def failing_some(records, *args):
+        return real(records.filter(lambda index, example: index % 40 != 7), *args)
+
+    monkeypatch.setattr(streaming, "crop_dataset", failing_some)
+    config = _config(data_dir, **{"batch_size": 24, "model.bn_mode": "local"})
+    views = StreamingViews(make_data_mesh(8), tfds.builder("tiny_jpegs", data_dir=data_dir), config)
+    assert views.steps_per_epoch == 6
+    counts = []
+    for step in range(12):
+        views(step)
+        counts.append(views.skipped_images)
+    assert counts[:5] == [0] * 5 and counts[5] == 4  # counted at the epoch's last step
+    assert counts[6:11] == [4] * 5 and counts[11] == 8
+    # A resumed run takes the count back from the checkpoint's extra and goes on from there.
+    resumed = StreamingViews(views.mesh, views.builder, config)
+    resumed.restore(views.checkpoint_extra())
+    for step in range(12, 18):
+        resumed(step)
+    assert resumed.skipped_images == 12

@@ -115,6 +115,13 @@ class ResidentViews:
         self._device_step = DeviceStep(train_set.mesh)
         self._epoch, self._epoch_table = None, None
 
+    def checkpoint_extra(self) -> dict:
+        """Nothing beyond the step: the data order is a function of it."""
+        return {}
+
+    def restore(self, extra: dict) -> None:
+        del extra  # nothing to take back (see checkpoint_extra)
+
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
         """Host work only at an epoch's first step (its index table); otherwise pure dispatch."""
         epoch = step // self.steps_per_epoch

@@ -26,6 +26,7 @@ from moco_jax.augment import two_views
 from moco_jax.mesh import DeviceStep, replicate, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
+CropPair = tuple[np.ndarray, np.ndarray]  # (crops_q, crops_k) of one host batch, uint8
 
 
 def _tf():
@@ -202,14 +203,16 @@ class StreamingViews:
         self.steps_per_epoch = self.num_records // self.local_batch
         self.skipped_images = 0
         self._iterator: Iterator | None = None
+        self._epoch_stream: tuple[int, Iterator] | None = None
         self._next_step = None
         self._records = records(builder, "train")
         self._augment = make_crop_augment_fn(mesh, config)
         self._rng = replicate(mesh, jax.random.key(config.seed + 1))
         self._device_step = DeviceStep(mesh)
 
-    def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Full batches of (crops_q, crops_k) from ``start_step`` of ``epoch`` on."""
+    def _epoch_batches(self, epoch: int, start_step: int) -> Iterator[CropPair]:
+        """Full batches of (crops_q, crops_k) of ``epoch`` from ``start_step``; once exhausted, its
+        undecodable images are added to ``skipped_images``."""
         ds = crop_dataset(
             self._records, self.config, epoch, start_step * self.local_batch, self.local_batch
         )
@@ -219,8 +222,22 @@ class StreamingViews:
             if len(labels) == self.local_batch:  # the last partial batch is dropped
                 yield crops_q, crops_k
         self.skipped_images += expected - seen
-        # Skipped images left this epoch short of full batches: go on in the next epoch's order.
-        yield from self._batches(epoch + 1, 0)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[CropPair]:
+        """Full batches from ``start_step`` of ``epoch`` on; ``_epoch_stream`` is the one read."""
+        while True:
+            self._epoch_stream = (epoch, self._epoch_batches(epoch, start_step))
+            yield from self._epoch_stream[1]
+            # Skipped images left this epoch short of full batches: go on in the next epoch's order.
+            epoch, start_step = epoch + 1, 0
+
+    def checkpoint_extra(self) -> dict[str, int]:
+        """What a checkpoint must keep of this pipeline: the undecodable images counted so far."""
+        return {"skipped_images": self.skipped_images}
+
+    def restore(self, extra: dict) -> None:
+        """Take back ``checkpoint_extra()`` from a restored checkpoint's ``extra``."""
+        self.skipped_images = int(extra.get("skipped_images", 0))
 
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
@@ -228,5 +245,8 @@ class StreamingViews:
             self._iterator = self._batches(epoch, step_in_epoch)
         crops_q, crops_k = next(self._iterator)
         self._next_step = step + 1
+        if step_in_epoch == self.steps_per_epoch - 1 and self._epoch_stream[0] == epoch:
+            for _ in self._epoch_stream[1]:  # the dropped partial batch; counts the epoch's skips
+                pass
         crops = (shard_batch(self.mesh, crops_q), shard_batch(self.mesh, crops_k))
         return self._device_step.views(self._augment, step, *crops, self._rng)
