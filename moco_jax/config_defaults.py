@@ -48,7 +48,8 @@ Fields (override any from the command line, e.g. ``--config.moco.queue_size=4096
   that has no checkpoint of its own starts with that run's encoder weights (backbone, and the head
   if its shapes agree) in both encoders, with a fresh optimizer, queue and step. How fine-tuning
   and linear evaluation start from pretraining, and how a run with another K or dim reuses one.
-  None = random initialisation.
+  Such a run's baselines add the loaded weights' kNN (``init_from_knn_*``) beside the random
+  init's. None = random initialisation.
 """
 
 from __future__ import annotations

@@ -90,7 +90,11 @@ def plot_history(history: dict, path: epath.Path, title: str) -> None:
     for key, label in [("knn_head", "head (output)"), ("knn_backbone", "backbone (pooled)")]:
         ax_knn.plot([r["epoch"] for r in knn], [r[key] for r in knn], "o-", label=label)
     baselines = history.get("baselines", {})
-    styles = [("knn_pixels", "raw pixels", "k:"), ("random_init_knn_head", "random init", "r:")]
+    styles = [
+        ("knn_pixels", "raw pixels", "k:"),
+        ("random_init_knn_head", "random init", "r:"),
+        ("init_from_knn_head", "init_from weights", "g:"),
+    ]
     for key, label, style in styles:
         if key in baselines:
             ax_knn.axhline(baselines[key], linestyle=style[1:], color=style[0], label=label)

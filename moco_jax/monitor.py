@@ -65,11 +65,17 @@ class KnnMonitor:
         head, backbone = self._top1(lambda images: self._features(variables, images))
         return {"knn_head": head, "knn_backbone": backbone}
 
-    def baselines(self, initial_variables: dict) -> dict[str, float]:
-        """What pretraining has to beat: raw pixels and the encoder before training."""
+    def baselines(
+        self, initial_variables: dict, loaded_variables: dict | None = None
+    ) -> dict[str, float]:
+        """What pretraining has to beat: raw pixels, the randomly initialised encoder and, for a
+        run started from another run's weights (``init_from``), those weights before training."""
         result = {"knn_pixels": self.pixel_baseline()}
         initial = self.evaluate(initial_variables)
         result.update({f"random_init_{k}": v for k, v in initial.items()})
+        if loaded_variables is not None:
+            loaded = self.evaluate(loaded_variables)
+            result.update({f"init_from_{k}": v for k, v in loaded.items()})
         return result
 
     def pixel_baseline(self) -> float:

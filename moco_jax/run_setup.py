@@ -55,14 +55,12 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     workdir = epath.Path(workdir)
     _check_workdir(workdir)
 
-    dataset = config.dataset
     data = load_data(config, mesh)
     train_views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
 
     # Engine and state (fresh or restored).
     engine = build_engine(config, mesh, train_views.steps_per_epoch)
-    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
-    state = engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
+    state = initial_state(engine, config)
     checkpointer = Checkpointer(workdir / "checkpoints", config)
     checkpointer.check_can_save(state)  # read-only or full disk: fail before training
     state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged ones
@@ -70,6 +68,13 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
         state = load_encoder_weights(config.init_from, state, config)
     monitor = KnnMonitor(mesh, engine.model, config, bank_source, test_source, data.num_classes)
     return Run(config, workdir, mesh, train_views, engine, state, checkpointer, monitor)
+
+
+def initial_state(engine: Engine, config: Any) -> MoCoState:
+    """The state a fresh run of ``config`` starts from: random init from ``config.seed``."""
+    dataset = config.dataset
+    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
+    return engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
 
 
 @dataclasses.dataclass

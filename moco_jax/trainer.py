@@ -21,7 +21,7 @@ from moco_jax.checkpointing import Checkpointer, TrainingDiverged
 from moco_jax.faults import Faults
 from moco_jax.mesh import put_replicated
 from moco_jax.metrics_io import MetricsWriter, plot_history
-from moco_jax.run_setup import setup_run
+from moco_jax.run_setup import initial_state, setup_run
 
 __all__ = ["TrainingDiverged", "train_and_evaluate"]
 
@@ -51,7 +51,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     # --- Baselines: what pretraining has to beat (computed once per workdir). ---
     if "baselines" not in history:
         t0 = time.time()
-        baselines = monitor.baselines(state.query_variables())
+        if config.get("init_from"):  # the state holds the loaded weights, not a random init
+            random_init = initial_state(engine, config).query_variables()
+            baselines = monitor.baselines(random_init, state.query_variables())
+        else:
+            baselines = monitor.baselines(state.query_variables())
         writer.write_baselines(baselines)
         history["baselines"] = baselines
         logging.info("baselines (%.0fs): %s", time.time() - t0, baselines)

@@ -67,6 +67,14 @@ def test_smoke_pretraining_through_train_py(tmp_path, data_dir):
     assert result["knn_pixels"] == pytest.approx(summary["knn_pixels"])
     assert result["random_init_knn_head"] == pytest.approx(summary["random_init_knn_head"])
 
+    # A run started from this one's weights: its random-init baseline is still a random init,
+    # and the weights it loaded are a baseline of their own (this run's final kNN).
+    config = tiny_config(**{"dataset.data_dir": data_dir, "init_from": str(tmp_path)})
+    finetune = train_and_evaluate(config, str(tmp_path / "finetune"))
+    assert finetune["random_init_knn_head"] == pytest.approx(summary["random_init_knn_head"])
+    assert finetune["init_from_knn_head"] == pytest.approx(summary["final_knn_head"])
+    assert finetune["init_from_knn_backbone"] == pytest.approx(summary["final_knn_backbone"])
+
 
 def test_bad_input_on_the_command_line_is_one_clear_line(tmp_path):
     result = _train_py(tmp_path, "--config.dataset.name=fashoin_mnist", devices=1)
