@@ -42,7 +42,7 @@ def shard_views(mesh: Mesh, per_device, source_spec: P | None = None):
     is the global step as a replicated device scalar and ``rng`` a replicated key, folded here
     with the step and then with the device index. The jitted function takes
     ``(images, source, rng, step)`` and returns ``(view_q, view_k, step + 1)``: the next step
-    stays on device, so a training loop sends nothing from the host per step (``DeviceStep``).
+    stays on device, so a training loop sends nothing from the host per step (``DeviceViews``).
     """
 
     def body(images, source, rng, step):
@@ -60,23 +60,26 @@ def shard_views(mesh: Mesh, per_device, source_spec: P | None = None):
     )
 
 
-class DeviceStep:
-    """The global step as a replicated int32 on the mesh, advanced by the view functions.
+class DeviceViews:
+    """A ``shard_views`` function with its key and the global step held on the mesh.
 
-    ``views(view_fn, step, *args)`` calls a ``shard_views`` function with the device scalar for
-    ``step``: the ``step + 1`` its previous call returned when the loop goes on in order, or a
-    fresh one put on the mesh (once, at start or after a jump such as a resume).
+    ``views(step, images, source)`` calls ``view_fn`` with the replicated key of ``seed`` and the
+    device scalar for ``step``: the ``step + 1`` its previous call returned when the loop goes on
+    in order, or a fresh one put on the mesh (once, at start or after a jump such as a resume).
     """
 
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-        self._value: jax.Array | None = None
+    def __init__(self, mesh: Mesh, view_fn, seed: int):
+        self.mesh, self._view_fn = mesh, view_fn
+        self._rng = replicate(mesh, jax.random.key(seed))
+        self._step_value: jax.Array | None = None
         self._step: int | None = None
 
-    def views(self, view_fn, step: int, *args) -> tuple[jax.Array, jax.Array]:
-        if self._step != step or self._value is None:
-            self._value = put_replicated(self.mesh, np.asarray(step, np.int32))
-        view_q, view_k, self._value = view_fn(*args, self._value)
+    def __call__(self, step: int, images: jax.Array, source: jax.Array):
+        if self._step != step or self._step_value is None:
+            self._step_value = put_replicated(self.mesh, np.asarray(step, np.int32))
+        view_q, view_k, self._step_value = self._view_fn(
+            images, source, self._rng, self._step_value
+        )
         self._step = step + 1
         return view_q, view_k
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import make_crop_augment_fn
 from moco_jax.data.tfds_source import RESIDENT_DATASETS
-from moco_jax.mesh import DeviceStep, replicate, shard_batch
+from moco_jax.mesh import DeviceViews, shard_batch
 from moco_jax.step import DATA_AXIS
 
 POOL_STEPS = 32  # synthetic resident epoch: this many batches of distinct random images
@@ -55,11 +55,9 @@ class SyntheticViews:
             self._crops = tuple(
                 shard_batch(mesh, rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)
             )
-            self._augment = make_crop_augment_fn(mesh, config)
-            self._rng = replicate(mesh, jax.random.key(seed + 1))
-            self._device_step = DeviceStep(mesh)
+            self._augment = DeviceViews(mesh, make_crop_augment_fn(mesh, config), seed + 1)
 
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
         if self.resident:
             return self._views(step)
-        return self._device_step.views(self._augment, step, *self._crops, self._rng)
+        return self._augment(step, *self._crops)

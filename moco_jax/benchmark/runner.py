@@ -553,11 +553,12 @@ def _run(config, options, steps, repeats, warmup, loss_steps, log) -> dict[str, 
         floor["comparable"] = num_devices == 1
         if options.floor_pairs > 0:
             phases.start("floor_pairs", f"{options.floor_pairs} x (floor, then step) ...")
-            pair_state = [copy_state(initial_state)]
+            pair_state = copy_state(initial_state)
 
             def time_step() -> float:
-                pair_state[0], samples = timed_loop(
-                    pair_state[0], lambda s, a: step(s, *a), [(images_q, images_k)], steps, 3, 1
+                nonlocal pair_state
+                pair_state, samples = timed_loop(
+                    pair_state, lambda s, a: step(s, *a), [(images_q, images_k)], steps, 3, 1
                 )
                 return statistics.median(samples)
 

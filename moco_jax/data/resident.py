@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moco_jax.augment import normalize_only, two_views
-from moco_jax.mesh import DeviceStep, replicate, shard_batch, shard_views
+from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 from moco_jax.step import DATA_AXIS
 
 # The epoch's index table: one row per step, its columns split over the devices like the batch.
@@ -110,9 +110,8 @@ class ResidentViews:
     def __init__(self, train_set: ResidentTrainSet, config: Any):
         self.train_set = train_set
         self.steps_per_epoch = train_set.steps_per_epoch
-        self._view_fn = make_view_fn(train_set.mesh, config, self.steps_per_epoch)
-        self._rng = replicate(train_set.mesh, jax.random.key(config.seed + 1))
-        self._device_step = DeviceStep(train_set.mesh)
+        view_fn = make_view_fn(train_set.mesh, config, self.steps_per_epoch)
+        self._views = DeviceViews(train_set.mesh, view_fn, config.seed + 1)
         self._epoch, self._epoch_table = None, None
 
     def checkpoint_extra(self) -> dict:
@@ -127,9 +126,7 @@ class ResidentViews:
         epoch = step // self.steps_per_epoch
         if epoch != self._epoch:
             self._epoch, self._epoch_table = epoch, self.train_set.device_epoch_indices(epoch)
-        return self._device_step.views(
-            self._view_fn, step, self.train_set.images, self._epoch_table, self._rng
-        )
+        return self._views(step, self.train_set.images, self._epoch_table)
 
 
 def make_eval_transform(config: Any):

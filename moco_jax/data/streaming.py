@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.augment import two_views
-from moco_jax.mesh import DeviceStep, replicate, shard_batch, shard_views
+from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
 CropPair = tuple[np.ndarray, np.ndarray]  # (crops_q, crops_k) of one host batch, uint8
@@ -206,9 +206,7 @@ class StreamingViews:
         self._epoch_stream: tuple[int, Iterator] | None = None
         self._next_step = None
         self._records = records(builder, "train")
-        self._augment = make_crop_augment_fn(mesh, config)
-        self._rng = replicate(mesh, jax.random.key(config.seed + 1))
-        self._device_step = DeviceStep(mesh)
+        self._augment = DeviceViews(mesh, make_crop_augment_fn(mesh, config), config.seed + 1)
 
     def _epoch_batches(self, epoch: int, start_step: int) -> Iterator[CropPair]:
         """Full batches of (crops_q, crops_k) of ``epoch`` from ``start_step``; once exhausted, its
@@ -249,4 +247,4 @@ class StreamingViews:
             for _ in self._epoch_stream[1]:  # the dropped partial batch; counts the epoch's skips
                 pass
         crops = (shard_batch(self.mesh, crops_q), shard_batch(self.mesh, crops_k))
-        return self._device_step.views(self._augment, step, *crops, self._rng)
+        return self._augment(step, *crops)
