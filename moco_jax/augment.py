@@ -4,8 +4,10 @@ Each op follows torchvision's semantics (the reference pipelines are torchvision
 images in [0, 1], ``[H, W, C]`` per example and vmapped over the batch:
 
 - random-resized-crop: torchvision's sampler (10 tries of area in ``scale`` and log-uniform
-  aspect ratio in ``ratio``, then the centre-crop fallback), integer crop boxes, bilinear resize
-  with antialiasing (as PIL's bilinear resize when shrinking);
+  aspect ratio in ``ratio``, then the largest centred crop with its aspect ratio clamped into
+  ``ratio``), integer crop boxes, bilinear resize with antialiasing (as PIL's bilinear resize
+  when shrinking). The sampler, ``crop_window``, is written once against an array namespace:
+  streamed datasets crop on the host with the same rule (``moco_jax.data.streaming``);
 - horizontal flip with p=0.5;
 - colour jitter (applied with ``jitter_prob``): brightness, contrast, saturation and hue factors
   drawn as torchvision does and applied in a random order per example; on one channel only
@@ -37,40 +39,59 @@ def _grayscale(image: jax.Array) -> jax.Array:
     return jnp.tensordot(image, jnp.asarray(GRAY_WEIGHTS, image.dtype), axes=([-1], [0]))[..., None]
 
 
+def crop_window(xp: Any, height, width, area_u, ratio_u, top_u, left_u, scale, ratio):
+    """``[top, left, h, w]`` (int32) of torchvision's ``RandomResizedCrop.get_params``, from
+    uniform draws in [0, 1): the one definition of the crop rule, used by both input paths.
+
+    ``CROP_TRIES`` tries draw the area in ``scale`` (times the image's) and the log aspect ratio
+    in ``log(ratio)``; the first window that fits is taken, placed by ``top_u`` and ``left_u``.
+    When none fits, torchvision's fallback: the largest centred crop whose aspect ratio is clamped
+    into ``ratio`` (``in_ratio < min``: full width, ``h = round(w / min)``; ``in_ratio > max``:
+    full height, ``w = round(h * max)``; otherwise the whole image).
+
+    ``xp``: the array namespace, ``jax.numpy`` on device or the host's TensorFlow adapter
+    (``moco_jax.data.streaming``); it needs ``float32``, ``int32``, ``asarray``, ``astype``,
+    ``maximum``, ``exp``, ``sqrt``, ``round`` (half to even, as Python's), ``floor``, ``where``,
+    ``argmax``, ``any`` and ``stack``. ``height``, ``width``: ints or scalar tensors (dynamic on
+    the host). ``area_u``, ``ratio_u``: ``[CROP_TRIES]`` draws; ``top_u``, ``left_u``: scalars.
+    All arithmetic is float32, ``area_u`` and ``ratio_u`` mapped onto their ranges exactly as
+    ``jax.random.uniform(minval, maxval)`` does.
+    """
+    f32 = xp.float32
+    height, width = xp.asarray(height, f32), xp.asarray(width, f32)
+
+    def between(u, low, high):
+        low, high = xp.asarray(low, f32), xp.asarray(high, f32)
+        return xp.maximum(low, u * (high - low) + low)
+
+    target_area = height * width * between(area_u, scale[0], scale[1])
+    aspect = xp.exp(between(ratio_u, math.log(ratio[0]), math.log(ratio[1])))
+    w = xp.round(xp.sqrt(target_area * aspect))
+    h = xp.round(xp.sqrt(target_area / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    found, first = xp.any(valid), xp.argmax(valid)
+
+    low, high = xp.asarray(min(ratio), f32), xp.asarray(max(ratio), f32)
+    in_ratio = width / height
+    fallback_w = xp.where(in_ratio > high, xp.round(height * high), width)
+    fallback_h = xp.where(in_ratio < low, xp.round(width / low), height)
+    h = xp.where(found, h[first], fallback_h)
+    w = xp.where(found, w[first], fallback_w)
+    top = xp.where(found, xp.floor(top_u * (height - h + 1)), xp.floor((height - h) / 2))
+    left = xp.where(found, xp.floor(left_u * (width - w + 1)), xp.floor((width - w) / 2))
+    return xp.astype(xp.stack([top, left, h, w]), xp.int32)
+
+
 def crop_box(
     rng: jax.Array, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> jax.Array:
-    """``[top, left, h, w]`` (int32) of torchvision's ``RandomResizedCrop.get_params``."""
+    """``[top, left, h, w]`` (int32) of torchvision's ``RandomResizedCrop.get_params``
+    (``crop_window`` on device, its uniforms drawn from ``rng``)."""
     area_rng, ratio_rng, top_rng, left_rng = jax.random.split(rng, 4)
-    area = height * width
-    target_area = area * jax.random.uniform(
-        area_rng, (CROP_TRIES,), minval=scale[0], maxval=scale[1]
-    )
-    log_ratio = jax.random.uniform(
-        ratio_rng, (CROP_TRIES,), minval=math.log(ratio[0]), maxval=math.log(ratio[1])
-    )
-    aspect = jnp.exp(log_ratio)
-    w = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
-    h = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = jnp.argmax(valid)
-
-    # Fallback: the largest centred crop whose aspect ratio is within ``ratio``.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fb_w, fb_h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fb_w, fb_h = int(round(height * ratio[1])), height
-    else:
-        fb_w, fb_h = width, height
-    any_valid = jnp.any(valid)
-    h = jnp.where(any_valid, h[first], fb_h)
-    w = jnp.where(any_valid, w[first], fb_w)
-    top_u = jax.random.uniform(top_rng)
-    left_u = jax.random.uniform(left_rng)
-    top = jnp.where(any_valid, jnp.floor(top_u * (height - h + 1)), (height - h) // 2)
-    left = jnp.where(any_valid, jnp.floor(left_u * (width - w + 1)), (width - w) // 2)
-    return jnp.stack([top, left, h, w]).astype(jnp.int32)
+    area_u = jax.random.uniform(area_rng, (CROP_TRIES,))
+    ratio_u = jax.random.uniform(ratio_rng, (CROP_TRIES,))
+    top_u, left_u = jax.random.uniform(top_rng), jax.random.uniform(left_rng)
+    return crop_window(jnp, height, width, area_u, ratio_u, top_u, left_u, scale, ratio)
 
 
 def resized_crop(image: jax.Array, box: jax.Array, size: int) -> jax.Array:

@@ -33,7 +33,7 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     """kNN top-1 (%) of a saved checkpoint, with the baselines."""
     import jax
 
-    from moco_jax.run_setup import initial_state, setup_run
+    from moco_jax.run_setup import setup_run
 
     workdir_path = epath.Path(workdir)
     config = load_run_config(workdir_path)
@@ -43,10 +43,11 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     available = run.checkpointer.manager.all_steps()
     if not available:
         raise FileNotFoundError(f"no checkpoint in {workdir_path / 'checkpoints'}")
-    initial = initial_state(run.engine, config)
+    initial = run.setup.initial_state()
     state = run.checkpointer.restore(step, initial) if step is not None else run.state
-    result = {"step": int(state.step), **run.monitor.baselines(initial.query_variables())}
-    result.update(run.monitor.evaluate(state.query_variables()))
+    encoder = run.setup.algorithm.encoder_variables
+    result = {"step": int(state.step), **run.monitor.baselines(encoder(initial))}
+    result.update(run.monitor.evaluate(encoder(state)))
     run.checkpointer.close()
     if jax.process_index() == 0:
         (workdir_path / "knn_eval.json").write_text(json.dumps(result, indent=2) + "\n")

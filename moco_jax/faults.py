@@ -41,17 +41,17 @@ class Faults:
             nan_at=_step_from_env("MOCO_JAX_FAULT_NAN_AT_STEP"),
         )
 
-    def after_step(self, step: int, state, metrics):
-        """The step's ``(state, metrics)``, poisoned if ``step`` is ``nan_at``."""
-        if step != self.nan_at:
-            return state, metrics
+    def poison(self, progress) -> None:
+        """Hook: the step's loss and parameters become NaN if the step is ``nan_at``."""
+        if progress.step != self.nan_at:
+            return
         poison = lambda x: x * jnp.nan  # noqa: E731
-        metrics = {**metrics, "loss": poison(metrics["loss"])}
-        return state.replace(params=jax.tree.map(poison, state.params)), metrics
+        progress.metrics = {**progress.metrics, "loss": poison(progress.metrics["loss"])}
+        progress.state = progress.state.replace(params=jax.tree.map(poison, progress.state.params))
 
-    def after_save(self, step: int) -> None:
-        """Deliver the signal asked for at ``step``, if any."""
-        if step == self.kill_at:
+    def deliver_signals(self, progress) -> None:
+        """Hook (after the checkpoint hook): the signal asked for at this step, if any."""
+        if progress.step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == self.sigterm_at:
+        if progress.step == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)

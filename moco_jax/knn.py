@@ -15,9 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.losses import l2_normalize
-from moco_jax.mesh import replicate
-from moco_jax.step import DATA_AXIS
+from moco_jax.algorithms.info_nce import l2_normalize
+from moco_jax.mesh import DATA_AXIS, replicate
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:

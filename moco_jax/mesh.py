@@ -7,21 +7,34 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.step import DATA_AXIS
+DATA_AXIS = "data"  # the one mesh axis: the batch is split over it, the state is replicated
 
 
-def make_data_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` devices (all by default) named ``data``."""
-    available = jax.device_count()
-    num_devices = num_devices or available
-    if num_devices > available:
-        raise ValueError(f"asked for {num_devices} devices but only {available} are visible")
+def make_data_mesh(num_devices: int | None = None, devices=None) -> Mesh:
+    """A 1-D mesh named ``data`` over the first ``num_devices`` of ``devices`` (default: all of
+    ``jax.devices()``; a TPU topology's devices for compiling without the chips)."""
+    devices = list(jax.devices() if devices is None else devices)
+    num_devices = num_devices or len(devices)
+    if num_devices > len(devices):
+        raise ValueError(f"asked for {num_devices} devices but only {len(devices)} are visible")
     return jax.make_mesh(
         (num_devices,),
         (DATA_AXIS,),
         axis_types=(jax.sharding.AxisType.Explicit,),
-        devices=jax.devices()[:num_devices],
+        devices=devices[:num_devices],
     )
+
+
+def gather_replicated(local: jax.Array, axis_name: str = DATA_AXIS) -> jax.Array:
+    """All devices' rows in device order, as a device-invariant value (``psum`` of a scatter).
+
+    Inside ``shard_map``: unlike ``all_gather``, the result may be returned with ``P()``."""
+    index = jax.lax.axis_index(axis_name)
+    size = jax.lax.axis_size(axis_name)
+    rows = local.shape[0]
+    full = jax.numpy.zeros((size * rows, *local.shape[1:]), local.dtype)
+    full = jax.lax.dynamic_update_slice_in_dim(full, local, index * rows, axis=0)
+    return jax.lax.psum(full, axis_name)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

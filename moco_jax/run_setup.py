@@ -14,7 +14,8 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from moco_jax.checkpointing import Checkpointer, load_encoder_weights
+from moco_jax.algorithms import State
+from moco_jax.checkpointing import Checkpointer
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import StreamingViews, eval_batches
 from moco_jax.data.tfds_source import (
@@ -23,34 +24,32 @@ from moco_jax.data.tfds_source import (
     load_arrays,
     prepared_builder,
 )
-from moco_jax.engine import Engine, build_engine
-from moco_jax.mesh import make_data_mesh, shard_batch
+from moco_jax.init_from import load_encoder_weights
+from moco_jax.mesh import DATA_AXIS, shard_batch
 from moco_jax.monitor import KnnMonitor
-from moco_jax.state import MoCoState
-from moco_jax.step import DATA_AXIS
-from moco_jax.validation import ConfigError, validate_config, validate_run_config
+from moco_jax.setup import Setup, build, mesh_for
+from moco_jax.validation import ConfigError
 
 
 @dataclasses.dataclass
 class Run:
-    """A configured run: mesh, data on device, engine, state and its checkpoints."""
+    """A configured run: its set-up (mesh, algorithm), data on device, state and checkpoints."""
 
-    config: Any
+    setup: Setup
     workdir: epath.Path
-    mesh: Mesh
     train_views: ResidentViews | StreamingViews  # step -> (view_q, view_k) on the mesh
-    engine: Engine
-    state: MoCoState
+    state: State
     checkpointer: Checkpointer
     monitor: KnnMonitor
 
+    @property
+    def config(self) -> Any:
+        return self.setup.config
+
 
 def setup_run(config: Any, workdir: str | epath.Path) -> Run:
-    """Validate, load the data, build the engine and restore the latest checkpoint if any."""
-    validate_run_config(config, jax.device_count())
-    mesh = make_data_mesh(config.num_devices or None)
-    num_devices = mesh.shape[DATA_AXIS]
-    validate_config(config, num_devices)
+    """Validate, load the data, build the algorithm and restore the latest checkpoint if any."""
+    mesh = mesh_for(config)  # every config rule that needs no data, once
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
     _check_workdir(workdir)
@@ -58,23 +57,17 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     data = load_data(config, mesh)
     train_views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
 
-    # Engine and state (fresh or restored).
-    engine = build_engine(config, mesh, train_views.steps_per_epoch)
-    state = initial_state(engine, config)
+    # Algorithm and state (fresh or restored).
+    setup = build(config, train_views.steps_per_epoch, mesh=mesh)
+    state = setup.initial_state()
     checkpointer = Checkpointer(workdir / "checkpoints", config)
     checkpointer.check_can_save(state)  # read-only or full disk: fail before training
     state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged ones
     if checkpointer.restored_step is None and config.get("init_from"):
-        state = load_encoder_weights(config.init_from, state, config)
-    monitor = KnnMonitor(mesh, engine.model, config, bank_source, test_source, data.num_classes)
-    return Run(config, workdir, mesh, train_views, engine, state, checkpointer, monitor)
-
-
-def initial_state(engine: Engine, config: Any) -> MoCoState:
-    """The state a fresh run of ``config`` starts from: random init from ``config.seed``."""
-    dataset = config.dataset
-    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
-    return engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
+        state = load_encoder_weights(config.init_from, state, setup)
+    model = setup.algorithm.model
+    monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
+    return Run(setup, workdir, train_views, state, checkpointer, monitor)
 
 
 @dataclasses.dataclass
@@ -122,7 +115,6 @@ def _streaming_data(config: Any, mesh: Mesh, builder):
             f"batch_size {config.batch_size} is larger than the {views.num_records} training "
             f"examples of {dataset.name}"
         )
-    _check_stem(config)
     eval_batch = config.batch_size // jax.process_count()
 
     def source(split: str, limit: int):
@@ -146,15 +138,6 @@ def _streaming_data(config: Any, mesh: Mesh, builder):
     )
 
 
-def _check_stem(config: Any) -> None:
-    if config.model.backbone.startswith("resnet") and not config.model.cifar_stem:
-        if config.dataset.image_size < 32:
-            raise ConfigError(
-                f"dataset.image_size {config.dataset.image_size} is too small for the ImageNet "
-                f"stem (it downsamples 32x); set model.cifar_stem=True for small images"
-            )
-
-
 def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num_devices: int):
     """Dataset-vs-config rules that need the data: channels, image size, batch vs dataset size."""
     height, width, channels = images.shape[1:]
@@ -168,7 +151,6 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
             f"dataset.image_size {config.dataset.image_size} differs from the images' "
             f"{height}x{width} and augment.crop is off (nothing would resize them)"
         )
-    _check_stem(config)
     if len(images) < config.batch_size:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {len(images)} training examples"

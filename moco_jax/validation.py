@@ -2,9 +2,10 @@
 
 Every field of ``config_defaults.base_config`` is checked for its type and range, then the rules
 that tie fields together (K >= global batch, batch divisible by the devices, BN groups, image size
-vs. the ResNet stem, kNN k vs. the training subset). ``validate_run_config`` adds what only a run
-needs (devices asked for, normalisation per channel) and runs before the mesh is made; rules that
-need the data (channels, image size without cropping, dataset size) are in ``run_setup``.
+vs. the ResNet stem, kNN k vs. the training subset). ``validate`` runs everything once, in order
+(the devices asked for, these rules, one normalisation mean and std per channel):
+``moco_jax.setup`` calls it before the mesh is made. Rules that need the data (channels, image
+size without cropping, dataset size) are in ``run_setup``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moco_jax.models import available_backbones
-from moco_jax.models.encoder import DTYPES
+from moco_jax.algorithms import available_algorithms
+from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEADS
-from moco_jax.step import BN_MODES
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -152,16 +152,33 @@ def _validate_run_fields(config: Any) -> None:
     )
 
 
+def validate(config: Any, visible_devices: int) -> int:
+    """Every rule that needs no data, for a run on this process's ``visible_devices``, in the
+    order that names the real cause first; returns the number of devices of the run's mesh."""
+    _validate_devices(config, visible_devices)
+    num_devices = config.num_devices or visible_devices
+    validate_config(config, num_devices)
+    _validate_channels(config)
+    return num_devices
+
+
 def validate_run_config(config: Any, visible_devices: int) -> None:
-    """The rules of a whole run that building an engine does not need (``setup_run`` calls this
-    first, then ``validate_config``): ``num_devices`` against the devices this process sees
-    (before the mesh is made), and one normalisation mean and std per image channel."""
+    """The rules of a whole run that building a step does not need: ``num_devices`` against the
+    devices this process sees, and one normalisation mean and std per image channel."""
+    _validate_devices(config, visible_devices)
+    _validate_channels(config)
+
+
+def _validate_devices(config: Any, visible_devices: int) -> None:
     _int_at_least("num_devices", config.num_devices, 0)
     _require(
         config.num_devices <= visible_devices,
         f"num_devices is {config.num_devices} but only {visible_devices} device(s) are visible "
         f"(0 uses all of them)",
     )
+
+
+def _validate_channels(config: Any) -> None:
     dataset = config.dataset
     channels = dataset.num_channels
     for name, value in [("dataset.mean", dataset.mean), ("dataset.std", dataset.std)]:
@@ -185,6 +202,10 @@ def validate_config(config: Any, num_devices: int) -> None:
     ]:
         _require(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
     _validate_data_fields(config)
+    _require(
+        config.get("algorithm", "moco") in available_algorithms(),
+        f"algorithm must be one of {available_algorithms()}, got {config.get('algorithm')!r}",
+    )
     _flag("model.cifar_stem", m.cifar_stem)
     _require(
         _is_int(m.bn_group_size) and m.bn_group_size >= 0,

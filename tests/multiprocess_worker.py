@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from moco_jax import build  # noqa: E402
 from moco_jax.data.resident import ResidentTrainSet, put_sharded  # noqa: E402
-from moco_jax.engine import build_engine  # noqa: E402
 from moco_jax.mesh import make_data_mesh, shard_batch  # noqa: E402
 from tiny import image_batches, tiny_config  # noqa: E402
 
@@ -61,11 +61,11 @@ emit(epoch_ids=[np.concatenate(seen[:4]).tolist(), np.concatenate(seen[4:]).toli
 
 # One MoCo step with Shuffle-BN across all 8 devices of both processes.
 config = tiny_config()
-engine = build_engine(config, mesh, steps_per_epoch=2)
-state = engine.init_state(jax.random.key(0), (16, 16, 1), config.moco.queue_size)
+engine = build(config, steps_per_epoch=2)
+state = engine.initial_state()
 ((images_q, images_k),) = image_batches(config, steps=1)
 share = slice(process_id * 32, (process_id + 1) * 32)
-state, metrics = engine.train_step(
+state, metrics = engine.algorithm.train_step(
     state, shard_batch(mesh, images_q[share]), shard_batch(mesh, images_k[share])
 )
 queue = multihost_utils.process_allgather(state.queue, tiled=True)

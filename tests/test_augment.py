@@ -72,6 +72,96 @@ def test_crop_fallback_for_impossible_ratios():
     assert (h, w) == (4, round(4 * 4 / 3)) and top == 0 and left == (40 - w) // 2
 
 
+def torchvision_fallback(height, width, ratio):
+    """torchvision's fallback when no try fits: the largest centred crop with its aspect ratio
+    clamped into ``ratio``, restated in plain Python."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:  # whole image
+        w = width
+        h = height
+    return [(height - h) // 2, (width - w) // 2, h, w]
+
+
+def torchvision_window(height, width, scale, ratio, area_u, ratio_u, top_u, left_u):
+    """torchvision's ``RandomResizedCrop.get_params`` restated in plain Python floats, its torch
+    draws replaced by the given uniforms in [0, 1) (``randint(0, n)`` as ``int(u * n)``)."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for a, r in zip(area_u, ratio_u, strict=True):
+        target_area = height * width * (scale[0] + float(a) * (scale[1] - scale[0]))
+        aspect_ratio = math.exp(log_ratio[0] + float(r) * (log_ratio[1] - log_ratio[0]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(float(top_u) * (height - h + 1))
+            return [top, int(float(left_u) * (width - w + 1)), h, w]
+    return torchvision_fallback(height, width, ratio)
+
+
+# (height, width, scale, ratio): every try fails, so each is torchvision's fallback. Outside
+# ``ratio`` (panoramas, tall strips, halves to round) and within it or on its bound (scale > 1).
+FALLBACK_CASES = [
+    (8, 80, (0.5, 1.0), (3 / 4, 4 / 3)),
+    (80, 8, (0.5, 1.0), (3 / 4, 4 / 3)),
+    (4, 40, (0.5, 1.0), (3 / 4, 4 / 3)),
+    (7, 100, (0.9, 1.0), (0.5, 2.0)),
+    (100, 7, (0.9, 1.0), (0.5, 2.0)),
+    (12, 12, (1.5, 2.0), (3 / 4, 4 / 3)),
+    (9, 12, (1.5, 2.0), (3 / 4, 4 / 3)),
+    (30, 20, (1.5, 2.0), (3 / 4, 4 / 3)),
+    (10, 2, (0.9, 1.0), (0.8, 1.25)),  # h = round(2.5) = 2: half to even, as Python's round
+    (20, 6, (0.9, 1.0), (0.8, 1.25)),  # h = round(7.5) = 8
+]
+# (height, width, scale, ratio) of random windows: square, photo-like, odd, and one where the
+# tries sometimes all fail (a long strip with small areas allowed).
+RANDOM_CASES = [
+    (28, 28, (0.2, 1.0), (3 / 4, 4 / 3)),
+    (224, 300, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (375, 500, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (37, 61, (0.2, 1.0), (0.5, 2.0)),
+    (8, 80, (0.05, 1.0), (3 / 4, 4 / 3)),
+]
+
+
+def crop_uniforms(seed, count):
+    """``count`` sets of ``(area_u [10], ratio_u [10], top_u, left_u)`` float32 draws."""
+    draws = np.random.default_rng(seed).random((count, 22), dtype=np.float32)
+    return draws[:, :10], draws[:, 10:20], draws[:, 20], draws[:, 21]
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", FALLBACK_CASES)
+def test_crop_fallback_is_torchvisions_centred_clamped_crop(height, width, scale, ratio):
+    expected = torchvision_fallback(height, width, ratio)
+    boxes = jax.vmap(lambda r: augment.crop_box(r, height, width, scale, ratio))(
+        jax.random.split(jax.random.key(0), 64)
+    )
+    np.testing.assert_array_equal(np.asarray(boxes), np.tile(expected, (64, 1)))
+    uniforms = crop_uniforms(1, 64)
+    for u in zip(*uniforms, strict=True):
+        assert torchvision_window(height, width, scale, ratio, *u) == expected  # no try fits
+    windows = jax.vmap(lambda *u: augment.crop_window(jnp, height, width, *u, scale, ratio))(
+        *uniforms
+    )
+    np.testing.assert_array_equal(np.asarray(windows), np.tile(expected, (64, 1)))
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", RANDOM_CASES)
+def test_crop_window_matches_torchvision_on_random_windows(height, width, scale, ratio):
+    uniforms = crop_uniforms(2, 500)
+    windows = jax.jit(
+        jax.vmap(lambda *u: augment.crop_window(jnp, height, width, *u, scale, ratio))
+    )(*uniforms)
+    expected = [
+        torchvision_window(height, width, scale, ratio, *u) for u in zip(*uniforms, strict=True)
+    ]
+    np.testing.assert_array_equal(np.asarray(windows), np.asarray(expected))
+
+
 def test_full_image_crop_is_the_identity():
     image = jnp.asarray(np.random.default_rng(0).random((12, 12, 1)), jnp.float32)
     out = augment.resized_crop(image, jnp.asarray([0, 0, 12, 12]), 12)

@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 
 from moco_jax import checkpointing
-from moco_jax.checkpointing import (
-    Checkpointer,
-    CheckpointError,
-    TrainingDiverged,
-    load_encoder_weights,
-    summarize,
-)
+from moco_jax.checkpointing import Checkpointer, CheckpointError, TrainingDiverged
+from moco_jax.fingerprint import summarize
+from moco_jax.init_from import load_encoder_weights
 from moco_jax.validation import ConfigError
-from tiny import build, tiny_config
+from tiny import build, setup, tiny_config
 
 
 def _config(**overrides):
@@ -94,7 +90,8 @@ def _truncate(step_dir):
 
 
 def _break_meta(step_dir):
-    os.truncate(step_dir / "meta" / "metadata", 5)
+    """The step's metadata (orbax's file, holding the config and checksums) cut short."""
+    os.truncate(step_dir / "_CHECKPOINT_METADATA", 5)
 
 
 def _remove_array_metadata(step_dir):
@@ -109,7 +106,7 @@ def _remove_array_metadata(step_dir):
     [
         (_flip_a_byte, "differ from what was saved"),
         (_truncate, "cannot be read"),
-        (_break_meta, "meta cannot be read"),
+        (_break_meta, "metadata cannot be read"),
         (_remove_array_metadata, "cannot be read"),
     ],
 )
@@ -213,22 +210,8 @@ def _template(config):
     """A zero state of ``config``'s shapes on 8 devices (traced, not compiled: fast)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from moco_jax.engine import build_engine
-    from moco_jax.mesh import make_data_mesh
-    from moco_jax.state import create_state
-
-    mesh = make_data_mesh(8)
-    engine = build_engine(config, mesh, steps_per_epoch=2)
-    size, channels = config.dataset.image_size, config.dataset.num_channels
-    shapes = jax.eval_shape(
-        lambda: create_state(
-            jax.random.key(0),
-            engine.model,
-            engine.optimizer,
-            (size, size, channels),
-            config.moco.queue_size,
-        )
-    )
+    built = setup(config, 8)
+    shapes = built.abstract_state()
     zeros = jax.tree.map(
         lambda s: (
             jax.random.key(0)
@@ -237,7 +220,7 @@ def _template(config):
         ),
         shapes,
     )
-    return jax.device_put(zeros, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(zeros, NamedSharding(built.mesh, PartitionSpec()))
 
 
 def test_init_from_takes_the_encoder_only(tmp_path, tiny, pristine):
@@ -247,7 +230,7 @@ def test_init_from_takes_the_encoder_only(tmp_path, tiny, pristine):
     # Another K and dim: the backbone comes over, the head (other shape) and the rest stay fresh.
     other = _config(**{"moco.queue_size": 128, "model.dim": 32})
     fresh = _template(other)
-    started = load_encoder_weights(str(tmp_path), fresh, other)
+    started = load_encoder_weights(str(tmp_path), fresh, setup(other, 8))
     for tree in (started.params, started.ema_params):
         _leaves_equal(tree["backbone"], saved.params["backbone"])
     _leaves_equal(started.batch_stats["backbone"], saved.batch_stats["backbone"])
@@ -259,7 +242,7 @@ def test_init_from_takes_the_encoder_only(tmp_path, tiny, pristine):
     # Same head shapes: the head comes over too (a step directory works as the path as well).
     same_head = _config(**{"moco.queue_size": 128})
     started = load_encoder_weights(
-        str(tmp_path / "checkpoints" / "2"), _template(same_head), same_head
+        str(tmp_path / "checkpoints" / "2"), _template(same_head), setup(same_head, 8)
     )
     _leaves_equal(started.params, _with_step(state, 2).params)
 
@@ -267,9 +250,9 @@ def test_init_from_takes_the_encoder_only(tmp_path, tiny, pristine):
     with pytest.raises(
         ConfigError, match=r"init_from checkpoint .*model.width_multiplier 0.0625 -> 0.125"
     ):
-        load_encoder_weights(str(tmp_path), _template(wider), wider)
+        load_encoder_weights(str(tmp_path), _template(wider), setup(wider, 8))
     with pytest.raises(ConfigError, match="init_from: .* does not exist"):
-        load_encoder_weights(str(tmp_path / "nowhere"), state, config)
+        load_encoder_weights(str(tmp_path / "nowhere"), state, setup(config, 8))
 
 
 def test_keeps_the_last_few_and_every_nth(tmp_path, tiny):

@@ -17,11 +17,11 @@ import optax
 import pytest
 
 import numpy_moco as ref
+from moco_jax import build
+from moco_jax.algorithms.info_nce import info_nce, l2_normalize, moco_logits
+from moco_jax.algorithms.shuffle_bn import shuffle_permutations
 from moco_jax.config_defaults import base_config
-from moco_jax.engine import build_engine
-from moco_jax.losses import info_nce, l2_normalize, moco_logits
-from moco_jax.mesh import make_data_mesh, shard_batch
-from moco_jax.shuffle import shuffle_permutations
+from moco_jax.mesh import shard_batch
 
 ATOL = RTOL = 1e-5
 NUM_STEPS = 3
@@ -123,10 +123,10 @@ def test_train_step_matches_numpy_reference(case, head):
     """
     num_devices, bn_mode, group_size, batch, queue_size, image_shape = CASES[case]
     per_device = batch // num_devices
-    mesh = make_data_mesh(num_devices)
     config = _config(num_devices, bn_mode, group_size, batch, queue_size, image_shape, head)
-    engine = build_engine(config, mesh, STEPS_PER_EPOCH)
-    state = engine.init_state(jax.random.key(7), image_shape, queue_size)
+    engine = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
+    mesh = engine.mesh
+    state = engine.initial_state(seed=7)
 
     init = jax.device_get(state)
     model = ref.MoCoReference(
@@ -172,7 +172,7 @@ def test_train_step_matches_numpy_reference(case, head):
 
         lr = _reference_lr(step)
         out = model.step(images_q, images_k, lr, query_groups, key_perm, key_groups)
-        state, metrics = engine.train_step(
+        state, metrics = engine.algorithm.train_step(
             state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
         )
         metrics = jax.device_get(metrics)
@@ -331,15 +331,15 @@ def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
     positive computed from the query view, would both leave the loss below it).
     """
     batch, queue_size, image_shape = 64, 128, (4, 4, 1)
-    mesh = make_data_mesh(1)
     config = _config(1, "local", 0, batch, queue_size, image_shape, "linear")
     config.moco.temperature = 1.0
     config.moco.momentum = 0.0  # the key encoder is the query encoder
     config.optim.base_lr = 1e-9  # the encoder stays (numerically) at its initialisation
     config.optim.weight_decay = 0.0
     config.optim.schedule = "constant"
-    engine = build_engine(config, mesh, STEPS_PER_EPOCH)
-    state = engine.init_state(jax.random.key(3), image_shape, queue_size)
+    engine = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
+    mesh = engine.mesh
+    state = engine.initial_state(seed=3)
 
     data = np.random.default_rng(3)
     gaps, pos_minus_neg = [], []
@@ -347,7 +347,7 @@ def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
     for _ in range(steps_to_fill + 3):
         images_q = data.normal(size=(batch, *image_shape)).astype(np.float32)
         images_k = data.normal(size=(batch, *image_shape)).astype(np.float32)
-        state, metrics = engine.train_step(
+        state, metrics = engine.algorithm.train_step(
             state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
         )
         gaps.append(float(metrics["loss"]) - math.log(1 + queue_size))

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
-from moco_jax.checkpointing import summarize
+from moco_jax.fingerprint import summarize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 2, 8  # smoke.py: 512 examples / batch 64
@@ -104,18 +104,25 @@ def test_sigterm_saves_the_current_step_and_stops(runs):
 
 
 def _final_arrays(workdir):
-    """Every array of the last checkpoint, by path, as NumPy (no model needed)."""
-    step_dir = workdir / "checkpoints" / str(EPOCHS * STEPS_PER_EPOCH)
-    return _arrays(step_dir), json.loads((step_dir / "meta" / "metadata").read_text())
+    """Every array of the last checkpoint, by path, as NumPy, and its metadata."""
+    return _checkpoint(workdir, EPOCHS * STEPS_PER_EPOCH)
 
 
-def _arrays(step_dir):
-    handler = ocp.PyTreeCheckpointHandler()
-    tree = handler.metadata(step_dir / "state").tree
+def _checkpoint(workdir, step):
+    """One step's arrays by path as NumPy (read by orbax, no model needed) and its metadata."""
+    manager = ocp.CheckpointManager(
+        workdir / "checkpoints",
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+    tree = manager.item_metadata(step)["state"].tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = handler.restore(step_dir / "state", args=ocp.args.PyTreeRestore(tree, restore_args))
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(tree, restore_args))
+    restored = manager.restore(step, args=args)["state"]
+    meta = manager.metadata(step).custom_metadata
+    manager.close()
     flat = jax.tree_util.tree_flatten_with_path(restored)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): x for p, x in flat}
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in flat}, meta
 
 
 def _records(path, key, drop):
@@ -170,9 +177,7 @@ def test_nan_loss_stops_with_one_line_and_the_last_good_checkpoint_intact(runs):
     assert "Traceback" not in result.stderr
     # The NaN state (after step 5 or 6) never reached the disk; step 4 reads back as written.
     assert _steps_on_disk(workdir) == [2, 4]
-    step_dir = workdir / "checkpoints" / "4"
-    arrays = _arrays(step_dir)
-    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    arrays, meta = _checkpoint(workdir, 4)
     finite, fingerprint = summarize(arrays)
     assert all(finite.values())
     assert fingerprint == meta["fingerprint"]

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.mesh import make_data_mesh, shard_batch
-from moco_jax.queue import enqueue, init_queue
-from moco_jax.shuffle import inverse_permutation, shuffle_batch
-from moco_jax.step import DATA_AXIS
+from moco_jax.algorithms.queue import enqueue, init_queue
+from moco_jax.algorithms.shuffle_bn import inverse_permutation, shuffle_batch
+from moco_jax.mesh import DATA_AXIS, make_data_mesh, shard_batch
 
 
 def _run_shuffle(num_devices, per_device, seed):

@@ -40,7 +40,7 @@ def local_bn_engine():
     """A compiled 8-device step with momentum 0; each test gets a fresh (donatable) state."""
     config = tiny_config(**{"model.bn_mode": "local", "moco.momentum": 0.0})
     engine, _ = build(config, 8)
-    return engine, lambda: engine.init_state(jax.random.key(0), (16, 16, 1), 96)
+    return engine, engine.initial_state
 
 
 def test_momentum_zero_copies_the_online_weights_before_the_update(local_bn_engine):

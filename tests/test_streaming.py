@@ -3,12 +3,28 @@
 import io
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from test_augment import (
+    FALLBACK_CASES,
+    RANDOM_CASES,
+    crop_uniforms,
+    torchvision_fallback,
+    torchvision_window,
+)
 
-from moco_jax.data.streaming import StreamingViews, _tf, crop_dataset, eval_batches
+from moco_jax.augment import crop_box, crop_window
+from moco_jax.data.streaming import (
+    StreamingViews,
+    _crop_window,
+    _tf,
+    crop_dataset,
+    eval_batches,
+    tf_namespace,
+)
 from moco_jax.mesh import make_data_mesh
 from moco_jax.trainer import train_and_evaluate
 from tiny import tiny_config
@@ -89,6 +105,67 @@ def test_undecodable_images_are_skipped_and_other_formats_decoded():
     assert sorted(labels.tolist()) == [0, 2, 3]  # the broken record is gone
     assert crops_q.shape == (3, 24, 24, 3) and crops_q.dtype == np.uint8
     assert not np.array_equal(crops_q, crops_k)  # two independent crops
+
+
+def _host_windows(heights, widths, uniforms, scale, ratio):
+    """``crop_window`` on TensorFlow inside tf.data, as the host runs it: sizes unknown at trace
+    time."""
+    tf = _tf()
+    ops = tf_namespace(tf)
+    ds = tf.data.Dataset.from_tensor_slices((heights, widths, *uniforms))
+    ds = ds.map(lambda h, w, *u: crop_window(ops, h, w, *u, scale, ratio))
+    return np.stack(list(ds.as_numpy_iterator()))
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", RANDOM_CASES + FALLBACK_CASES)
+def test_host_and_device_crop_windows_agree(height, width, scale, ratio):
+    """The same uniforms give the same window on both paths, and torchvision's."""
+    uniforms = crop_uniforms(3, 200)
+    sizes = [np.full(200, size, np.int32) for size in (height, width)]
+    host = _host_windows(*sizes, uniforms, scale, ratio)
+    device = jax.vmap(lambda *u: crop_window(jnp, height, width, *u, scale, ratio))(*uniforms)
+    np.testing.assert_array_equal(host, np.asarray(device))
+    expected = [
+        torchvision_window(height, width, scale, ratio, *u) for u in zip(*uniforms, strict=True)
+    ]
+    np.testing.assert_array_equal(host, np.asarray(expected))
+
+
+@pytest.mark.parametrize("height, width, scale, ratio", FALLBACK_CASES)
+def test_streamed_crop_fallback_is_the_device_one(height, width, scale, ratio):
+    """No try fits: the host's seeded sampler gives torchvision's centred clamped crop, as the
+    device's does (e.g. an 8x80 panorama: its centred 8x11, not the whole image)."""
+    tf = _tf()
+    seeds = np.stack([np.arange(32), np.arange(32) * 7 + 1], 1).astype(np.int64)
+    shapes = np.tile(np.asarray([height, width], np.int32), (32, 1))
+    ds = tf.data.Dataset.from_tensor_slices((shapes, seeds))
+    ds = ds.map(lambda shape, seed: _crop_window(tf, shape, seed, scale, ratio))
+    host = np.stack(list(ds.as_numpy_iterator()))
+    expected = torchvision_fallback(height, width, ratio)
+    np.testing.assert_array_equal(host, np.tile(expected, (32, 1)))
+    device = crop_box(jax.random.key(0), height, width, scale, ratio)
+    assert np.asarray(device).tolist() == expected
+
+
+def test_streamed_panorama_crops_are_its_centre():
+    """End to end: an 8x80 PNG panorama cropped by the host is its centred 8x11 window resized,
+    in both views (every try fails at crop_scale (0.5, 1))."""
+    tf = _tf()
+    panorama = np.broadcast_to(np.arange(80, dtype=np.uint8)[None, :, None] * 3, (8, 80, 3))
+    records = tf.data.Dataset.from_tensor_slices(
+        ([_encode(panorama, "PNG")], np.zeros(1, np.int32))
+    )
+    config = tiny_config(**{"dataset.image_size": 16, "augment.crop_scale": (0.5, 1.0)})
+    config.dataset.num_channels = 3
+    batches = crop_dataset(records.enumerate(), config, 0, 0, 1).as_numpy_iterator()
+    crops_q, crops_k, _ = next(batches)
+    top, left, h, w = torchvision_fallback(8, 80, tuple(config.augment.crop_ratio))
+    assert (top, left, h, w) == (0, 34, 8, 11)
+    window = panorama[top : top + h, left : left + w].astype(np.float32)
+    centre = tf.image.resize(window, [16, 16], method="bilinear", antialias=True)
+    expected = np.clip(np.round(centre.numpy()), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(crops_q[0], expected)
+    np.testing.assert_array_equal(crops_k[0], expected)
 
 
 def test_stream_is_deterministic_and_resumes_at_any_step(data_dir):

@@ -19,11 +19,11 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 
 from configs import smoke  # noqa: E402
-from moco_jax import torch_bridge  # noqa: E402
-from moco_jax.engine import build_engine  # noqa: E402
-from moco_jax.mesh import make_data_mesh, shard_batch  # noqa: E402
+from moco_jax import build, torch_bridge  # noqa: E402
+from moco_jax.algorithms.shuffle_bn import shuffle_permutations  # noqa: E402
+from moco_jax.mesh import shard_batch  # noqa: E402
+from moco_jax.models import base_width  # noqa: E402
 from moco_jax.optim import scaled_learning_rate  # noqa: E402
-from moco_jax.shuffle import shuffle_permutations  # noqa: E402
 from tests.torch_moco import CifarResNet18, MoCo, cosine_learning_rate, train_step  # noqa: E402
 
 TOL = 1e-4
@@ -124,12 +124,12 @@ def reference_run(request):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
-    mesh = make_data_mesh(1)
-    engine = build_engine(config, mesh, steps_per_epoch=1)
+    engine = build(config, steps_per_epoch=1, devices=jax.devices()[:1])
+    mesh = engine.mesh
     with jax.default_matmul_precision("highest"):
-        state = engine.init_state(jax.random.key(seed), image_shape, QUEUE_SIZE)
+        state = engine.initial_state(seed=seed)
 
-    width = int(round(64 * config.model.width_multiplier))
+    width = base_width(config.model)
     model = MoCo(
         lambda: CifarResNet18(image_shape[2], width, dim, head == "mlp", BATCH // GROUP_SIZE),
         dim,
@@ -179,7 +179,7 @@ def reference_run(request):
             send, receive = shuffle_permutations(shuffle_rng, 0, BATCH)
             idx_shuffle = torch.tensor(np.asarray(send)[np.asarray(receive)], dtype=torch.long)
 
-            state, metrics = engine.train_step(
+            state, metrics = engine.algorithm.train_step(
                 state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
             )
             lr = cosine_learning_rate(peak_lr, step, EPOCHS)

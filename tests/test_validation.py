@@ -1,13 +1,16 @@
 """Bad configs fail with a specific message before any model is built or compiled."""
 
+import jax
 import pytest
 
-from moco_jax import ConfigError, build_engine, engine, validate_config
-from moco_jax.mesh import make_data_mesh
+import moco_jax
+from moco_jax import ConfigError, validate_config
+from moco_jax.algorithms import moco
 from moco_jax.validation import validate_run_config
 from tiny import tiny_config
 
 BAD_VALUES = [
+    ({"algorithm": "byol"}, 1, r"algorithm must be one of \['moco'\], got 'byol'"),
     ({"moco.queue_size": 32}, 1, r"queue_size \(K=32\) must be >= the global batch_size \(64\)"),
     ({"batch_size": 60}, 8, "batch_size 60 is not divisible by the 8 devices"),
     (
@@ -101,12 +104,12 @@ def test_bad_config_is_refused_with_a_specific_message(overrides, devices, messa
     def must_not_compile(*args, **kwargs):
         raise AssertionError("the step was built before the config was validated")
 
-    monkeypatch.setattr(engine, "make_train_step", must_not_compile)
+    monkeypatch.setattr(moco, "make_train_step", must_not_compile)
     config = tiny_config(**overrides)
     with pytest.raises(ConfigError, match=message):
         validate_config(config, devices)
     with pytest.raises(ConfigError, match=message):
-        build_engine(config, make_data_mesh(devices), steps_per_epoch=10)
+        moco_jax.build(config, steps_per_epoch=10, devices=jax.devices()[:devices])
 
 
 def test_every_config_field_has_a_bad_value_above():

@@ -2,9 +2,9 @@
 
 import numpy as np
 
+import moco_jax
 from configs import smoke
-from moco_jax.engine import build_engine
-from moco_jax.mesh import make_data_mesh, shard_batch
+from moco_jax.mesh import shard_batch
 
 
 def tiny_config(**overrides):
@@ -19,18 +19,17 @@ def tiny_config(**overrides):
     return config
 
 
-def build(config, num_devices, steps_per_epoch=2):
-    mesh = make_data_mesh(num_devices)
-    engine = build_engine(config, mesh, steps_per_epoch)
-    size, channels = config.dataset.image_size, config.dataset.num_channels
-    state = engine.init_state(jax_key(config.seed), (size, size, channels), config.moco.queue_size)
-    return engine, state
-
-
-def jax_key(seed):
+def setup(config, num_devices, steps_per_epoch=2):
+    """``moco_jax.build`` over the first ``num_devices`` devices."""
     import jax
 
-    return jax.random.key(seed)
+    return moco_jax.build(config, steps_per_epoch, devices=jax.devices()[:num_devices])
+
+
+def build(config, num_devices, steps_per_epoch=2):
+    """The set-up and its initial state."""
+    built = setup(config, num_devices, steps_per_epoch)
+    return built, built.initial_state()
 
 
 def image_batches(config, steps, seed=0):
@@ -46,12 +45,12 @@ def image_batches(config, steps, seed=0):
     ]
 
 
-def run_steps(engine, state, batches):
+def run_steps(setup, state, batches):
     """Run the step over ``batches``; returns the final state and the list of metrics."""
     history = []
     for images_q, images_k in batches:
-        state, metrics = engine.train_step(
-            state, shard_batch(engine.mesh, images_q), shard_batch(engine.mesh, images_k)
+        state, metrics = setup.algorithm.train_step(
+            state, shard_batch(setup.mesh, images_q), shard_batch(setup.mesh, images_k)
         )
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history

@@ -19,8 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moco_jax.augment import normalize_only, two_views
-from moco_jax.mesh import DeviceViews, shard_batch, shard_views
-from moco_jax.step import DATA_AXIS
+from moco_jax.mesh import DATA_AXIS, DeviceViews, shard_batch, shard_views
 
 # The epoch's index table: one row per step, its columns split over the devices like the batch.
 EPOCH_TABLE_SPEC = P(None, DATA_AXIS)

@@ -1,10 +1,12 @@
 """Large-image datasets (ImageNet, Imagenette): the host decodes and crops, the device the rest.
 
 Per example the host (tf.data, parallel) decodes the JPEG only inside two independent
-random-resized-crop windows (torchvision's sampler: area in ``augment.crop_scale``, log-uniform
-aspect ratio in ``augment.crop_ratio``, 10 tries, then the whole image) and resizes each to the
-training size as uint8. Flip, colour jitter, grayscale, blur, solarize and normalisation then run
-on device (``moco_jax.augment`` with the crop turned off).
+random-resized-crop windows and resizes each to the training size as uint8. The windows follow
+the rule the device crop follows too (``moco_jax.augment.crop_window``, torchvision's sampler):
+area in ``augment.crop_scale``, log-uniform aspect ratio in ``augment.crop_ratio``, 10 tries,
+then the largest centred crop whose aspect ratio is clamped into ``crop_ratio`` (the whole image
+when its own aspect ratio is within). Flip, colour jitter, grayscale, blur, solarize and
+normalisation then run on device (``moco_jax.augment`` with the crop turned off).
 
 Every random choice is a stateless function of ``(seed, epoch, example index)`` and the record
 order of an epoch is a fixed shuffle of ``(seed, epoch)``, so the stream of step ``s`` can be
@@ -14,15 +16,15 @@ Images that fail to decode are skipped and counted (``skipped_images`` in the me
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax.augment import two_views
+from moco_jax.augment import CROP_TRIES, crop_window, two_views
 from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
@@ -35,25 +37,34 @@ def _tf():
     return _quiet_tensorflow()
 
 
+def tf_namespace(tf) -> SimpleNamespace:
+    """The array ops ``augment.crop_window`` needs, as TensorFlow ops (graph-safe, any shape)."""
+    return SimpleNamespace(
+        float32=tf.float32,
+        int32=tf.int32,
+        asarray=lambda x, dtype: tf.cast(x, dtype),
+        astype=lambda x, dtype: tf.cast(x, dtype),
+        maximum=tf.maximum,
+        exp=tf.exp,
+        sqrt=tf.sqrt,
+        round=tf.round,  # half to even, as jnp.round and Python's round
+        floor=tf.floor,
+        where=tf.where,
+        argmax=lambda x: tf.argmax(tf.cast(x, tf.int32)),
+        any=tf.reduce_any,
+        stack=tf.stack,
+    )
+
+
 def _crop_window(tf, shape, seed, scale, ratio):
-    """``[top, left, h, w]`` of torchvision's RandomResizedCrop sampler (stateless)."""
-    height = tf.cast(shape[0], tf.float32)
-    width = tf.cast(shape[1], tf.float32)
-    area = height * width
-    uniforms = tf.random.stateless_uniform([4, 10], seed=seed)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * uniforms[0])
-    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniforms[1]
-    aspect = tf.exp(log_ratio)
-    w = tf.round(tf.sqrt(target_area * aspect))
-    h = tf.round(tf.sqrt(target_area / aspect))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = tf.argmax(tf.cast(valid, tf.int32))
-    any_valid = tf.reduce_any(valid)
-    h = tf.where(any_valid, h[first], height)
-    w = tf.where(any_valid, w[first], width)
-    top = tf.where(any_valid, tf.floor(uniforms[2][first] * (height - h + 1)), 0.0)
-    left = tf.where(any_valid, tf.floor(uniforms[3][first] * (width - w + 1)), 0.0)
-    return tf.cast(tf.stack([top, left, h, w]), tf.int32)
+    """``[top, left, h, w]`` of torchvision's RandomResizedCrop sampler (``augment.crop_window``,
+    its uniforms a stateless function of ``seed``; ``shape`` may be known only at run time)."""
+    uniforms = tf.random.stateless_uniform([2 * CROP_TRIES + 2], seed=seed)
+    area_u, ratio_u = uniforms[:CROP_TRIES], uniforms[CROP_TRIES : 2 * CROP_TRIES]
+    top_u, left_u = uniforms[2 * CROP_TRIES], uniforms[2 * CROP_TRIES + 1]
+    return crop_window(
+        tf_namespace(tf), shape[0], shape[1], area_u, ratio_u, top_u, left_u, scale, ratio
+    )
 
 
 def _image_shape(tf, encoded, channels):

@@ -9,11 +9,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moco_jax.mesh import DATA_AXIS
 from moco_jax.models.batch_norm import BatchNorm
 from moco_jax.models.heads import HEADS
 from moco_jax.models.registry import get_backbone_factory
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BN_MODES = ("shuffle", "sync", "local")
+
+
+def bn_axis_name(bn_mode: str) -> str | None:
+    """The mesh axis BN statistics are averaged over: only ``sync`` crosses devices."""
+    return DATA_AXIS if bn_mode == "sync" else None
 
 
 class Encoder(nn.Module):
@@ -28,11 +35,8 @@ class Encoder(nn.Module):
 
 
 def build_encoder(model_config: Any, bn_axis_name: str | None = None) -> Encoder:
-    """Encoder from ``config.model``; ``bn_axis_name`` syncs BN statistics over that mesh axis."""
-    if model_config.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {model_config.dtype!r}; choose one of {sorted(DTYPES)}")
-    if model_config.head not in HEADS:
-        raise ValueError(f"unknown head {model_config.head!r}; choose one of {sorted(HEADS)}")
+    """Encoder from a validated ``config.model``; ``bn_axis_name`` syncs BN statistics over
+    that mesh axis."""
     dtype = DTYPES[model_config.dtype]
     norm = functools.partial(
         BatchNorm,

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moco_jax.models.registry import register_backbone
+from moco_jax.models.registry import base_width, register_backbone
 
 
 class MLPBackbone(nn.Module):
@@ -34,4 +34,4 @@ class MLPBackbone(nn.Module):
 
 @register_backbone("mlp")
 def _mlp(model_config: Any, norm: Callable[..., nn.Module], dtype: jnp.dtype) -> nn.Module:
-    return MLPBackbone(width=int(round(64 * model_config.width_multiplier)), norm=norm, dtype=dtype)
+    return MLPBackbone(width=base_width(model_config), norm=norm, dtype=dtype)

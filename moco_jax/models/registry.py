@@ -9,7 +9,7 @@ Example::
 
     @register_backbone("my_net")
     def _my_net(model_config, norm, dtype):
-        return MyNet(width=model_config.width_multiplier, norm=norm, dtype=dtype)
+        return MyNet(width=base_width(model_config), norm=norm, dtype=dtype)
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
         return factory
 
     return decorator
+
+
+def base_width(model_config: Any) -> int:
+    """Channels of a backbone's first stage: ``round(64 * model.width_multiplier)`` (16 at 0.25)."""
+    return int(round(64 * model_config.width_multiplier))
 
 
 def available_backbones() -> list[str]:

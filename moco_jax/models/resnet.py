@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moco_jax.models.registry import register_backbone
+from moco_jax.models.registry import base_width, register_backbone
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -117,14 +117,6 @@ RESNET_SPECS = {
 }
 
 
-def resnet_width(model_config: Any) -> int:
-    """Channels of the first stage: 64 times ``width_multiplier`` (16 at 0.25)."""
-    width = int(round(64 * model_config.width_multiplier))
-    if width < 1:
-        raise ValueError(f"width_multiplier {model_config.width_multiplier} gives no channels")
-    return width
-
-
 def _make_factory(name: str) -> None:
     stage_sizes, block_cls = RESNET_SPECS[name]
 
@@ -133,7 +125,7 @@ def _make_factory(name: str) -> None:
         return ResNet(
             stage_sizes=stage_sizes,
             block_cls=block_cls,
-            width=resnet_width(model_config),
+            width=base_width(model_config),
             cifar_stem=model_config.cifar_stem,
             norm=norm,
             dtype=dtype,

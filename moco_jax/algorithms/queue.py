@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moco_jax.losses import l2_normalize
+from moco_jax.algorithms.info_nce import l2_normalize
 
 
 def init_queue(rng: jax.Array, size: int, dim: int) -> jax.Array:

@@ -1,0 +1,204 @@
+"""MoCo v1/v2 (He et al. 2020; Chen et al. 2020): query encoder, momentum key encoder, queue.
+
+One training step, per device (inside ``jax.shard_map`` over the ``data`` axis), in the
+reference's order:
+  1. momentum update of the key encoder from the online weights, before this step's update;
+  2. keys from the (shuffled, for ``shuffle`` BN) key view, L2-normalised, un-shuffled, no grad;
+  3. queries and InfoNCE against the positive key and the queue (positive at index 0);
+  4. optimizer update with gradients averaged over the global batch;
+  5. keys of every device written into the queue at ``queue_ptr`` (wrapping around).
+
+v1 and v2 differ only in config (head, temperature, augmentation, lr schedule). State is
+replicated in and out; images are sharded along the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from moco_jax.algorithms import Algorithm, register_algorithm
+from moco_jax.algorithms.info_nce import info_nce, l2_normalize, moco_logits
+from moco_jax.algorithms.momentum import momentum_update
+from moco_jax.algorithms.queue import enqueue, init_queue
+from moco_jax.algorithms.shuffle_bn import shuffle_batch
+from moco_jax.mesh import DATA_AXIS, gather_replicated
+from moco_jax.models import bn_axis_name, build_encoder
+from moco_jax.optim import make_lr_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class MoCoState:
+    """Online (query) and EMA (key) encoders, optimizer state, queue, and RNG.
+
+    Attributes:
+      step: number of optimizer steps taken.
+      params / batch_stats: the query encoder (trained by gradient).
+      ema_params / ema_batch_stats: the key encoder; params follow the momentum update, BN running
+        statistics come from its own forward passes (as in the reference).
+      opt_state: optax state of the query encoder's optimizer.
+      queue: ``[K, D]`` L2-normalised keys of earlier steps (negatives).
+      queue_ptr: int32 index where the next keys are written.
+      rng: PRNG key for this run's randomness inside the step (key shuffling).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    ema_params: Any
+    ema_batch_stats: Any
+    opt_state: optax.OptState
+    queue: jax.Array
+    queue_ptr: jax.Array
+    rng: jax.Array
+
+    def query_variables(self) -> dict[str, Any]:
+        """Flax variables of the query encoder (what evaluation and transfer use)."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_state(rng, model, optimizer, image_shape, queue_size: int) -> MoCoState:
+    """Fresh state: the key encoder starts as an exact copy of the query encoder."""
+    init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
+    dummy = jnp.zeros((2, *image_shape), jnp.float32)
+    # train=False: no batch statistics, so BN synced over a mesh axis initialises outside shard_map.
+    variables = model.init(init_rng, dummy, train=False)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    _, embedding = jax.eval_shape(lambda: model.apply(variables, dummy, train=False))
+    return MoCoState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        ema_params=jax.tree.map(jnp.copy, params),
+        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        opt_state=optimizer.init(params),
+        queue=init_queue(queue_rng, queue_size, embedding.shape[-1]),
+        queue_ptr=jnp.zeros((), jnp.int32),
+        rng=state_rng,
+    )
+
+
+def load_encoder(state: MoCoState, variables: dict[str, Any]) -> MoCoState:
+    """``state`` with ``variables`` in both encoders (the key encoder starts as a copy)."""
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    return state.replace(
+        params=params,
+        batch_stats=batch_stats,
+        ema_params=copy(params),
+        ema_batch_stats=copy(batch_stats),
+    )
+
+
+def make_train_step(model, optimizer, schedule, mesh: Mesh, *, momentum, temperature, bn_mode):
+    """The jitted step ``(state, images_q, images_k) -> (state, metrics)``; donates ``state``.
+
+    ``model`` must have been built with ``bn_axis_name(bn_mode)``. Images are global arrays
+    ``[global_batch, H, W, C]`` sharded over the mesh's ``data`` axis (already augmented).
+    """
+    num_devices = mesh.shape[DATA_AXIS]
+
+    def per_device(state: MoCoState, images_q: jax.Array, images_k: jax.Array):
+        rng, shuffle_rng = jax.random.split(state.rng)
+        # 1. Momentum update of the key encoder (parameters only; BN buffers are its own).
+        ema_params = momentum_update(state.params, state.ema_params, momentum)
+
+        # 2. Keys, from a batch shuffled across devices (Shuffle-BN) or as it is.
+        if bn_mode == "shuffle":
+            key_input, unshuffle = shuffle_batch(images_k, shuffle_rng, DATA_AXIS, num_devices)
+        else:
+            key_input, unshuffle = images_k, lambda x: x
+        key_vars = {"params": ema_params, "batch_stats": state.ema_batch_stats}
+        (_, k), key_vars = model.apply(key_vars, key_input, train=True, mutable="batch_stats")
+        k = jax.lax.stop_gradient(unshuffle(l2_normalize(k)))
+
+        # 3. Queries and InfoNCE against the queue as it was before this step.
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            (_, q), query_vars = model.apply(variables, images_q, train=True, mutable="batch_stats")
+            logits = moco_logits(l2_normalize(q), k, state.queue, temperature)
+            # pmean of the loss (not of the gradients): grad w.r.t. replicated params sums over
+            # devices, so this yields the gradient of the global-batch mean.
+            loss = jax.lax.pmean(jnp.mean(info_nce(logits)), DATA_AXIS)
+            return loss, (query_vars["batch_stats"], logits)
+
+        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+
+        # 4. Optimizer update.
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        # 5. Enqueue every device's keys, in device order.
+        queue, queue_ptr = enqueue(state.queue, state.queue_ptr, gather_replicated(k, DATA_AXIS))
+
+        # BN running statistics differ per device unless synced: keep their mean.
+        device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)  # noqa: E731
+        ema_batch_stats = key_vars["batch_stats"]
+        if bn_mode != "sync":
+            batch_stats, ema_batch_stats = device_mean(batch_stats), device_mean(ema_batch_stats)
+        new_state = MoCoState(
+            state.step + 1, params, batch_stats, ema_params, ema_batch_stats, opt_state,
+            queue, queue_ptr, rng,
+        )  # fmt: skip
+        metrics = _metrics(loss, logits * temperature, ema_params, params, queue_ptr)
+        return new_state, {**metrics, "learning_rate": jnp.float32(schedule(state.step))}
+
+    sharded = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=(P(), P()),
+    )
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def _metrics(loss, similarities, ema_params, params, queue_ptr) -> dict[str, jax.Array]:
+    """Replicated scalars of one step; ``similarities`` are the logits times T (cosines)."""
+    mean = lambda x: jax.lax.pmean(jnp.mean(x), DATA_AXIS)  # noqa: E731
+    squares = jax.tree.map(lambda x, y: jnp.sum(jnp.square(x - y)), ema_params, params)
+    return {
+        "loss": loss,
+        "top1": mean(jnp.argmax(similarities, axis=-1) == 0),
+        "positive_similarity": mean(similarities[:, 0]),
+        "negative_similarity": mean(similarities[:, 1:]),
+        "ema_distance": jnp.sqrt(sum(jax.tree.leaves(squares))),
+        "queue_ptr": queue_ptr,
+    }
+
+
+@register_algorithm("moco")
+def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
+    """MoCo v1/v2 from a validated config: encoder, SGD, per-epoch lr schedule, the step."""
+    model = build_encoder(config.model, bn_axis_name(config.model.bn_mode))
+    schedule = make_lr_schedule(config.optim, config.batch_size, steps_per_epoch, config.epochs)
+    optimizer = make_optimizer(config.optim, schedule)
+    dataset = config.dataset
+    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
+    step = make_train_step(
+        model,
+        optimizer,
+        schedule,
+        mesh,
+        momentum=config.moco.momentum,
+        temperature=config.moco.temperature,
+        bn_mode=config.model.bn_mode,
+    )
+    return Algorithm(
+        name="moco",
+        model=model,
+        schedule=schedule,
+        init_state=lambda rng: create_state(
+            rng, model, optimizer, image_shape, config.moco.queue_size
+        ),
+        train_step=step,
+        encoder_variables=MoCoState.query_variables,
+        load_encoder=load_encoder,
+    )
