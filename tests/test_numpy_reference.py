@@ -87,6 +87,8 @@ def _config(num_devices, bn_mode, group_size, batch, queue_size, image_shape, he
     config.num_devices = num_devices
     config.dataset.image_size = image_shape[0]
     config.dataset.num_channels = image_shape[2]
+    config.dataset.mean = (0.5,) * image_shape[2]  # one per channel (the set-up validates it)
+    config.dataset.std = (0.25,) * image_shape[2]
     config.model.backbone = "mlp"
     config.model.width_multiplier = 0.125  # hidden width 8
     config.model.head = head
