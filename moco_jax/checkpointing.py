@@ -36,6 +36,7 @@ from math import isfinite
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -88,11 +89,53 @@ class SignalPolicy(ocp.checkpoint_managers.SaveDecisionPolicy):
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
     """Orbax handlers of every item this project has written."""
     return {
-        STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+        STATE_ITEM: _state_handler(),
         EXTRA_ITEM: ocp.JsonCheckpointHandler(),
         META_ITEM: ocp.JsonCheckpointHandler(),
         LEGACY_ITEM: ocp.PyTreeCheckpointHandler(),
     }
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler; in a single process without replica-parallel writes.
+
+    Replica-parallel saving splits each replicated array into one slice per device so that every
+    host writes a part. With one host there is nothing to share, and the slicing ops it compiles
+    made the first save of a small state take 5.0 s instead of 0.3 s (ResNet-18 at width 16 on 8
+    CPU devices). Several processes keep orbax's default handler. PRNG keys are stored as their
+    key data either way (``keys_as_data``), so both handlers read every checkpoint.
+    """
+    if jax.process_count() > 1:
+        return ocp.PyTreeCheckpointHandler()
+    handlers = ocp.type_handlers
+    registry = handlers.create_type_handler_registry(
+        (int, handlers.ScalarHandler()),
+        (float, handlers.ScalarHandler()),
+        (np.number, handlers.ScalarHandler()),
+        (np.ndarray, handlers.NumpyHandler()),
+        (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def keys_as_data(tree: Any) -> Any:
+    """``tree`` with each PRNG key array replaced by its ``uint32`` key data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def data_as_keys(tree: Any, template: Any) -> Any:
+    """Undo ``keys_as_data``: key data where ``template`` holds a key becomes that kind of key."""
+
+    def wrap(x, like):
+        if not _is_key(like) or _is_key(x):
+            return x
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(like))
+
+    return jax.tree.map(wrap, tree, template)
 
 
 def open_manager(directory: epath.Path, options=None) -> ocp.CheckpointManager:
@@ -200,7 +243,8 @@ class Checkpointer:
                 f"without saving that state (latest good checkpoint: step {latest}). Lower "
                 f"optim.base_lr or check the data."
             )
-        items = {STATE_ITEM: ocp.args.PyTreeSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}
+        saved = ocp.args.PyTreeSave(keys_as_data(state))
+        items = {STATE_ITEM: saved, EXTRA_ITEM: ocp.args.JsonSave(extra)}
         metadata = {"format": FORMAT, "config": self.config, "fingerprint": checksums}
         self.manager.save(
             step, args=ocp.args.Composite(**items), custom_metadata=metadata, force=True
@@ -327,9 +371,10 @@ class Checkpointer:
         if meta is not None:
             refuse_other_config(meta.get("config", {}), self.config, STATE_FIELDS, where)
         refuse_other_shapes(saved_shapes, template, where)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, keys_as_data(template))
         try:
             state, extra = read_state(self.manager, step, abstract, present)
+            state = data_as_keys(state, template)
         except Exception as err:
             raise _Damaged(f"its arrays cannot be read: {_short(err)}") from err
         if meta is None:

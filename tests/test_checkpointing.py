@@ -194,6 +194,35 @@ def test_checkpoints_written_before_meta_existed_still_resume(tmp_path, tiny):
         Checkpointer(tmp_path / "checkpoints", other).restore(1, _template(other))
 
 
+def test_checkpoints_of_the_previous_format_still_resume(tmp_path, tiny):
+    """The previous release wrote ``state`` beside a ``meta`` JSON item (config, checksums,
+    extra) instead of orbax's step metadata and an ``extra`` item."""
+    import orbax.checkpoint as ocp
+
+    from moco_jax.compatibility import config_dict
+
+    config, state = tiny
+    saved = _with_step(state, 1)
+    meta = {
+        "format": 1,
+        "step": 1,
+        "config": config_dict(config),
+        "fingerprint": summarize(saved)[1],
+        "extra": {"epoch_loss_sum": 1.25},
+    }
+    previous = ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("state", "meta"))
+    items = {"state": ocp.args.PyTreeSave(saved), "meta": ocp.args.JsonSave(meta)}
+    previous.save(1, args=ocp.args.Composite(**items))
+    previous.close()
+    checkpointer = Checkpointer(tmp_path / "checkpoints", config)
+    _leaves_equal(checkpointer.restore_latest(state), saved)
+    assert checkpointer.restored_extra == {"epoch_loss_sum": 1.25}
+    checkpointer.close()
+    other = _config(**{"moco.queue_size": 128})  # its saved config is still compared
+    with pytest.raises(ConfigError, match=r"moco.queue_size 96 -> 128"):
+        Checkpointer(tmp_path / "checkpoints", other).restore_latest(_template(other))
+
+
 def test_other_settings_may_change_on_resume_with_a_warning(tmp_path, tiny, pristine, caplog):
     config, state = tiny
     directory = _saved(tmp_path, pristine)
