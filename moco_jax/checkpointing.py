@@ -118,26 +118,6 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-def _is_key(x: Any) -> bool:
-    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
-def keys_as_data(tree: Any) -> Any:
-    """``tree`` with each PRNG key array replaced by its ``uint32`` key data."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def data_as_keys(tree: Any, template: Any) -> Any:
-    """Undo ``keys_as_data``: key data where ``template`` holds a key becomes that kind of key."""
-
-    def wrap(x, like):
-        if not _is_key(like) or _is_key(x):
-            return x
-        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(like))
-
-    return jax.tree.map(wrap, tree, template)
-
-
 def open_manager(directory: epath.Path, options=None) -> ocp.CheckpointManager:
     """A manager of ``directory`` that reads every format (read-only unless ``options``)."""
     options = options or ocp.CheckpointManagerOptions(read_only=True, create=False)
@@ -243,7 +223,7 @@ class Checkpointer:
                 f"without saving that state (latest good checkpoint: step {latest}). Lower "
                 f"optim.base_lr or check the data."
             )
-        saved = ocp.args.PyTreeSave(keys_as_data(state))
+        saved = ocp.args.PyTreeSave(fingerprint.keys_as_data(state))
         items = {STATE_ITEM: saved, EXTRA_ITEM: ocp.args.JsonSave(extra)}
         metadata = {"format": FORMAT, "config": self.config, "fingerprint": checksums}
         self.manager.save(
@@ -371,10 +351,10 @@ class Checkpointer:
         if meta is not None:
             refuse_other_config(meta.get("config", {}), self.config, STATE_FIELDS, where)
         refuse_other_shapes(saved_shapes, template, where)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, keys_as_data(template))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fingerprint.keys_as_data(template))
         try:
             state, extra = read_state(self.manager, step, abstract, present)
-            state = data_as_keys(state, template)
+            state = fingerprint.data_as_keys(state, template)
         except Exception as err:
             raise _Damaged(f"its arrays cannot be read: {_short(err)}") from err
         if meta is None:

@@ -19,10 +19,29 @@ def path_name(path: tuple) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _is_key(x: Any) -> bool:
+    return jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def keys_as_data(tree: Any) -> Any:
+    """``tree`` with each PRNG key array replaced by its ``uint32`` key data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def data_as_keys(tree: Any, template: Any) -> Any:
+    """Undo ``keys_as_data``: key data where ``template`` holds a key becomes that kind of key."""
+
+    def wrap(x, like):
+        if not _is_key(like) or _is_key(x):
+            return x
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(like))
+
+    return jax.tree.map(wrap, tree, template)
+
+
 def _host_copy(x: jax.Array) -> np.ndarray:
     """This process's copy of a (replicated) array; PRNG keys as their key data."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
+    x = keys_as_data(x)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)  # the state is replicated: every process holds all of it
     return np.ascontiguousarray(np.asarray(x))
@@ -64,10 +83,7 @@ def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def state_shapes(template: Any) -> dict[str, tuple[int, ...]]:
     """Shapes as saved: PRNG keys are stored as their ``uint32`` key data."""
-    keys_as_data = lambda x: (  # noqa: E731
-        jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-    )
-    return shapes(jax.eval_shape(lambda t: jax.tree.map(keys_as_data, t), template))
+    return shapes(jax.eval_shape(keys_as_data, template))
 
 
 def shape_problems(saved: dict, current: dict) -> list[str]:
