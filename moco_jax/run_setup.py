@@ -1,7 +1,7 @@
 """Everything a run needs before its first step, shared by training and evaluation.
 
 Order matters: config checks and the dataset name come first (cheap, before any data is read or
-anything is compiled), then the data, then the engine and the state (fresh or restored).
+anything is compiled), then the data, then the algorithm and the state (fresh or restored).
 """
 
 from __future__ import annotations

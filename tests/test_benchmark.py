@@ -1,4 +1,4 @@
-"""``python -m moco_jax.benchmark``: it runs on the tiny preset and its JSON has every field; the
+"""``python -m benchmarks``: it runs on the tiny preset and its JSON has every field; the
 properties it reports hold for the step (Shuffle-BN bytes on 8 devices, donated state, no host
 transfers inside the loop, bf16 compute with float32 state). No test asserts a speed."""
 
@@ -11,20 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moco_jax.benchmark import __main__ as cli
-from moco_jax.benchmark import compiled as compiled_info
-from moco_jax.benchmark.floor import collect_matmuls, floor_pairs, xla_floor
-from moco_jax.benchmark.inputs import SyntheticViews
-from moco_jax.benchmark.runner import (
-    STEPS_PER_EPOCH,
-    Options,
-    abstract_images,
-    abstract_state,
-    resolve_config,
-)
-from moco_jax.engine import build_engine
-from moco_jax.mesh import make_data_mesh
-from tiny import build, tiny_config
+from benchmarks import __main__ as cli
+from benchmarks import compiled as compiled_info
+from benchmarks.collectives import abstract_images
+from benchmarks.floor import collect_matmuls, floor_pairs, xla_floor
+from benchmarks.inputs import SyntheticViews
+from benchmarks.presets import STEPS_PER_EPOCH, Options, resolve_config
+from tiny import setup, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -164,40 +157,37 @@ def test_shuffle_bn_all_to_all_moves_an_eighth_of_gathering_all_images(tiny_repo
 
 
 @pytest.fixture(scope="module")
-def tiny_engine():
-    """The tiny preset's engine on 8 devices (its compiled code is shared with the run above),
+def tiny_setup():
+    """The tiny preset's set-up on 8 devices (its compiled code is shared with the run above),
     synthetic views, and a maker of fresh states (each test donates its own)."""
     config = tiny_config()
-    engine, _ = build(config, 8, steps_per_epoch=STEPS_PER_EPOCH)
-
-    def fresh_state():
-        return engine.init_state(jax.random.key(0), (16, 16, 1), config.moco.queue_size)
-
-    return engine, SyntheticViews(engine.mesh, config), fresh_state
+    built = setup(config, 8, steps_per_epoch=STEPS_PER_EPOCH)
+    return built, SyntheticViews(built.mesh, config), built.initial_state
 
 
-def test_step_donates_its_state(tiny_engine):
-    engine, views, fresh_state = tiny_engine
+def test_step_donates_its_state(tiny_setup):
+    built, views, fresh_state = tiny_setup
     state = fresh_state()
     images_q, images_k = views(0)
     old = jax.tree.leaves(state)
-    state, metrics = engine.train_step(state, images_q, images_k)
+    state, metrics = built.algorithm.train_step(state, images_q, images_k)
     assert all(leaf.is_deleted() for leaf in old)
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert np.isfinite(float(metrics["loss"]))
 
 
-def test_no_host_transfers_inside_the_training_loop(tiny_engine):
+def test_no_host_transfers_inside_the_training_loop(tiny_setup):
     """Augmentation + step for a few steps under ``transfer_guard("disallow")``: the epoch's
     indices, the step counter and the augmentation key stay on device, so nothing crosses
     between host and device."""
-    engine, views, fresh_state = tiny_engine
+    built, views, fresh_state = tiny_setup
+    train_step = built.algorithm.train_step
     state = fresh_state()
-    state, _ = engine.train_step(state, *views(0))  # compile outside the guard
+    state, _ = train_step(state, *views(0))  # compile outside the guard
     losses = []
     with jax.transfer_guard("disallow"):
         for step in range(1, 4):
-            state, metrics = engine.train_step(state, *views(step))
+            state, metrics = train_step(state, *views(step))
             losses.append(metrics["loss"])
         with pytest.raises(Exception, match="[Dd]isallowed"):  # the guard is really on
             jax.jit(lambda x: x + 1)(np.ones(3, np.float32))
@@ -207,10 +197,10 @@ def test_no_host_transfers_inside_the_training_loop(tiny_engine):
 def test_bf16_computes_convolutions_in_bf16_and_keeps_float32_state():
     """``model.dtype=bfloat16``: every conv and the encoder matmuls take bf16 operands, while
     parameters, BN statistics, optimizer state, queue, logits and loss stay float32."""
-    config = tiny_config(**{"model.dtype": "bfloat16"})
-    engine = build_engine(config, make_data_mesh(1), 2)
-    state, images = abstract_state(engine, config), abstract_images(engine, config)
-    new_state, metrics = jax.eval_shape(engine.train_step, state, images, images)
+    built = setup(tiny_config(**{"model.dtype": "bfloat16"}), 1)
+    state, images = built.abstract_state(), abstract_images(built)
+    train_step = built.algorithm.train_step
+    new_state, metrics = jax.eval_shape(train_step, state, images, images)
     for tree in (state, new_state):
         for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
             assert {leaf.dtype for leaf in jax.tree.leaves(getattr(tree, name))} == {F32}
@@ -221,7 +211,7 @@ def test_bf16_computes_convolutions_in_bf16_and_keeps_float32_state():
         assert tree.queue.dtype == jnp.float32
     assert all(metrics[k].dtype == jnp.float32 for k in ("loss", "top1", "positive_similarity"))
 
-    ops = collect_matmuls(jax.make_jaxpr(engine.train_step)(state, images, images))
+    ops = collect_matmuls(jax.make_jaxpr(train_step)(state, images, images))
     convs = [op for op in ops if op.name == "conv_general_dilated"]
     assert convs and all(d == "bfloat16" for op in convs for d in op.dtypes)
     head = [op for op in ops if op.name == "dot_general" and (32, 128) in op.shapes]
@@ -233,10 +223,10 @@ def test_bf16_computes_convolutions_in_bf16_and_keeps_float32_state():
 
 
 def test_presets_and_overrides_resolve_without_compiling():
-    args = cli.parse_args(
-        ["--preset", "resnet18-cifar", "--override", "moco.queue_size=8192", "--config.seed=3"]
-    )
-    options = Options(preset=args.preset, overrides=tuple(args.override), num_devices=1)
+    """ml_collections' own ``--config.KEY=VALUE`` on top of the preset's config file."""
+    argv = ["--preset", "resnet18-cifar", "--config.moco.queue_size", "8192", "--config.seed=3"]
+    options = cli.options_from(cli.parse_args([*argv, "--num_devices=1"]))
+    assert options.config_path is None and options.overrides == {"moco.queue_size": 8192, "seed": 3}
     config, _ = resolve_config(options)
     assert config.batch_size == 256 and config.model.bn_group_size == 32  # 8 BN groups
     assert config.moco.queue_size == 8192 and config.seed == 3
@@ -244,7 +234,33 @@ def test_presets_and_overrides_resolve_without_compiling():
     config, _ = resolve_config(Options(preset="resnet50", num_devices=2, dtype="bfloat16"))
     assert config.batch_size == 512 and config.model.dtype == "bfloat16"
     with pytest.raises(ValueError, match="no config field"):
-        resolve_config(Options(preset="tiny", overrides=("moco.nope=1",)))
+        resolve_config(Options(preset="tiny", overrides={"moco.nope": 1}))
+    # A config file of one's own keeps its batch; an override of the batch wins over the preset's.
+    path = str(ROOT / "configs" / "smoke.py")
+    options = cli.options_from(cli.parse_args(["--config", path, "--num_devices=1"]))
+    assert options.config_path == path and resolve_config(options)[0].batch_size == 64
+    options = cli.options_from(cli.parse_args(["--preset=resnet50", "--config.batch_size=8"]))
+    assert resolve_config(options)[0].batch_size == 8
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--preset", "tiny", "--config.moco.nope=1"], ["no config field", "nope"]),
+        (["--preset", "tiny", "--config.batch_size=abc"], ["config.batch_size", "abc"]),
+        (["--config", "configs/missing.py"], ["missing.py"]),
+        (["--preset", "tiny", "--config.batch_size=60"], ["batch_size"]),  # not divisible by 8
+        (["--preset", "huge"], ["preset"]),
+        (["--preset", "tiny", "--stepz=3"], ["stepz"]),
+    ],
+)
+def test_bad_command_line_is_one_error_line(argv, words, capsys):
+    """An unknown field, a bad value, a missing file or a config the step refuses: exit code 2
+    and one ``error:`` line naming the cause, nothing run."""
+    assert cli.main([*argv, "--no_collectives", "--loss_steps=0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
+    assert all(word in error for word in words), error
 
 
 def test_xla_floor_times_each_distinct_op():
@@ -302,11 +318,11 @@ def test_collectives_parser_reads_async_and_grouped_forms():
 
 
 def test_epoch_benchmark_compares_real_data_with_views_on_device(tmp_path):
-    """``python -m moco_jax.benchmark.epoch`` on the smoke config's real Fashion-MNIST: one
+    """``python -m benchmarks.epoch`` on the smoke config's real Fashion-MNIST: one
     epoch through the trainer's input pipeline vs the same steps on views already on device."""
     from data_fixtures import fashion_mnist_data_dir
 
-    from moco_jax.benchmark import epoch
+    from benchmarks import epoch
 
     data_dir = fashion_mnist_data_dir()
     out = tmp_path / "epoch.json"
@@ -327,7 +343,7 @@ def test_epoch_benchmark_compares_real_data_with_views_on_device(tmp_path):
 
 
 def test_epoch_benchmark_refuses_a_bad_config_in_one_line(capsys):
-    from moco_jax.benchmark import epoch
+    from benchmarks import epoch
 
     config_path = str(ROOT / "configs" / "smoke.py")
     assert epoch.main(["--config", config_path, "--config.batch_size=60"]) == 2
@@ -341,7 +357,7 @@ def test_torch_dataloader_epoch_of_the_official_pipeline():
     pytest.importorskip("torchvision")
     from data_fixtures import fashion_mnist_data_dir
 
-    from moco_jax.benchmark.torch_epoch import make_view_transform, time_torch_epoch
+    from benchmarks.torch_epoch import make_view_transform, time_torch_epoch
 
     config = tiny_config(**{"dataset.data_dir": fashion_mnist_data_dir()})
     from PIL import Image

@@ -1,8 +1,9 @@
 """A PyTorch re-statement of the official MoCo training step (optional: needs torch).
 
-Used by the parity tests and by ``python -m moco_jax.benchmark --torch``; the package itself never
-imports torch. Written from the description of facebookresearch/moco (``moco/builder.py``,
-``main_moco.py``) and of its single-GPU CIFAR demo's ``SplitBatchNorm``; not copied from it.
+Used by the parity tests and by ``python -m benchmarks --torch``; it lives beside the library,
+which never imports torch. Written from the description of facebookresearch/moco
+(``moco/builder.py``, ``main_moco.py``) and of its single-GPU CIFAR demo's ``SplitBatchNorm``; not
+copied from it.
 Differences on purpose:
 
 - the key shuffle takes its permutation as an argument (so it can be the one moco_jax drew); on
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moco_jax.models import base_width
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -236,7 +239,7 @@ def build_moco(config: Any, num_splits: int) -> MoCo:
     m = config.model
     if m.backbone not in RESNET_SPECS:
         raise ValueError(f"no PyTorch re-statement of backbone {m.backbone!r}")
-    width = int(round(64 * m.width_multiplier))
+    width = base_width(m)
 
     def make_encoder():
         return ResNet(

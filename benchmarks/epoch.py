@@ -1,4 +1,4 @@
-"""``python -m moco_jax.benchmark.epoch``: is the input side ever the bottleneck?
+"""``python -m benchmarks.epoch``: is the input side ever the bottleneck?
 
 Times the trainer's loop body over real data (the dataset prepared and loaded as ``train.py``
 does; the epoch's index table, gather, crop and every augmentation on device for resident
@@ -15,62 +15,56 @@ reported. Logging and checkpoints are left out: they are not the input side.
 steps, fed by a ``DataLoader`` with PIL augmentations as the official code does
 (``torch_epoch.py``), in the same process, and reports the epoch times side by side.
 
-Usage::
+Usage (from the repository root; ``--config.KEY=VALUE`` sets any config field, as in
+``train.py``)::
 
-    python -m moco_jax.benchmark.epoch --config configs/fashion_mnist_reference.py --torch \\
+    python -m benchmarks.epoch --config configs/fashion_mnist_reference.py --torch \\
         --json bench/cpu_fashion_mnist_epoch.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
 import jax
+from absl import flags
 
-from moco_jax.benchmark.runner import apply_override, load_config_file
-from moco_jax.engine import build_engine
-from moco_jax.mesh import make_data_mesh
+import moco_jax
+from benchmarks import cli
 from moco_jax.run_setup import load_data
-from moco_jax.step import DATA_AXIS
-from moco_jax.validation import ConfigError, validate_config, validate_run_config
 
 TARGET_OVERHEAD = 0.05
 
 
 def time_epoch(config: Any, steps: int = 0, repeats: int = 1, log=print) -> dict[str, Any]:
     """Seconds for ``steps`` (0: one epoch) training steps on real data and on fixed views."""
-    validate_run_config(config, jax.device_count())
-    mesh = make_data_mesh(config.num_devices or None)
-    validate_config(config, mesh.shape[DATA_AXIS])
+    mesh = moco_jax.mesh_for(config)  # validates the config before any data is read
     log(f"loading {config.dataset.name} ...")
     train_views = load_data(config, mesh).train_views
     per_epoch = train_views.steps_per_epoch
     steps = steps or per_epoch
-    engine = build_engine(config, mesh, per_epoch)
-    dataset = config.dataset
-    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
-    state = engine.init_state(jax.random.key(config.seed), image_shape, config.moco.queue_size)
+    setup = moco_jax.build(config, per_epoch, mesh=mesh)
+    train_step = setup.algorithm.train_step
+    state = setup.initial_state()
 
     log("compiling ...")
     warm = per_epoch  # the first step of epoch 1: the timed run then starts epoch 0 afresh
-    state, _ = engine.train_step(state, *train_views(warm))
+    state, _ = train_step(state, *train_views(warm))
     fixed_views = jax.block_until_ready(train_views(warm + 1))
 
     def real(state):
         for step in range(steps):
             with jax.transfer_guard("disallow"):
-                state, metrics = engine.train_step(state, *train_views(step))
+                state, metrics = train_step(state, *train_views(step))
         return state, metrics
 
     def synthetic(state):
         for _ in range(steps):
             with jax.transfer_guard("disallow"):
-                state, metrics = engine.train_step(state, *fixed_views)
+                state, metrics = train_step(state, *fixed_views)
         return state, metrics
 
     samples: dict[str, list[float]] = {"synthetic": [], "real": []}
@@ -100,29 +94,28 @@ def time_epoch(config: Any, steps: int = 0, repeats: int = 1, log=print) -> dict
     }
 
 
-def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
-    config = load_config_file(args.config_path)
-    for assignment in args.override:
-        apply_override(config, assignment)
+def run(values: flags.FlagValues, log=print) -> dict[str, Any]:
+    config = values.config
     device = jax.devices()[0]
     report: dict[str, Any] = {
-        "config_path": args.config_path,
-        "overrides": list(args.override),
+        "config_path": cli.config_path(values),
+        "overrides": cli.report_overrides(cli.overrides(values)),
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "num_devices": config.num_devices or jax.device_count(),
         "jax_version": jax.__version__,
         "batch_size": config.batch_size,
     }
-    if args.torch:
-        from moco_jax.benchmark import torch_epoch
+    if values.torch:
+        from benchmarks import torch_epoch
 
         log("PyTorch: DataLoader + PIL augmentation + the official step ...")
+        workers, threads = values.torch_workers, values.torch_threads
         report["torch"] = torch_epoch.time_torch_epoch(
-            config, args.steps, workers=args.torch_workers, threads=args.torch_threads, log=log
+            config, values.steps, workers=workers, threads=threads, log=log
         )
-    report["jax"] = time_epoch(config, args.steps, args.repeats, log=log)
-    if args.torch:
+    report["jax"] = time_epoch(config, values.steps, values.repeats, log=log)
+    if values.torch:
         report["jax_over_torch"] = (  # images/sec over the same steps; > 1: JAX is faster
             report["jax"]["real_images_per_sec"] / report["torch"]["images_per_sec"]
         )
@@ -153,43 +146,40 @@ def describe(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m moco_jax.benchmark.epoch",
+def _define(values: flags.FlagValues) -> None:
+    integer = flags.DEFINE_integer
+    integer("steps", 0, "steps per run (0: one epoch)", 0, flag_values=values)
+    integer("repeats", 1, "real/synthetic pairs to run", 1, flag_values=values)
+    flags.DEFINE_boolean("torch", False, "time a PyTorch epoch first", flag_values=values)
+    integer("torch_workers", 2, "DataLoader workers", 0, flag_values=values)
+    integer("torch_threads", 0, "0: PyTorch's default", 0, flag_values=values)
+    flags.DEFINE_string("json", None, "write the report here", flag_values=values)
+
+
+def parse_args(argv: list[str]) -> flags.FlagValues:
+    values = cli.parse(
+        argv,
+        _define,
+        prog="python -m benchmarks.epoch",
         description="Real-data training steps vs the same steps on views already on device; "
         "optionally a PyTorch DataLoader + PIL epoch of the same model.",
     )
-    parser.add_argument("--config", dest="config_path", required=True, help="a config file")
-    parser.add_argument(
-        "--override", action="append", default=[], metavar="KEY=VALUE", help="set a config field"
-    )
-    parser.add_argument("--steps", type=int, default=0, help="steps per run (0: one epoch)")
-    parser.add_argument("--repeats", type=int, default=1, help="real/synthetic pairs to run")
-    parser.add_argument("--torch", action="store_true", help="time a PyTorch epoch first")
-    parser.add_argument("--torch_workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--torch_threads", type=int, default=0, help="0: PyTorch's default")
-    parser.add_argument("--json", dest="json_path", help="write the report here")
-    args, unknown = parser.parse_known_args(argv)
-    for token in unknown:  # ml_collections style --config.a.b=value
-        if not (token.startswith("--config.") and "=" in token):
-            parser.error(f"unrecognized argument {token}")
-        args.override.append(token[2:])
-    return args
+    if values.config is None:
+        raise cli.UsageError("--config is required (a config file, e.g. configs/smoke.py)")
+    return values
+
+
+def _main(argv: list[str]) -> int:
+    values = parse_args(argv)
+    report = run(values)
+    print(describe(report))
+    if values.json:
+        cli.write_json(values.json, report)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        report = run(args)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(describe(report))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            f.write(json.dumps(report, indent=2) + "\n")
-        print(f"report written to {args.json_path}")
-    return 0
+    return cli.run_main(_main, argv, ImportError)
 
 
 if __name__ == "__main__":

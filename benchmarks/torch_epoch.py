@@ -1,9 +1,9 @@
 """A PyTorch epoch as the official code trains it: ``DataLoader`` workers, PIL augmentation.
 
-Optional (needs torch and torchvision); used by ``python -m moco_jax.benchmark.epoch --torch``.
+Optional (needs torch and torchvision); used by ``python -m benchmarks.epoch --torch``.
 The pipeline is the official ``main_moco.py`` one, re-stated: a dataset of PIL images, the
 augmentation applied twice per image (``TwoCropsTransform``) in ``DataLoader`` worker processes,
-``shuffle=True, drop_last=True``, then the official step (``moco_jax.torch_reference``: same
+``shuffle=True, drop_last=True``, then the official step (``benchmarks.torch_reference``: same
 architecture, BN groups, K, m, T and SGD as the JAX run) on one device, channels-last.
 Augmentations are torchvision's, built from ``config.augment``: random-resized-crop, flip,
 colour jitter with its probability, grayscale (before or after jitter), and per view Gaussian
@@ -84,9 +84,9 @@ def time_torch_epoch(
             f"the PyTorch epoch needs torch and torchvision ({err}); install both, e.g. "
             f"pip install torch torchvision"
         ) from err
+    from benchmarks.torch_reference import build_for_training, cosine_learning_rate, train_step
     from moco_jax.data.tfds_source import RESIDENT_DATASETS, load_arrays, prepared_builder
     from moco_jax.optim import scaled_learning_rate
-    from moco_jax.torch_reference import build_for_training, cosine_learning_rate, train_step
 
     dataset = config.dataset
     if dataset.name not in RESIDENT_DATASETS:

@@ -22,8 +22,7 @@ from jax.sharding import Mesh
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import make_crop_augment_fn
 from moco_jax.data.tfds_source import RESIDENT_DATASETS
-from moco_jax.mesh import DeviceViews, shard_batch
-from moco_jax.step import DATA_AXIS
+from moco_jax.mesh import DATA_AXIS, DeviceViews, shard_batch
 
 POOL_STEPS = 32  # synthetic resident epoch: this many batches of distinct random images
 

@@ -1,18 +1,22 @@
-"""``python -m moco_jax.benchmark``: how fast the training step is, and why.
+"""``python -m benchmarks``: how fast the training step is, and why.
 
-Usage::
+Usage (from the repository root)::
 
-    python -m moco_jax.benchmark --preset resnet18-cifar --json bench.json
-    python -m moco_jax.benchmark --preset resnet50 --torch          # GPU: bf16 by default
-    python -m moco_jax.benchmark --preset tiny --override moco.queue_size=128 --config.seed=1
-    python -m moco_jax.benchmark --config configs/fashion_mnist.py --dtype bfloat16
+    python -m benchmarks --preset resnet18-cifar --json bench.json
+    python -m benchmarks --preset resnet50 --torch          # GPU: bf16 by default
+    python -m benchmarks --preset tiny --config.moco.queue_size=128 --config.seed=1
+    python -m benchmarks --config configs/fashion_mnist.py --dtype bfloat16
 
 Presets (built from ``configs/``): ``tiny`` (``smoke.py``), ``fashion-mnist``
 (``fashion_mnist_reference.py``, the reference recipe's model), ``resnet18-cifar``
 (``moco_v2_cifar.py`` at batch 256, 8 BN groups) and ``resnet50`` (``moco_v2_imagenet.py``,
-256 images per device, halved until it fits). Any config field can be overridden with
-``--override key=value`` or ``--config.key=value``. ``--dtype auto`` computes in bfloat16 on
-GPU/TPU and in the config's dtype (float32) on CPU.
+256 images per device, halved until it fits). The preset names the config file unless
+``--config`` gives one; ``--config.KEY=VALUE`` sets any config field, as in ``train.py``
+(ml_collections' ``config_flags``). ``--dtype auto`` computes in bfloat16 on GPU/TPU and in the
+config's dtype (float32) on CPU.
+
+This package is a tool beside the library, not part of it: ``moco_jax`` never imports it (nor
+torch, which the ``--torch`` comparisons need).
 
 What is measured (all inputs synthetic and on device; see ``inputs.py``):
 
@@ -36,7 +40,7 @@ What is measured (all inputs synthetic and on device; see ``inputs.py``):
   timed alone, summed (``floor.py`` says exactly how); ``step_over_floor`` = step / floor;
   ``--floor_pairs N`` adds N (floor, step) timings taken back to back and their median ratio.
 - ``torch`` (``--torch``): the PyTorch re-statement of the official step
-  (``moco_jax.torch_reference``; same architecture, per-device batch, K, dim, BN groups;
+  (``benchmarks/torch_reference.py``; same architecture, per-device batch, K, dim, BN groups;
   channels-last; autocast bf16 when the JAX run is bf16), run first in the same process;
   ``jax_over_torch`` = JAX images/sec per device / PyTorch images/sec (> 1: JAX is faster).
 - ``loss_check``: a short run in float32 and bfloat16 from the same start and data, against the
@@ -48,6 +52,8 @@ What is measured (all inputs synthetic and on device; see ``inputs.py``):
 - ``donation``: whether every buffer of the old state was donated (deleted) by a step call.
 """
 
-from moco_jax.benchmark.runner import PRESETS, Options, format_summary, run_benchmark
+from benchmarks.presets import PRESETS, Options
+from benchmarks.report import format_summary
+from benchmarks.runner import run_benchmark
 
 __all__ = ["PRESETS", "Options", "format_summary", "run_benchmark"]

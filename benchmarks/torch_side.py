@@ -1,4 +1,4 @@
-"""The same step in PyTorch (``moco_jax.torch_reference``), timed the same way. Needs torch.
+"""The same step in PyTorch (``benchmarks.torch_reference``), timed the same way. Needs torch.
 
 Same architecture, per-device batch, K, dim, BN groups (``SplitBatchNorm``) and SGD as the JAX
 run; channels-last memory format; ``torch.autocast`` in bfloat16 when the JAX run computes in
@@ -45,8 +45,8 @@ def time_torch_step(
 
 
 def _measure(torch, config, per_device_batch, steps, repeats, warmup, seed) -> dict[str, Any]:
+    from benchmarks.torch_reference import build_for_training, train_step
     from moco_jax.optim import scaled_learning_rate
-    from moco_jax.torch_reference import build_for_training, train_step
 
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

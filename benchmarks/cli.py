@@ -1,0 +1,139 @@
+"""What the benchmarks' command lines share: absl flags with ml_collections' ``--config``.
+
+``--config FILE`` loads ``get_config()`` of a config file and ``--config.KEY=VALUE`` sets any of
+its fields, exactly as ``train.py`` does (``config_flags.DEFINE_config_file``). Each command line
+is parsed into a fresh ``FlagValues``, so ``main(argv)`` can be called more than once in one
+process (the tests do). A bad command line, config file or field is a ``UsageError``: one
+``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+from moco_jax.cli_errors import EXPECTED_ERRORS
+
+CONFIG_HELP = (
+    "a config file (configs/*.py); then --config.KEY=VALUE sets any of its fields, "
+    "e.g. --config.moco.queue_size=128"
+)
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A command line, config file or config field the benchmark cannot run with."""
+
+
+def error_line(err: BaseException) -> str:
+    """An error's message on one line (its last line where the message carries a traceback)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    return " ".join(lines) or type(err).__name__
+
+
+def _missing_field(err: BaseException) -> str:
+    """The name in the innermost ``KeyError`` behind ConfigDict's unknown-field error."""
+    while err.__cause__ or err.__context__:
+        err = err.__cause__ or err.__context__
+    return str(err.args[0]) if err.args else "?"
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn absl's and ml_collections' parsing errors into ``UsageError``."""
+    try:
+        yield
+    except (AttributeError, KeyError) as err:  # ConfigDict: an override names no field
+        raise UsageError(
+            f"no config field {_missing_field(err)!r}: each --config.KEY=VALUE must name a "
+            "field of the config"
+        ) from None
+    except OSError as err:  # ml_collections: the config file did not load
+        reason = [line for line in str(err).splitlines() if line.strip()][-1].strip()
+        raise UsageError(f"cannot load the config file: {reason}") from None
+    except (flags.Error, TypeError, ValueError) as err:
+        raise UsageError(error_line(err)) from None
+
+
+def peek(argv: Sequence[str], define: Callable[[flags.FlagValues], None]) -> flags.FlagValues:
+    """The flags ``define`` declares, read from ``argv`` while every other flag is left alone:
+    a first pass for the flags that decide how the rest is read (which config file is the
+    default)."""
+    values = flags.FlagValues()
+    define(values)
+    with usage_errors():
+        values(["peek", *argv], known_only=True)
+    return values
+
+
+def parse(
+    argv: Sequence[str],
+    define: Callable[[flags.FlagValues], None],
+    *,
+    prog: str,
+    description: str,
+    default_config: str | None = None,
+) -> flags.FlagValues:
+    """``argv`` (without the program name) read into the flags ``define`` declares, ``--config``
+    (``default_config`` where not given) and its ``--config.KEY=VALUE`` overrides. ``--help``
+    prints the flags and exits with 0."""
+    values = flags.FlagValues()
+    define(values)
+    flags.DEFINE_boolean("help", False, "show this help and exit", flag_values=values)
+    full_argv = [prog, *argv]
+    with usage_errors():
+        config_flags.DEFINE_config_file(
+            "config", default_config, CONFIG_HELP, flag_values=values, sys_argv=full_argv
+        )
+        rest = values(full_argv)
+        if values.config is not None:
+            values.config.get("seed")  # a file that failed to load raises here
+    if values.help:
+        print(f"usage: {prog} [flags]\n\n{textwrap.fill(description, 80)}\n")
+        print(values.get_help(include_special_flags=False))
+        sys.exit(0)
+    if len(rest) > 1:
+        raise UsageError(f"unexpected argument {rest[1]!r} (flags only)")
+    return values
+
+
+def overrides(values: flags.FlagValues) -> dict[str, Any]:
+    """The ``--config.KEY=VALUE`` fields set on the command line, as ``{KEY: VALUE}``."""
+    return dict(values["config"].override_values)
+
+
+def config_path(values: flags.FlagValues) -> str | None:
+    """The ``--config`` file given on the command line (None: the default one)."""
+    return values["config"].config_filename if values["config"].present else None
+
+
+def run_main(
+    main: Callable[[list[str]], int], argv: list[str] | None, *expected: type[BaseException]
+) -> int:
+    """``main(argv)``'s exit code (``argv`` None: ``sys.argv[1:]``); a bad command line, config,
+    value, file or dataset (or one of ``expected``) prints one ``error:`` line and gives 2."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except (*EXPECTED_ERRORS, ValueError, *expected) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def report_overrides(overrides: Mapping[str, Any]) -> list[str]:
+    """The report's ``overrides`` entry: ``KEY=VALUE`` strings."""
+    return [f"{key}={value}" for key, value in overrides.items()]
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    print(f"report written to {path}")
