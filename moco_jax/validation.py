@@ -191,17 +191,24 @@ def _validate_channels(config: Any) -> None:
 
 def validate_config(config: Any, num_devices: int) -> None:
     """Raise ``ConfigError`` naming the first field that is wrong for a run on ``num_devices``."""
-    m, moco, optim = config.model, config.moco, config.optim
     for name, value in [
         ("batch_size", config.batch_size),
         ("epochs", config.epochs),
-        ("model.dim", m.dim),
-        ("moco.queue_size", moco.queue_size),
+        ("model.dim", config.model.dim),
+        ("moco.queue_size", config.moco.queue_size),
         ("dataset.image_size", config.dataset.image_size),
         ("dataset.num_channels", config.dataset.num_channels),
     ]:
         _require(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
     _validate_data_fields(config)
+    _validate_model_fields(config)
+    _validate_run_fields(config)
+    _validate_cross_field_rules(config, num_devices)
+
+
+def _validate_model_fields(config: Any) -> None:
+    """``algorithm``, ``model.*``, ``moco.*`` and ``optim.*`` (but the milestones)."""
+    m, moco, optim = config.model, config.moco, config.optim
     _require(
         config.get("algorithm", "moco") in available_algorithms(),
         f"algorithm must be one of {available_algorithms()}, got {config.get('algorithm')!r}",
@@ -251,9 +258,10 @@ def validate_config(config: Any, num_devices: int) -> None:
         f"optim.schedule must be one of {list(SCHEDULES)}, got {optim.schedule!r}",
     )
 
-    _validate_run_fields(config)
 
-    # Cross-field rules.
+def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
+    """Rules that tie fields together, and the devices to the batch."""
+    m, moco = config.model, config.moco
     _require(num_devices >= 1, f"need at least one device, got {num_devices}")
     _require(
         config.batch_size % num_devices == 0,

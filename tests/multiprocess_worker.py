@@ -61,11 +61,11 @@ emit(epoch_ids=[np.concatenate(seen[:4]).tolist(), np.concatenate(seen[4:]).toli
 
 # One MoCo step with Shuffle-BN across all 8 devices of both processes.
 config = tiny_config()
-engine = build(config, steps_per_epoch=2)
-state = engine.initial_state()
+built = build(config, steps_per_epoch=2)
+state = built.initial_state()
 ((images_q, images_k),) = image_batches(config, steps=1)
 share = slice(process_id * 32, (process_id + 1) * 32)
-state, metrics = engine.algorithm.train_step(
+state, metrics = built.algorithm.train_step(
     state, shard_batch(mesh, images_q[share]), shard_batch(mesh, images_k[share])
 )
 queue = multihost_utils.process_allgather(state.queue, tiled=True)

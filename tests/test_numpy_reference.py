@@ -126,9 +126,9 @@ def test_train_step_matches_numpy_reference(case, head):
     num_devices, bn_mode, group_size, batch, queue_size, image_shape = CASES[case]
     per_device = batch // num_devices
     config = _config(num_devices, bn_mode, group_size, batch, queue_size, image_shape, head)
-    engine = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
-    mesh = engine.mesh
-    state = engine.initial_state(seed=7)
+    built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
+    mesh = built.mesh
+    state = built.initial_state(seed=7)
 
     init = jax.device_get(state)
     model = ref.MoCoReference(
@@ -174,7 +174,7 @@ def test_train_step_matches_numpy_reference(case, head):
 
         lr = _reference_lr(step)
         out = model.step(images_q, images_k, lr, query_groups, key_perm, key_groups)
-        state, metrics = engine.algorithm.train_step(
+        state, metrics = built.algorithm.train_step(
             state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
         )
         metrics = jax.device_get(metrics)
@@ -339,9 +339,9 @@ def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
     config.optim.base_lr = 1e-9  # the encoder stays (numerically) at its initialisation
     config.optim.weight_decay = 0.0
     config.optim.schedule = "constant"
-    engine = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
-    mesh = engine.mesh
-    state = engine.initial_state(seed=3)
+    built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
+    mesh = built.mesh
+    state = built.initial_state(seed=3)
 
     data = np.random.default_rng(3)
     gaps, pos_minus_neg = [], []
@@ -349,7 +349,7 @@ def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
     for _ in range(steps_to_fill + 3):
         images_q = data.normal(size=(batch, *image_shape)).astype(np.float32)
         images_k = data.normal(size=(batch, *image_shape)).astype(np.float32)
-        state, metrics = engine.algorithm.train_step(
+        state, metrics = built.algorithm.train_step(
             state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
         )
         gaps.append(float(metrics["loss"]) - math.log(1 + queue_size))

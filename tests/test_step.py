@@ -23,8 +23,8 @@ def test_sync_bn_on_8_devices_equals_1_device_with_the_same_global_batch():
     batches = image_batches(config, steps=3)
     results = []
     for devices in (8, 1):
-        engine, state = build(config, devices)
-        state, history = run_steps(engine, state, batches)
+        built, state = build(config, devices)
+        state, history = run_steps(built, state, batches)
         results.append((_to_numpy(state.replace(rng=jax.random.key_data(state.rng))), history))
     (state8, hist8), (state1, hist1) = results
     for key in ("loss", "top1", "positive_similarity", "negative_similarity", "ema_distance"):
@@ -36,43 +36,43 @@ def test_sync_bn_on_8_devices_equals_1_device_with_the_same_global_batch():
 
 
 @pytest.fixture(scope="module")
-def local_bn_engine():
+def local_bn_setup():
     """A compiled 8-device step with momentum 0; each test gets a fresh (donatable) state."""
     config = tiny_config(**{"model.bn_mode": "local", "moco.momentum": 0.0})
-    engine, _ = build(config, 8)
-    return engine, engine.initial_state
+    built, _ = build(config, 8)
+    return built, built.initial_state
 
 
-def test_momentum_zero_copies_the_online_weights_before_the_update(local_bn_engine):
-    engine, fresh_state = local_bn_engine
+def test_momentum_zero_copies_the_online_weights_before_the_update(local_bn_setup):
+    built, fresh_state = local_bn_setup
     state = fresh_state()
     before = _to_numpy(state.params)
     (images_q, images_k), second = image_batches(tiny_config(), steps=2)
-    state, _ = run_steps(engine, state, [(images_q, images_k)])
+    state, _ = run_steps(built, state, [(images_q, images_k)])
     after_first = _to_numpy(state.params)
     # After step 1 the key encoder equals the params at the *start* of step 1 ...
     _assert_close(state.ema_params, before, tol=0)
-    state, _ = run_steps(engine, state, [second])
+    state, _ = run_steps(built, state, [second])
     # ... and after step 2 it equals the params at the start of step 2.
     _assert_close(state.ema_params, after_first, tol=0)
 
 
 def test_momentum_one_freezes_the_key_encoder():
     config = tiny_config(**{"model.bn_mode": "local", "moco.momentum": 1.0})
-    engine, state = build(config, 8)
+    built, state = build(config, 8)
     initial = _to_numpy(state.ema_params)
-    state, history = run_steps(engine, state, image_batches(config, steps=2))
+    state, history = run_steps(built, state, image_batches(config, steps=2))
     _assert_close(state.ema_params, initial, tol=0)
     assert history[-1]["ema_distance"] > 0  # while the online encoder did move
 
 
-def test_metrics_and_initial_state(local_bn_engine):
-    engine, fresh_state = local_bn_engine
+def test_metrics_and_initial_state(local_bn_setup):
+    built, fresh_state = local_bn_setup
     state = fresh_state()
     _assert_close(state.ema_params, state.params, tol=0)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(state.queue), axis=1), 1.0, rtol=1e-5)
     config = tiny_config()
-    state, history = run_steps(engine, state, image_batches(config, steps=3, seed=5))
+    state, history = run_steps(built, state, image_batches(config, steps=3, seed=5))
     assert set(history[0]) == {
         "loss",
         "top1",
@@ -94,10 +94,10 @@ def test_shuffle_bn_changes_the_keys_but_not_the_contract():
     """Shuffle-BN on 8 devices runs, differs from local BN, and still enqueues unit keys."""
     config = tiny_config(**{"model.bn_mode": "shuffle"})
     batches = image_batches(config, steps=1)
-    engine, state = build(config, 8)
-    state, (metrics,) = run_steps(engine, state, batches)
-    local_engine, local_state = build(tiny_config(**{"model.bn_mode": "local"}), 8)
-    local_state, _ = run_steps(local_engine, local_state, batches)
+    built, state = build(config, 8)
+    state, (metrics,) = run_steps(built, state, batches)
+    local_setup, local_state = build(tiny_config(**{"model.bn_mode": "local"}), 8)
+    local_state, _ = run_steps(local_setup, local_state, batches)
     keys = np.asarray(state.queue)[:64]
     np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, rtol=1e-5)
     assert not np.allclose(keys, np.asarray(local_state.queue)[:64], atol=1e-4)

@@ -124,10 +124,10 @@ def reference_run(request):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
-    engine = build(config, steps_per_epoch=1, devices=jax.devices()[:1])
-    mesh = engine.mesh
+    built = build(config, steps_per_epoch=1, devices=jax.devices()[:1])
+    mesh = built.mesh
     with jax.default_matmul_precision("highest"):
-        state = engine.initial_state(seed=seed)
+        state = built.initial_state(seed=seed)
 
     width = base_width(config.model)
     model = MoCo(
@@ -179,7 +179,7 @@ def reference_run(request):
             send, receive = shuffle_permutations(shuffle_rng, 0, BATCH)
             idx_shuffle = torch.tensor(np.asarray(send)[np.asarray(receive)], dtype=torch.long)
 
-            state, metrics = engine.algorithm.train_step(
+            state, metrics = built.algorithm.train_step(
                 state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
             )
             lr = cosine_learning_rate(peak_lr, step, EPOCHS)

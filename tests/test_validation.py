@@ -129,7 +129,7 @@ def test_every_config_field_has_a_bad_value_above():
     assert set(leaves(base_config())) - covered == set()
 
 
-# Rules of a run that building an engine does not need (validate_run_config, before the mesh).
+# Rules of a run that building a step does not need (validate_run_config, before the mesh).
 RUN_BAD_VALUES = [
     ({"num_devices": 16}, "num_devices is 16 but only 8 device"),
     (
