@@ -23,35 +23,43 @@ What we add on top of orbax:
   match their checksums is moved to ``<workdir>/checkpoints_damaged/`` with a warning;
 - one saved with a config of other state shapes is refused (``ConfigError`` naming the fields).
 
-Checkpoints of earlier versions (``state`` + a ``meta`` JSON item; or a lone ``default`` item)
-still restore.
+The layout, and how checkpoints of earlier versions are read, is ``checkpoint_format.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import signal
+from collections.abc import Iterator
 from math import isfinite
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from moco_jax import fingerprint
+from moco_jax.checkpoint_format import (
+    EXTRA_ITEM,
+    FORMAT,
+    LEGACY_ITEM,
+    STATE_ITEM,
+    open_manager,
+    read_meta,
+    read_state,
+)
 from moco_jax.compatibility import (
+    SCHEDULE_FIELDS,
     STATE_FIELDS,
     config_dict,
     refuse_other_config,
     refuse_other_shapes,
 )
 
-STATE_ITEM, EXTRA_ITEM = "state", "extra"
-META_ITEM, LEGACY_ITEM = "meta", "default"  # earlier formats (read only)
-FORMAT = 2
+RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS  # a resumed run must keep these
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,86 +94,12 @@ class SignalPolicy(ocp.checkpoint_managers.SaveDecisionPolicy):
         return self.received
 
 
-def item_handlers() -> dict[str, ocp.CheckpointHandler]:
-    """Orbax handlers of every item this project has written."""
-    return {
-        STATE_ITEM: _state_handler(),
-        EXTRA_ITEM: ocp.JsonCheckpointHandler(),
-        META_ITEM: ocp.JsonCheckpointHandler(),
-        LEGACY_ITEM: ocp.PyTreeCheckpointHandler(),
-    }
-
-
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """Orbax's pytree handler; in a single process without replica-parallel writes.
-
-    Replica-parallel saving splits each replicated array into one slice per device so that every
-    host writes a part. With one host there is nothing to share, and the slicing ops it compiles
-    made the first save of a small state take 5.0 s instead of 0.3 s (ResNet-18 at width 16 on 8
-    CPU devices). Several processes keep orbax's default handler. PRNG keys are stored as their
-    key data either way (``keys_as_data``), so both handlers read every checkpoint.
-    """
-    if jax.process_count() > 1:
-        return ocp.PyTreeCheckpointHandler()
-    handlers = ocp.type_handlers
-    registry = handlers.create_type_handler_registry(
-        (int, handlers.ScalarHandler()),
-        (float, handlers.ScalarHandler()),
-        (np.number, handlers.ScalarHandler()),
-        (np.ndarray, handlers.NumpyHandler()),
-        (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)),
-    )
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-
-
-def open_manager(directory: epath.Path, options=None) -> ocp.CheckpointManager:
-    """A manager of ``directory`` that reads every format (read-only unless ``options``)."""
-    options = options or ocp.CheckpointManagerOptions(read_only=True, create=False)
-    return ocp.CheckpointManager(directory, item_handlers=item_handlers(), options=options)
-
-
-def read_meta(manager: ocp.CheckpointManager, step: int) -> tuple[set[str], dict | None]:
-    """The items of ``step`` and its description: the saved ``config`` and ``fingerprint`` (and,
-    in the previous format, ``extra``); None for the oldest format, which saved neither."""
-    present = set(manager.item_metadata(step).keys())
-    if LEGACY_ITEM in present:
-        return present, None
-    if META_ITEM in present:  # format 1: config, fingerprint and extra in a JSON item
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta[META_ITEM]
-        if not isinstance(meta, dict) or meta.get("format") != 1:
-            raise ValueError("not a moco_jax checkpoint description")
-        return present, meta
-    meta = manager.metadata(step).custom_metadata or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError("not a moco_jax checkpoint description")
-    return present, meta
-
-
-def read_state(manager: ocp.CheckpointManager, step: int, abstract: Any, present: set[str]):
-    """``(state, extra)`` of ``step`` laid out like ``abstract`` (a part of the saved tree is
-    fine: numpy leaves are read as numpy), in any format."""
-    if LEGACY_ITEM in present:
-        state = manager.restore(step, args=ocp.args.Composite(default=_restore_args(abstract)))
-        return state[LEGACY_ITEM], {}
-    args = {STATE_ITEM: _restore_args(abstract)}
-    if EXTRA_ITEM in present:
-        args[EXTRA_ITEM] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-    return restored[STATE_ITEM], (restored[EXTRA_ITEM] if EXTRA_ITEM in present else None)
-
-
-def _restore_args(abstract: Any) -> ocp.args.CheckpointArgs:
-    """Restore ``abstract`` (arrays laid out as given; numpy leaves: read as numpy, partially)."""
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
-
-
 class Checkpointer:
     """Saves when orbax's policies say so (and when forced), keeps what they preserve."""
 
     def __init__(self, directory: str | epath.Path, config: Any):
         checkpoint = config.checkpoint
+        self.keep = checkpoint.keep
         self.directory = epath.Path(directory)
         if "://" not in str(self.directory):
             self.directory = self.directory.absolute()
@@ -187,6 +121,7 @@ class Checkpointer:
         )
         self.manager = open_manager(self.directory, options)
         self.config = config_dict(config)
+        self._bytes = 0  # of the last checkpoint saved
         self.restored_step: int | None = None
         self.restored_extra: dict[str, Any] = {}
         self._previous_handler: Any = None
@@ -226,10 +161,29 @@ class Checkpointer:
         saved = ocp.args.PyTreeSave(fingerprint.keys_as_data(state))
         items = {STATE_ITEM: saved, EXTRA_ITEM: ocp.args.JsonSave(extra)}
         metadata = {"format": FORMAT, "config": self.config, "fingerprint": checksums}
-        self.manager.save(
-            step, args=ocp.args.Composite(**items), custom_metadata=metadata, force=True
-        )
+        self._bytes = sum(x.size * x.dtype.itemsize for x in _arrays(state))
+        with self._no_space_means_one_line():  # also reports a previous save's failed write
+            self.manager.save(
+                step, args=ocp.args.Composite(**items), custom_metadata=metadata, force=True
+            )
         return True
+
+    @contextlib.contextmanager
+    def _no_space_means_one_line(self) -> Iterator[None]:
+        """A full disk while writing: say how much the run needs; the checkpoints before the
+        failed one are intact (orbax commits a step only once it is whole)."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device in {self.directory} while writing a checkpoint: one "
+                f"needs about {self._bytes / 2**20:.1f} MiB and the run keeps up to "
+                f"{self.keep + 1} at once. The checkpoints before it are intact: free some space "
+                f"and rerun the same command to resume",
+            ) from None
 
     def check_can_save(self, template: Any) -> None:
         """Fail before training if checkpoints cannot be written: a read-only directory, or a disk
@@ -242,17 +196,20 @@ class Checkpointer:
             raise OSError(
                 f"checkpoint directory {self.directory} is not writable: {err.strerror or err}"
             ) from err
-        leaves = [x for x in jax.tree.leaves(template) if hasattr(x, "shape")]
-        needed = sum(x.size * x.dtype.itemsize for x in leaves)
+        one = sum(x.size * x.dtype.itemsize for x in _arrays(template))
+        at_once = self.keep + 1  # the kept ones and the one being written
         try:
             free = shutil.disk_usage(str(self.directory)).free
         except OSError:  # not a local file system (e.g. a bucket): nothing to measure
             return
-        if free < needed:
+        if free < one * at_once:
             raise OSError(
                 errno.ENOSPC,
                 f"{self.directory} has {free / 2**20:.1f} MiB free but one checkpoint needs "
-                f"about {needed / 2**20:.1f} MiB: free some space or use another --workdir",
+                f"about {one / 2**20:.1f} MiB and the run keeps up to {at_once} at once "
+                f"(checkpoint.keep={self.keep}, plus one being written): "
+                f"{one * at_once / 2**20:.1f} MiB. Free some space, lower checkpoint.keep or use "
+                f"another --workdir",
             )
 
     # --- Preemption. ---
@@ -307,8 +264,7 @@ class Checkpointer:
                 continue
             for bad_step, reason in damaged:
                 logging.warning(
-                    "skipped damaged checkpoint step %d (%s); moved it to %s. Resuming from "
-                    "step %d.",
+                    "skipped damaged checkpoint step %d (%s); %s. Resuming from step %d.",
                     bad_step,
                     reason,
                     self._set_aside(bad_step),
@@ -349,7 +305,7 @@ class Checkpointer:
         except Exception as err:
             raise _Damaged(f"its metadata cannot be read: {_short(err)}") from err
         if meta is not None:
-            refuse_other_config(meta.get("config", {}), self.config, STATE_FIELDS, where)
+            refuse_other_config(meta.get("config", {}), self.config, RESUME_FIELDS, where)
         refuse_other_shapes(saved_shapes, template, where)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fingerprint.keys_as_data(template))
         try:
@@ -365,32 +321,41 @@ class Checkpointer:
             raise _Damaged(f"{len(changed)} array(s) differ from what was saved, e.g. {changed[0]}")
         return state, meta.get("extra", {}) if extra is None else extra
 
-    def _set_aside(self, step: int) -> epath.Path:
-        """Move a damaged step out of the manager's directory (kept for inspection)."""
+    def _set_aside(self, step: int) -> str:
+        """Move a damaged step out of the manager's directory (kept for inspection); says where."""
         target_root = self.directory.parent / f"{self.directory.name}_damaged"
         target = target_root / str(step)
         suffix = 1
         while target.exists():
             target, suffix = target_root / f"{step}.{suffix}", suffix + 1
+        where = f"moved it to {target}"
         if jax.process_index() == 0:
-            target_root.mkdir(parents=True, exist_ok=True)
-            (self.directory / str(step)).rename(target)
+            try:
+                target_root.mkdir(parents=True, exist_ok=True)
+                (self.directory / str(step)).rename(target)
+            except OSError as err:  # e.g. a directory without permissions cannot be moved
+                where = f"it stays in place: it cannot be moved ({_short(err)})"
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"moco_jax_set_aside_{step}")
         self.manager.reload()
-        return target
+        return where
 
     def close(self) -> None:
         """Wait for the last save to be written, and give SIGTERM back its previous handler."""
         if not self._closed:
-            self.manager.wait_until_finished()
-            self.manager.close()
             self._closed = True
+            with self._no_space_means_one_line():
+                self.manager.wait_until_finished()
+                self.manager.close()
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+
+
+def _arrays(tree: Any) -> list[Any]:
+    return [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
 
 
 def _short(err: Exception) -> str:

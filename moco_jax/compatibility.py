@@ -27,6 +27,10 @@ STATE_FIELDS = (
     "moco.queue_size",
     "dataset.num_channels",
 )
+# Fields that decide the data order and the epochs' boundaries (with the device count, which
+# the saved ``steps_per_epoch`` covers): a resumed run with other values would neither continue
+# the same order nor average the epoch's loss over the right number of steps.
+SCHEDULE_FIELDS = ("batch_size", "dataset.name", "dataset.max_train_examples")
 ENCODER_FIELDS = ("model.backbone", "model.width_multiplier", "model.cifar_stem")
 # Fields that may change between a run and its resumption without a warning.
 UNREMARKABLE_FIELDS = ("dataset.data_dir", "init_from")

@@ -4,6 +4,8 @@ Each variable names a step count ``N`` (the state after ``N`` optimizer steps):
 
 - ``MOCO_JAX_FAULT_KILL_AT_STEP=N``: SIGKILL this process right after step ``N`` (and its
   checkpoint save, if one was due, has started): a machine that vanishes mid-run.
+- ``MOCO_JAX_FAULT_KILL_AFTER_COMMIT_AT_STEP=N``: the same, but only once step ``N``'s checkpoint
+  is completely written: the moment between a committed checkpoint and what follows it.
 - ``MOCO_JAX_FAULT_SIGTERM_AT_STEP=N``: send this process SIGTERM after step ``N``, as a
   scheduler preempting the job would.
 - ``MOCO_JAX_FAULT_NAN_AT_STEP=N``: step ``N``'s loss becomes NaN and the parameters it produces
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +33,21 @@ def _step_from_env(name: str) -> int | None:
 @dataclasses.dataclass(frozen=True)
 class Faults:
     kill_at: int | None = None
+    kill_after_commit_at: int | None = None
     sigterm_at: int | None = None
     nan_at: int | None = None
+    wait_for_saves: Callable[[], None] = lambda: None
 
     @classmethod
-    def from_env(cls) -> Faults:
+    def from_env(cls, wait_for_saves: Callable[[], None]) -> Faults:
+        """The faults the environment asks for; ``wait_for_saves`` blocks until checkpoints
+        started so far are written."""
         return cls(
             kill_at=_step_from_env("MOCO_JAX_FAULT_KILL_AT_STEP"),
+            kill_after_commit_at=_step_from_env("MOCO_JAX_FAULT_KILL_AFTER_COMMIT_AT_STEP"),
             sigterm_at=_step_from_env("MOCO_JAX_FAULT_SIGTERM_AT_STEP"),
             nan_at=_step_from_env("MOCO_JAX_FAULT_NAN_AT_STEP"),
+            wait_for_saves=wait_for_saves,
         )
 
     def poison(self, progress) -> None:
@@ -51,7 +60,9 @@ class Faults:
 
     def deliver_signals(self, progress) -> None:
         """Hook (after the checkpoint hook): the signal asked for at this step, if any."""
-        if progress.step == self.kill_at:
+        if progress.step == self.kill_after_commit_at:
+            self.wait_for_saves()
+        if progress.step in (self.kill_at, self.kill_after_commit_at):
             os.kill(os.getpid(), signal.SIGKILL)
         if progress.step == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)

@@ -65,22 +65,28 @@ def check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:
 
 
 class SaveCheckpoint:
-    """Saves with the running epoch loss and the input pipeline's counters (``views``): when the
-    checkpoint policies ask for it (interval, preemption), or, with ``epoch_end``, at the end of
-    every epoch (after its record is written)."""
+    """Saves when the checkpoint policies ask for it (interval, preemption) and at every epoch's
+    end, with the running epoch loss, the epoch length and the input pipeline's counters.
 
-    def __init__(self, checkpointer: Checkpointer, views: Any, epoch_end: bool = False):
-        self.checkpointer, self.views, self.epoch_end = checkpointer, views, epoch_end
+    Runs after the hooks that write records: everything a checkpoint covers is on disk before
+    the checkpoint is, so a run killed at any moment resumes with no record missing (a resumed
+    run rewinds the records written after its checkpoint and redoes them).
+    """
+
+    def __init__(self, checkpointer: Checkpointer, views: Any):
+        self.checkpointer, self.views = checkpointer, views
 
     def extra(self, progress: Progress) -> dict[str, Any]:
         loss = 0.0 if progress.epoch_steps == 0 else progress.epoch_loss
-        return {"epoch_loss_sum": loss, **self.views.checkpoint_extra()}
+        return {
+            "epoch_loss_sum": loss,
+            "steps_per_epoch": progress.steps_per_epoch,
+            **self.views.checkpoint_extra(),
+        }
 
     def __call__(self, progress: Progress) -> None:
-        if self.epoch_end and not progress.end_of_epoch:
-            return
-        extra = self.extra(progress)
-        self.checkpointer.save(progress.step, progress.state, self.epoch_end, extra)
+        force = progress.end_of_epoch
+        self.checkpointer.save(progress.step, progress.state, force, self.extra(progress))
 
 
 class StopWhenPreempted:

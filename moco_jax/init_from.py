@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 
 from moco_jax import fingerprint
-from moco_jax.checkpointing import LEGACY_ITEM, STATE_ITEM, open_manager, read_meta
+from moco_jax.checkpoint_format import LEGACY_ITEM, STATE_ITEM, open_manager, read_meta
 from moco_jax.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
 from moco_jax.validation import ConfigError
 

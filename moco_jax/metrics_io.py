@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+from absl import logging
 from etils import epath
 
 
@@ -43,10 +45,13 @@ class MetricsWriter:
 
     def write_baselines(self, baselines: dict[str, float]) -> None:
         if self.enabled:
-            (self.workdir / "baselines.json").write_text(json.dumps(baselines, indent=2) + "\n")
+            write_atomically(
+                self.workdir / "baselines.json", json.dumps(baselines, indent=2) + "\n"
+            )
 
     def rewind(self, step: int, steps_per_epoch: int) -> None:
-        """Forget records written after ``step``: a resumed run redoes those steps and epochs."""
+        """Forget records written after ``step`` (a resumed run redoes those steps and epochs)
+        and any line a killed run left half-written."""
         if not self.enabled:
             return
         for name, key, last in [
@@ -55,23 +60,51 @@ class MetricsWriter:
         ]:
             path = self.workdir / name
             if path.exists():
-                lines = [line for line in path.read_text().splitlines() if line]
-                kept = [line for line in lines if json.loads(line)[key] <= last]
-                if len(kept) != len(lines):
-                    path.write_text("".join(line + "\n" for line in kept))
+                lines = path.read_text().splitlines()
+                kept = [json.dumps(r) for r in read_records(path, key) if r[key] <= last]
+                if kept != lines:
+                    write_atomically(path, "".join(line + "\n" for line in kept))
 
     def read_history(self) -> dict:
-        """Baselines and epoch records written so far (a resumed run continues them)."""
+        """Baselines and epoch records written so far (a resumed run continues them); a file a
+        killed run left damaged is dropped with a warning (the baselines are then recomputed)."""
         history: dict = {}
         baselines = self.workdir / "baselines.json"
         if baselines.exists():
-            history["baselines"] = json.loads(baselines.read_text())
+            try:
+                history["baselines"] = dict(json.loads(baselines.read_text()))
+            except ValueError:
+                logging.warning("%s is damaged; the baselines are computed again", baselines)
         epochs = self.workdir / "epochs.jsonl"
         if epochs.exists():
-            history["epochs"] = [
-                json.loads(line) for line in epochs.read_text().splitlines() if line
-            ]
+            history["epochs"] = read_records(epochs, "epoch")
         return history
+
+
+def read_records(path: epath.Path, key: str) -> list[dict]:
+    """The JSON-lines records of ``path`` that have ``key``; others are dropped with a warning."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and key in record:
+            records.append(record)
+        elif line.strip():
+            logging.warning("%s line %d is damaged (a killed run?): dropped", path, number)
+    return records
+
+
+def write_atomically(path: epath.Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary file renamed over it (an object store
+    writes each object whole anyway)."""
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    temporary = path.parent / f".{path.name}.tmp"
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def plot_history(history: dict, path: epath.Path, title: str) -> None:

@@ -29,6 +29,7 @@ from moco_jax.mesh import DATA_AXIS, shard_batch
 from moco_jax.monitor import KnnMonitor
 from moco_jax.setup import Setup, build, mesh_for
 from moco_jax.validation import ConfigError
+from moco_jax.workdir_lock import WorkdirLock
 
 
 @dataclasses.dataclass
@@ -41,10 +42,18 @@ class Run:
     state: State
     checkpointer: Checkpointer
     monitor: KnnMonitor
+    lock: WorkdirLock
 
     @property
     def config(self) -> Any:
         return self.setup.config
+
+    def close(self) -> None:
+        """Wait for the last checkpoint to be written, then let the next run in."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self.lock.release()
 
 
 def setup_run(config: Any, workdir: str | epath.Path) -> Run:
@@ -53,21 +62,29 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
     _check_workdir(workdir)
+    lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
+    checkpointer = None
+    try:
+        data = load_data(config, mesh)
+        views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
 
-    data = load_data(config, mesh)
-    train_views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
-
-    # Algorithm and state (fresh or restored).
-    setup = build(config, train_views.steps_per_epoch, mesh=mesh)
-    state = setup.initial_state()
-    checkpointer = Checkpointer(workdir / "checkpoints", config)
-    checkpointer.check_can_save(state)  # read-only or full disk: fail before training
-    state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged ones
-    if checkpointer.restored_step is None and config.get("init_from"):
-        state = load_encoder_weights(config.init_from, state, setup)
-    model = setup.algorithm.model
-    monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
-    return Run(setup, workdir, train_views, state, checkpointer, monitor)
+        # Algorithm and state (fresh or restored).
+        setup = build(config, views.steps_per_epoch, mesh=mesh)
+        state = setup.initial_state()
+        checkpointer = Checkpointer(workdir / "checkpoints", config)
+        checkpointer.check_can_save(state)  # read-only or full disk: fail before training
+        state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
+        _check_epoch_length(checkpointer, views.steps_per_epoch)
+        if checkpointer.restored_step is None and config.get("init_from"):
+            state = load_encoder_weights(config.init_from, state, setup)
+        model = setup.algorithm.model
+        monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
+    except BaseException:
+        if checkpointer is not None:  # else orbax's threads print a traceback at exit
+            checkpointer.close()
+        lock.release()
+        raise
+    return Run(setup, workdir, views, state, checkpointer, monitor, lock)
 
 
 @dataclasses.dataclass
@@ -159,6 +176,18 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
         raise ConfigError(
             f"each of the {num_devices} devices holds {len(images) // num_devices} examples, "
             f"fewer than its batch of {per_device_batch}"
+        )
+
+
+def _check_epoch_length(checkpointer: Checkpointer, steps_per_epoch: int) -> None:
+    """A resumed run must cut the data into epochs as the saved one did."""
+    saved = checkpointer.restored_extra.get("steps_per_epoch")
+    if saved is not None and saved != steps_per_epoch:
+        raise ConfigError(
+            f"the checkpoint at step {checkpointer.restored_step} was saved by a run with "
+            f"{saved} steps per epoch, this one has {steps_per_epoch} (another device count?); "
+            f"resume with the saved settings, or start another --workdir with "
+            f"--config.init_from to take its encoder"
         )
 
 

@@ -15,15 +15,17 @@ first and passes the mesh to ``build``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.algorithms import Algorithm, State, build_algorithm
 from moco_jax.mesh import make_data_mesh, replicated
-from moco_jax.validation import validate
+from moco_jax.validation import ConfigError, validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,4 +76,34 @@ def build(
 
     ``steps_per_epoch`` sets the lr schedule's epoch length."""
     mesh = mesh_for(config, devices) if mesh is None else mesh
-    return Setup(config, mesh, build_algorithm(config, mesh, steps_per_epoch))
+    setup = Setup(config, mesh, build_algorithm(config, mesh, steps_per_epoch))
+    check_memory(setup)
+    return setup
+
+
+def check_memory(setup: Setup) -> None:
+    """``ConfigError`` if the state and one step's two views alone exceed a device's memory (a
+    lower bound, checked from shapes before anything is allocated or compiled)."""
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state()))
+    per_device = setup.config.batch_size // setup.mesh.size
+    views_bytes = 2 * per_device * int(np.prod(setup.image_shape)) * 4  # float32
+    available = device_memory(setup.mesh.devices.flat[0])
+    needed = state_bytes + views_bytes
+    if available is not None and needed > available:
+        gib = lambda n: f"{n / 2**30:.3g} GiB"  # noqa: E731
+        raise ConfigError(
+            f"the run needs at least {gib(needed)} per device (state {gib(state_bytes)}, two "
+            f"views of {per_device} images of {'x'.join(map(str, setup.image_shape))}: "
+            f"{gib(views_bytes)}) but a device has {gib(available)}: lower "
+            f"dataset.image_size, moco.queue_size or batch_size"
+        )
+
+
+def device_memory(device) -> int | None:
+    """Bytes of memory of ``device``: its allocator's limit, or the host's RAM for a CPU."""
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        return (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # not every backend reports memory (e.g. a compile-only topology)
+        return None

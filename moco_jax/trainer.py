@@ -17,7 +17,8 @@ from absl import logging
 from moco_jax import hooks
 from moco_jax.checkpointing import TrainingDiverged
 from moco_jax.faults import Faults
-from moco_jax.metrics_io import MetricsWriter, plot_history
+from moco_jax.init_from import load_encoder_weights
+from moco_jax.metrics_io import MetricsWriter, plot_history, write_atomically
 from moco_jax.run_setup import Run, setup_run
 
 __all__ = ["TrainingDiverged", "train_and_evaluate"]
@@ -32,9 +33,22 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ``TrainingDiverged`` and is never saved.
     Returns the final summary (last epoch's loss, kNN top-1 and the baselines).
     """
-    # --- Set-up: mesh, data, algorithm, state (fresh, restored or init_from). ---
-    run = setup_run(config, workdir)
-    algorithm, checkpointer, views = run.setup.algorithm, run.checkpointer, run.train_views
+    run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, init_from)
+    try:
+        history = _train(run)
+        summary = _summary(history)  # the results: summary and plot
+        if jax.process_index() == 0:
+            plot_history(history, run.workdir / "pretraining.png", config.dataset.name)
+            write_atomically(run.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    finally:
+        run.close()  # waits for the last checkpoint, then lets the next run in
+    return summary
+
+
+def _train(run: Run) -> dict:
+    """The loop: one step, then each periodic action in order; returns the run's history."""
+    config, algorithm = run.config, run.setup.algorithm
+    checkpointer, views = run.checkpointer, run.train_views
     steps_per_epoch = views.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     is_main = jax.process_index() == 0
@@ -42,19 +56,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     writer.rewind(int(run.state.step), steps_per_epoch)
     history = writer.read_history()
     if is_main:
-        (run.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        write_atomically(run.workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     if "baselines" not in history:  # what pretraining has to beat, once per workdir
         history["baselines"] = _baselines(run)
         writer.write_baselines(history["baselines"])
 
-    # --- The loop: one step, then each periodic action in order. ---
     progress = hooks.Progress(int(run.state.step), steps_per_epoch, run.state)
     progress.epoch_loss, progress.epoch_steps = hooks.resumed_epoch_loss(
         checkpointer.restored_extra, progress.step, steps_per_epoch, run.setup.mesh
     )
     views.restore(checkpointer.restored_extra)  # e.g. streamed data's skipped-image count
     bar = _progress_bar(total_steps, progress.step, enabled=is_main)
-    faults = Faults.from_env()  # test-only fault injection; inert unless MOCO_JAX_FAULT_* is set
+    # Test-only fault injection; inert unless MOCO_JAX_FAULT_* is set.
+    faults = Faults.from_env(wait_for_saves=checkpointer.manager.wait_until_finished)
     save = hooks.SaveCheckpoint(checkpointer, views)
     log = hooks.LogMetrics(
         config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
@@ -63,14 +77,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         config, run.monitor, algorithm.encoder_variables, views.checkpoint_extra,
         writer, history, bar.write, checkpointer,
     )  # fmt: skip
+    # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
     actions = [
         faults.poison,
         hooks.Progress.add_loss,
-        save,
-        faults.deliver_signals,
         log,
         end_of_epoch,
-        hooks.SaveCheckpoint(checkpointer, views, epoch_end=True),
+        save,
+        faults.deliver_signals,
         hooks.StopWhenPreempted(save, bar),
     ]
     checkpointer.watch_sigterm()
@@ -83,26 +97,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         if progress.end_of_epoch:
             log.restart_clock()  # kNN time is not training time
     bar.close()
-    checkpointer.close()
-
-    # --- Results: plot and summary. ---
-    summary = _summary(history)
-    if is_main:
-        plot_history(history, run.workdir / "pretraining.png", config.dataset.name)
-        (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return history
 
 
 def _baselines(run: Run) -> dict[str, float]:
-    """kNN of raw pixels and of the random-init encoder (and of the loaded weights for a run
-    started with ``init_from``, whose state holds them instead of a random init)."""
+    """kNN of raw pixels and of the random-init encoder, and for a run started with
+    ``init_from`` of the weights it loaded (also when a resumed run lost its baselines file)."""
     t0 = time.time()
-    encoder = run.setup.algorithm.encoder_variables
-    if run.config.get("init_from"):
-        random_init = encoder(run.setup.initial_state())
-        baselines = run.monitor.baselines(random_init, encoder(run.state))
+    encoder, fresh = run.setup.algorithm.encoder_variables, run.checkpointer.restored_step is None
+    init_from = run.config.get("init_from")
+    initial = run.state if fresh and not init_from else run.setup.initial_state()
+    if init_from:
+        loaded = run.state if fresh else load_encoder_weights(init_from, initial, run.setup)
+        baselines = run.monitor.baselines(encoder(initial), encoder(loaded))
     else:
-        baselines = run.monitor.baselines(encoder(run.state))
+        baselines = run.monitor.baselines(encoder(initial))
     logging.info("baselines (%.0fs): %s", time.time() - t0, baselines)
     return baselines
 

@@ -11,13 +11,18 @@ size without cropping, dataset size) are in ``run_setup``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
+
+from etils import epath
 
 from moco_jax.algorithms import available_algorithms
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEADS
 
 SCHEDULES = ("cosine", "step", "constant")
+# TFDS names: a builder, optionally /config, optionally :version (no paths).
+TFDS_NAME = re.compile(r"[a-z0-9][a-z0-9_]*(/[a-z0-9_.-]+)?(:[0-9]+(\.[0-9*]+){0,2})?")
 
 
 class ConfigError(ValueError):
@@ -81,10 +86,16 @@ def _validate_data_fields(config: Any) -> None:
     """``seed``, ``num_devices``, ``dataset.*`` and ``augment.*``."""
     dataset, aug = config.dataset, config.augment
     _int_at_least("seed", config.seed, 0)
+    _require(
+        config.seed < 2**31,
+        f"seed must be < 2**31, got {config.seed} (the input pipelines derive 64-bit seeds "
+        f"from it)",
+    )
     _int_at_least("num_devices", config.num_devices, 0)
     _require(
-        isinstance(dataset.name, str) and dataset.name.strip() != "",
-        f"dataset.name must be a TFDS dataset name, got {dataset.name!r}",
+        isinstance(dataset.name, str) and TFDS_NAME.fullmatch(dataset.name) is not None,
+        f"dataset.name must be a TFDS dataset name, got {dataset.name!r} (e.g. fashion_mnist, "
+        f"imagenet2012 or imagenet2012:5.1.0)",
     )
     _require(
         dataset.data_dir is None or (isinstance(dataset.data_dir, str) and dataset.data_dir),
@@ -149,6 +160,11 @@ def _validate_run_fields(config: Any) -> None:
     _require(
         init_from is None or (isinstance(init_from, str) and init_from.strip() != ""),
         f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
+    )
+    _require(
+        init_from is None or not epath.Path(init_from).is_file(),
+        f"init_from must be another run's workdir, checkpoints directory or step directory, "
+        f"got the file {init_from!r}",
     )
 
 

@@ -1,13 +1,16 @@
 """Checkpoints on their own: exact round trip, damage and fallback, other configs, init_from,
 retention, NaN states, SIGTERM and a full disk (one tiny state, no training)."""
 
+import contextlib
 import os
 import shutil
 import signal
+import subprocess
 
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from moco_jax import checkpointing
 from moco_jax.checkpointing import Checkpointer, CheckpointError, TrainingDiverged
@@ -156,6 +159,9 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, tiny, 
             r"model.backbone 'mlp' -> 'resnet18', model.width_multiplier 0.0625 -> 0.125",
         ),
         ({"model.head": "mlp"}, r"model.head 'linear' -> 'mlp'"),
+        # The data order and the epochs' boundaries: refused, not silently mis-averaged.
+        ({"batch_size": 32}, r"batch_size 64 -> 32"),
+        ({"dataset.max_train_examples": 256}, r"dataset.max_train_examples 512 -> 256"),
     ],
 )
 def test_checkpoint_of_another_config_is_refused_naming_the_fields(
@@ -335,4 +341,68 @@ def test_a_full_disk_fails_before_training(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: usage._replace(free=1000))
     with pytest.raises(OSError, match=r"has 0.0 MiB free but one checkpoint needs about"):
         checkpointer.check_can_save(state)
+    with pytest.raises(OSError, match=r"keeps up to 4 at once \(checkpoint.keep=3, plus one"):
+        checkpointer.check_can_save(state)
     checkpointer.close()
+
+
+def test_a_disk_that_fills_mid_run_is_one_line_and_loses_nothing(tmp_path, tiny):
+    """A real full disk (a 3 MiB tmpfs): the failed write is reported with what the run needs,
+    the checkpoint before it stays intact and, once there is room, saving goes on."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        config, state = tiny
+        checkpointer = Checkpointer(mount / "checkpoints", config)
+        checkpointer.save(1, _with_step(state, 1))
+        checkpointer.manager.wait_until_finished()
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(filler, bytes(1 << 16))
+        os.close(filler)
+        with pytest.raises(OSError, match=r"no space left on device in .* one needs about"):
+            checkpointer.save(2, _with_step(state, 2))  # the write fails in the background
+            checkpointer.close()
+        os.remove(mount / "filler")
+        again = Checkpointer(mount / "checkpoints", config)
+        _leaves_equal(again.restore_latest(state), _with_step(state, 1))
+        assert again.save(2, _with_step(state, 2))
+        again.close()
+        assert again.manager.all_steps() == [1, 2]
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def test_an_unreadable_checkpoint_that_cannot_be_moved_is_skipped(
+    tmp_path, tiny, pristine, monkeypatch, caplog
+):
+    """A step directory without permissions can be neither read nor moved (checked by hand as an
+    unprivileged user; here, as root, both refusals are simulated)."""
+    config, state = tiny
+    directory = _saved(tmp_path, pristine)
+    path_type = type(epath.Path(directory))
+    real_read_meta, real_rename = checkpointing.read_meta, path_type.rename
+
+    def read_meta(manager, step):
+        if step == 3:
+            raise PermissionError(13, "Permission denied", str(directory / "3"))
+        return real_read_meta(manager, step)
+
+    def rename(self, target):
+        if self.name == "3":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(checkpointing, "read_meta", read_meta)
+    monkeypatch.setattr(path_type, "rename", rename)
+    checkpointer = Checkpointer(directory, config)
+    with caplog.at_level("WARNING"):
+        restored = checkpointer.restore_latest(state)
+    checkpointer.close()
+    assert checkpointer.restored_step == 2
+    _leaves_equal(restored, _with_step(state, 2))
+    assert "skipped damaged checkpoint step 3" in caplog.text
+    assert "it stays in place: it cannot be moved (PermissionError" in caplog.text

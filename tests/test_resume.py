@@ -44,7 +44,7 @@ def _start(workdir, *overrides, fault=None):
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
-    for name in ("KILL", "SIGTERM", "NAN"):
+    for name in ("KILL", "KILL_AFTER_COMMIT", "SIGTERM", "NAN"):
         env.pop(f"MOCO_JAX_FAULT_{name}_AT_STEP", None)
     if fault:
         env[f"MOCO_JAX_FAULT_{fault[0]}_AT_STEP"] = str(fault[1])
@@ -77,14 +77,26 @@ def runs(tmp_path_factory):
     after_sigterm = _steps_on_disk(interrupted)
     nan_run = [*RUN, "--config.checkpoint.every_steps=2", "--config.log_every_steps=100"]
     nan = _start(root / "nan", *nan_run, fault=("NAN", 5))
+    # Killed once epoch 1's checkpoint (step 8) is completely written: its record must be there.
+    commit_kill = _wait(_start(interrupted, *RUN, fault=("KILL_AFTER_COMMIT", 8)))
+    after_commit_kill = _steps_on_disk(interrupted)
+    records_after_commit_kill = _records(interrupted / "epochs.jsonl", "epoch", drop="")
     kill = _wait(_start(interrupted, *RUN, fault=("KILL", 12)))
     after_kill = _steps_on_disk(interrupted)
+    # What a kill in the middle of a write would leave: a half line, a truncated JSON file.
+    with (interrupted / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 13, "loss": 5.')
+    baselines = interrupted / "baselines.json"
+    baselines.write_text(baselines.read_text()[:20])
     finish = _wait(_start(interrupted, *RUN))
     return {
         "root": root,
         "reference": _wait(reference),
         "sigterm": sigterm,
         "after_sigterm": after_sigterm,
+        "commit_kill": commit_kill,
+        "after_commit_kill": after_commit_kill,
+        "records_after_commit_kill": records_after_commit_kill,
         "kill": kill,
         "after_kill": after_kill,
         "finish": finish,
@@ -132,6 +144,16 @@ def _records(path, key, drop):
         record = json.loads(line)
         records[record[key]] = {k: v for k, v in record.items() if k != drop}
     return records
+
+
+def test_records_survive_a_kill_right_after_a_committed_checkpoint(runs):
+    assert runs["commit_kill"].returncode == -signal.SIGKILL
+    assert runs["after_commit_kill"][-1] == 8  # epoch 1's checkpoint was complete
+    # Epoch 1's record was written before the checkpoint that covers it.
+    assert sorted(runs["records_after_commit_kill"]) == [1]
+    finish = runs["finish"].stderr
+    assert "metrics.jsonl line" in finish and "is damaged" in finish  # the half line
+    assert "baselines.json is damaged; the baselines are computed again" in finish
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):

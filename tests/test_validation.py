@@ -96,6 +96,10 @@ BAD_VALUES = [
     ({"checkpoint.keep_every_steps": -2}, 1, "checkpoint.keep_every_steps must be an integer"),
     ({"log_every_steps": 0}, 1, "log_every_steps must be an integer >= 1, got 0"),
     ({"init_from": ""}, 1, "init_from must be a path to another run's checkpoints"),
+    # Bad input that used to fail late or deep inside a library.
+    ({"seed": 2**70}, 1, r"seed must be < 2\*\*31, got 1180591620717411303424"),
+    ({"dataset.name": "../../etc/passwd"}, 1, "dataset.name must be a TFDS dataset name, got '../"),
+    ({"init_from": "/etc/passwd"}, 1, "init_from must be another run's workdir, .* got the file"),
 ]
 
 
@@ -159,3 +163,28 @@ def test_good_configs_pass():
     validate_config(moco_v1_imagenet.get_config(), 8)
     validate_config(moco_v2_imagenet.get_config(), 8)
     validate_config(tiny_config(**{"moco.queue_size": 64}), 1)  # K == batch is allowed
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"dataset.image_size": 100000}, r"two views of 8 images of 100000x100000x1: 596 GiB"),
+        ({"moco.queue_size": 10**12}, r"needs at least 4.77e\+05 GiB per device \(state 4.77e\+05"),
+    ],
+)
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated(
+    overrides, message
+):
+    with pytest.raises(ConfigError, match=message):
+        moco_jax.build(tiny_config(**overrides), steps_per_epoch=10, devices=jax.devices()[:8])
+
+
+def test_a_resumed_run_must_cut_epochs_as_the_saved_one():
+    from types import SimpleNamespace
+
+    from moco_jax.run_setup import _check_epoch_length
+
+    saved = SimpleNamespace(restored_step=16, restored_extra={"steps_per_epoch": 8})
+    _check_epoch_length(saved, 8)
+    with pytest.raises(ConfigError, match="saved by a run with 8 steps per epoch, this one has 4"):
+        _check_epoch_length(saved, 4)
