@@ -347,8 +347,10 @@ class Checkpointer:
         if not self._closed:
             self._closed = True
             with self._no_space_means_one_line():
-                self.manager.wait_until_finished()
-                self.manager.close()
+                try:
+                    self.manager.wait_until_finished()
+                finally:
+                    self.manager.close()  # joins orbax's threads even when a write failed
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
