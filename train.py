@@ -1,17 +1,19 @@
 """Pretrain MoCo: ``python train.py --config configs/<name>.py --workdir DIR [--config.x=y ...]``.
 
 Every host of a multi-process run (TPU pod, GPU cluster) runs the same command; rerunning with
-the same ``--workdir`` resumes from the latest checkpoint.
+the same ``--workdir`` resumes from the latest checkpoint. A bad command line, config or input
+is one ``error:`` line and exit code 2.
 """
 
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from moco_jax import cli_errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+cli_errors.define_config_file("config", "Config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.DEFINE_enum(
     "distributed",
@@ -19,7 +21,6 @@ flags.DEFINE_enum(
     ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' does when a cluster environment is detected.",
 )
-flags.mark_flags_as_required(["config", "workdir"])
 
 CLUSTER_ENV_VARS = (
     "JAX_COORDINATOR_ADDRESS",
@@ -31,26 +32,21 @@ CLUSTER_ENV_VARS = (
 
 def main(argv):
     del argv
-    from moco_jax.cli_errors import quiet_library_logs, run_with_clear_errors
-
-    quiet_library_logs()
+    cli_errors.quiet_library_logs()
     import jax
 
-    if FLAGS.distributed == "on" or (
-        FLAGS.distributed == "auto" and any(os.environ.get(v) for v in CLUSTER_ENV_VARS)
-    ):
-        jax.distributed.initialize()
+    cli_errors.initialize_distributed(FLAGS.distributed, CLUSTER_ENV_VARS)
     logging.info(
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
 
     from moco_jax.trainer import train_and_evaluate
 
-    summary = run_with_clear_errors(train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    summary = cli_errors.run_with_clear_errors(train_and_evaluate, FLAGS.config, FLAGS.workdir)
     if summary is not None and jax.process_index() == 0:
         print("summary:", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    app.run(main)
+    app.run(main, flags_parser=cli_errors.flags_parser(required=("config", "workdir")))

@@ -17,34 +17,23 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
-from moco_jax.cli_errors import EXPECTED_ERRORS
+from moco_jax.cli_errors import (
+    EXIT_USAGE,
+    EXPECTED_ERRORS,
+    define_config_file,
+    error_line,
+    flag_error_line,
+)
 
 CONFIG_HELP = (
     "a config file (configs/*.py); then --config.KEY=VALUE sets any of its fields, "
     "e.g. --config.moco.queue_size=128"
 )
-EXIT_USAGE = 2
 
 
 class UsageError(ValueError):
     """A command line, config file or config field the benchmark cannot run with."""
-
-
-def error_line(err: BaseException) -> str:
-    """An error's message on one line (its last line where the message carries a traceback)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        return lines[-1]
-    return " ".join(lines) or type(err).__name__
-
-
-def _missing_field(err: BaseException) -> str:
-    """The name in the innermost ``KeyError`` behind ConfigDict's unknown-field error."""
-    while err.__cause__ or err.__context__:
-        err = err.__cause__ or err.__context__
-    return str(err.args[0]) if err.args else "?"
 
 
 @contextlib.contextmanager
@@ -52,16 +41,8 @@ def usage_errors() -> Iterator[None]:
     """Turn absl's and ml_collections' parsing errors into ``UsageError``."""
     try:
         yield
-    except (AttributeError, KeyError) as err:  # ConfigDict: an override names no field
-        raise UsageError(
-            f"no config field {_missing_field(err)!r}: each --config.KEY=VALUE must name a "
-            "field of the config"
-        ) from None
-    except OSError as err:  # ml_collections: the config file did not load
-        reason = [line for line in str(err).splitlines() if line.strip()][-1].strip()
-        raise UsageError(f"cannot load the config file: {reason}") from None
-    except (flags.Error, TypeError, ValueError) as err:
-        raise UsageError(error_line(err)) from None
+    except (AttributeError, KeyError, OSError, flags.Error, TypeError, ValueError) as err:
+        raise UsageError(flag_error_line(err)) from None
 
 
 def peek(argv: Sequence[str], define: Callable[[flags.FlagValues], None]) -> flags.FlagValues:
@@ -91,8 +72,8 @@ def parse(
     flags.DEFINE_boolean("help", False, "show this help and exit", flag_values=values)
     full_argv = [prog, *argv]
     with usage_errors():
-        config_flags.DEFINE_config_file(
-            "config", default_config, CONFIG_HELP, flag_values=values, sys_argv=full_argv
+        define_config_file(
+            "config", CONFIG_HELP, values, default=default_config, sys_argv=full_argv
         )
         rest = values(full_argv)
         if values.config is not None:

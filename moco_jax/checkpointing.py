@@ -174,8 +174,8 @@ class Checkpointer:
         failed one are intact (orbax commits a step only once it is whole)."""
         try:
             yield
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
+        except Exception as err:  # OSError from orbax, ValueError from TensorStore
+            if getattr(err, "errno", None) != errno.ENOSPC and "No space left" not in str(err):
                 raise
             raise OSError(
                 errno.ENOSPC,

@@ -9,11 +9,12 @@ printed and written to ``DIR/knn_eval.json``.
 from __future__ import annotations
 
 import json
-import sys
 
 import ml_collections
 from absl import app, flags
 from etils import epath
+
+from moco_jax.validation import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A pretraining run's workdir (holds config.json).")
@@ -21,12 +22,41 @@ flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the la
 flags.DEFINE_string("data_dir", None, "Override dataset.data_dir of the saved config.")
 
 
+# A config.json without these is not a moco_jax run's config.
+CONFIG_SECTIONS = ("dataset", "model", "moco", "optim", "augment", "checkpoint", "knn")
+
+
 def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
-    """The config a run was started with."""
+    """The config a run was started with (``ConfigError`` naming the file if it is not one)."""
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"workdir {workdir} does not exist (or is not a directory)")
     path = workdir / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a moco_jax workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as err:  # truncated, not JSON, not UTF-8
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a moco_jax config (not a JSON object)")
+    missing = [section for section in CONFIG_SECTIONS if section not in saved]
+    if missing:
+        raise ConfigError(f"{path} is not a moco_jax config (no {', '.join(missing)})")
+    return ml_collections.ConfigDict(saved)
+
+
+def saved_steps(workdir: epath.Path) -> list[int]:
+    """The steps of the checkpoints in ``workdir`` (read-only: creates nothing)."""
+    from moco_jax.checkpoint_format import open_manager
+
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    manager = open_manager(directory)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
 
 
 def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = None) -> dict:
@@ -39,28 +69,32 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     config = load_run_config(workdir_path)
     if data_dir is not None:
         config.dataset.data_dir = data_dir
+    _check_saved(workdir_path, step, saved_steps(workdir_path))  # before the data is loaded
     run = setup_run(config, workdir_path)
-    available = run.checkpointer.manager.all_steps()
-    if not available:
-        raise FileNotFoundError(f"no checkpoint in {workdir_path / 'checkpoints'}")
-    initial = run.setup.initial_state()
-    state = run.checkpointer.restore(step, initial) if step is not None else run.state
-    encoder = run.setup.algorithm.encoder_variables
-    result = {"step": int(state.step), **run.monitor.baselines(encoder(initial))}
-    result.update(run.monitor.evaluate(encoder(state)))
-    run.checkpointer.close()
+    try:
+        # Damaged checkpoints were set aside: what is left may be none (or not ``step``).
+        _check_saved(workdir_path, step, run.checkpointer.manager.all_steps())
+        initial = run.setup.initial_state()
+        state = run.checkpointer.restore(step, initial) if step is not None else run.state
+        encoder = run.setup.algorithm.encoder_variables
+        result = {"step": int(state.step), **run.monitor.baselines(encoder(initial))}
+        result.update(run.monitor.evaluate(encoder(state)))
+    finally:
+        run.close()
     if jax.process_index() == 0:
         (workdir_path / "knn_eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+def _check_saved(workdir: epath.Path, step: int | None, steps: list[int]) -> None:
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: nothing to evaluate")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; saved: {steps}")
+
+
 def main(argv):
-    if len(argv) != 2 or argv[1] != "knn":
-        print("usage: python -m moco_jax.evaluate knn --workdir DIR [--step N]", file=sys.stderr)
-        sys.exit(2)
-    if not FLAGS.workdir:
-        print("error: --workdir is required", file=sys.stderr)
-        sys.exit(2)
+    del argv
     from moco_jax.cli_errors import quiet_library_logs, run_with_clear_errors
 
     quiet_library_logs()
@@ -73,4 +107,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from moco_jax.cli_errors import flags_parser
+
+    app.run(main, flags_parser=flags_parser(required=("workdir",), commands=("knn",)))
