@@ -59,6 +59,7 @@ class Run:
 def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     """Validate, load the data, build the algorithm and restore the latest checkpoint if any."""
     mesh = mesh_for(config)  # every config rule that needs no data, once
+    build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data loads
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
     _check_workdir(workdir)

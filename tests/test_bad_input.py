@@ -96,6 +96,37 @@ ROWS = [
         "error: --distributed=on but no cluster was found",
         "no workdir",
     ),
+    # Config values that used to fail late, deep in a library, or by running out of memory.
+    (
+        "seed-out-of-range",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", f"--config.seed={2**70}"],
+        "error: seed must be < 2**31, got 1180591620717411303424",
+        "no workdir",
+    ),
+    (
+        "dataset-name-is-a-path",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.dataset.name=../../etc/passwd"],
+        "error: dataset.name must be a TFDS dataset name, got '../../etc/passwd'",
+        "no workdir",
+    ),
+    (
+        "init-from-a-file",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.init_from=/etc/passwd"],
+        "error: init_from must be another run's workdir, checkpoints directory or step directory",
+        "no workdir",
+    ),
+    (
+        "image-too-large-for-memory",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.dataset.image_size=100000"],
+        "error: the run needs at least 4.77e+03 GiB per device (state",
+        "no workdir",
+    ),
+    (
+        "queue-too-large-for-memory",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.moco.queue_size=1000000000000"],
+        "error: the run needs at least 4.77e+05 GiB per device (state",
+        "no workdir",
+    ),
     (
         "init-from-missing",  # raised after the Checkpointer exists: orbax must print nothing
         [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.init_from=/nonexistent"]
