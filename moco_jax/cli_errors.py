@@ -76,12 +76,18 @@ def _not_from_orbax(record: std_logging.LogRecord) -> bool:
 
 
 def _unless_from_orbax(hook):
-    """An unraisable-exception hook that drops what orbax's abandoned coroutines raise when a
-    background write failed (the failure itself is reported as the ``error:`` line)."""
+    """An unraisable-exception hook that drops what orbax's abandoned coroutines, and the
+    TensorStore callbacks into their closed event loop, raise when a background write failed
+    (the failure itself is reported as the ``error:`` line)."""
 
     def filtered(unraisable) -> None:
         code = getattr(unraisable.object, "cr_code", None)
-        if code is None or "/orbax/" not in code.co_filename.replace(os.sep, "/"):
+        if code is not None and "/orbax/" in code.co_filename.replace(os.sep, "/"):
+            return
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and (
+            str(unraisable.exc_value) == "Event loop is closed"  # TensorStore's late callbacks
+        )
+        if not (closed_loop and unraisable.object is None):
             hook(unraisable)
 
     return filtered
