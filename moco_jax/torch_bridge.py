@@ -17,6 +17,7 @@ Name mapping (Flax path <-> torch name):
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -91,22 +92,44 @@ def _set(tree: dict, path: list[str], value: np.ndarray) -> None:
     tree[path[-1]] = value
 
 
+# The module names a torchvision ResNet (with a MoCo head) has: anything else is not its tensor.
+_RESNET_MODULE = re.compile(
+    r"(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01])|fc(\.[02])?)"
+)
+
+
+def _checked_array(name: Any, tensor: Any, leaf: str) -> np.ndarray:
+    """``tensor`` as a numpy array, or ``WeightBridgeError`` naming what is wrong with it."""
+    if not hasattr(tensor, "shape") or not hasattr(tensor, "dtype"):
+        raise WeightBridgeError(f"{name!r} holds a {type(tensor).__name__}, not a tensor")
+    value = np.asarray(tensor)
+    if leaf != "num_batches_tracked" and not np.issubdtype(value.dtype, np.floating):
+        raise WeightBridgeError(f"{name!r} has dtype {value.dtype}; weights must be floating point")
+    if leaf != "num_batches_tracked" and not np.isfinite(value).all():
+        raise WeightBridgeError(f"{name!r} holds NaN or infinite values")
+    return value
+
+
 def torch_to_flax(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, dict]:
     """A torchvision-named ResNet (+ MoCo head) state dict -> ``{'params', 'batch_stats'}``.
 
-    Only names starting with ``prefix`` are taken (e.g. ``'module.encoder_q.'``).
+    Only names starting with ``prefix`` are taken (e.g. ``'module.encoder_q.'``). A key that is
+    not a string, a value that is not a floating-point tensor, NaN or infinite weights and a name
+    a ResNet does not have (``layer9.0.conv1.weight``) are refused with the name.
     """
     variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for name, tensor in state_dict.items():
+        if not isinstance(name, str):
+            raise WeightBridgeError(f"state dict key {name!r} is not a tensor name")
         if not name.startswith(prefix):
             continue
         parts = name[len(prefix) :].split(".")
         *module_parts, leaf = parts
-        if not module_parts:
-            raise WeightBridgeError(f"{name!r} is not a layer's tensor")
+        if not module_parts or not _RESNET_MODULE.fullmatch(".".join(module_parts)):
+            raise WeightBridgeError(f"{name!r} is not a tensor of a torchvision ResNet")
+        value = _checked_array(name, tensor, leaf)
         if leaf == "num_batches_tracked":
             continue
-        value = np.asarray(tensor)
         module = _torch_module_to_flax(module_parts)
         if _is_bn(module[-1]):
             if leaf not in _BN_TORCH_TO_FLAX:
@@ -232,16 +255,30 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ImportError(
             "reading .pth files needs PyTorch: pip install torch (only for this conversion)"
         ) from err
+    if os.path.isdir(path):
+        raise WeightBridgeError(f"{path} is a directory, not a .pth file")
     try:
         payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as err:  # torch raises UnpicklingError for disallowed objects
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors
         raise WeightBridgeError(
-            f"{path}: not a plain weights file (refused to unpickle code objects): {err}"
+            f"{path}: not a plain weights file (refused to unpickle code objects): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from err
+    except Exception as err:  # a truncated or damaged archive
+        raise WeightBridgeError(
+            f"{path} is not a complete PyTorch file (truncated or damaged): "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         ) from err
     if isinstance(payload, Mapping) and "state_dict" in payload:
         payload = payload["state_dict"]
     if not isinstance(payload, Mapping):
         raise WeightBridgeError(f"{path}: expected a state dict, found {type(payload).__name__}")
-    return {name: tensor.detach().cpu().numpy() for name, tensor in payload.items()}
+    arrays = {}
+    for name, tensor in payload.items():
+        if not isinstance(tensor, torch.Tensor):
+            kind = type(tensor).__name__
+            raise WeightBridgeError(f"{path}: {name!r} holds a {kind}, not a tensor")
+        arrays[name] = tensor.detach().cpu().numpy()
+    return arrays

@@ -164,3 +164,47 @@ def test_unknown_tensor_names_are_rejected():
         torch_bridge.torch_to_flax({"conv1.weight": np.zeros((1, 1, 3, 3))}, "module.encoder_q.")
     with pytest.raises(torch_bridge.WeightBridgeError, match="unexpected BatchNorm tensor"):
         torch_bridge.torch_to_flax({"bn1.gamma": np.zeros(3)})
+
+
+GOOD = {"conv1.weight": np.zeros((4, 1, 3, 3), np.float32), "bn1.weight": np.ones(4, np.float32)}
+
+
+@pytest.mark.parametrize(
+    "state_dict,message",
+    [
+        ({**GOOD, 7: np.zeros(3, np.float32)}, r"state dict key 7 is not a tensor name"),
+        ({**GOOD, "bn1.bias": "0.5"}, r"'bn1.bias' holds a str, not a tensor"),
+        ({**GOOD, "bn1.bias": {"x": np.zeros(4)}}, r"'bn1.bias' holds a dict, not a tensor"),
+        (
+            {**GOOD, "layer9.0.conv1.weight": np.zeros((4, 4, 3, 3), np.float32)},
+            r"'layer9.0.conv1.weight' is not a tensor of a torchvision ResNet",
+        ),
+        (
+            {"conv1.weight": np.zeros((4, 1, 3, 3), np.int64)},
+            r"'conv1.weight' has dtype int64; weights must be floating point",
+        ),
+        (
+            {"conv1.weight": np.full((4, 1, 3, 3), np.nan, np.float32)},
+            r"'conv1.weight' holds NaN or infinite values",
+        ),
+    ],
+    ids=["int-key", "string-value", "nested-dict", "extra-layer", "int64-weights", "nan-weights"],
+)
+def test_hostile_state_dicts_are_refused_naming_the_key(state_dict, message):
+    with pytest.raises(torch_bridge.WeightBridgeError, match=message):
+        torch_bridge.torch_to_flax(state_dict)
+
+
+def test_damaged_files_are_named_for_what_they_are(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 1, 3, 3)}, path)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"not a complete PyTorch file"):
+        torch_bridge.load_torch_file(truncated)
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"is a directory, not a \.pth file"):
+        torch_bridge.load_torch_file(tmp_path)
+    torch.save({"conv1.weight": torch.zeros(4, 1, 3, 3), "epoch": 3}, path)
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"'epoch' holds a int, not a tensor"):
+        torch_bridge.load_torch_file(path)
