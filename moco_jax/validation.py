@@ -21,6 +21,8 @@ from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEADS
 
 SCHEDULES = ("cosine", "step", "constant")
+# Files init_from reads as PyTorch weights (official MoCo checkpoints, torchvision state dicts).
+TORCH_WEIGHT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar")
 # TFDS names: a builder, optionally /config, optionally :version (no paths).
 TFDS_NAME = re.compile(r"[a-z0-9][a-z0-9_]*(/[a-z0-9_.-]+)?(:[0-9]+(\.[0-9*]+){0,2})?")
 
@@ -162,9 +164,12 @@ def _validate_run_fields(config: Any) -> None:
         f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
     )
     _require(
-        init_from is None or not epath.Path(init_from).is_file(),
+        init_from is None
+        or not epath.Path(init_from).is_file()
+        or init_from.endswith(TORCH_WEIGHT_SUFFIXES),
         f"init_from must be another run's workdir, checkpoints directory or step directory, "
-        f"got the file {init_from!r}",
+        f"or a PyTorch weights file ({', '.join(TORCH_WEIGHT_SUFFIXES)}), got the file "
+        f"{init_from!r}",
     )
 
 
