@@ -26,6 +26,8 @@ STATE_FIELDS = (
     "model.dim",
     "moco.queue_size",
     "dataset.num_channels",
+    "linear.num_classes",
+    "linear.train_backbone",
 )
 # Fields that decide the data order and the epochs' boundaries (with the device count, which
 # the saved ``steps_per_epoch`` covers): a resumed run with other values would neither continue

@@ -87,3 +87,33 @@ def base_config() -> ml_collections.ConfigDict:
     # (init_from_knn_*). None: random initialisation.
     config.init_from = placeholder(str)
     return config
+
+
+def linear_config() -> ml_collections.ConfigDict:
+    """Linear classification on frozen features with the official ``main_lincls.py`` protocol of
+    MoCo v1/v2 (ImageNet, ResNet-50); run by ``python -m moco_jax.evaluate linear``."""
+    config = base_config()
+    config.algorithm = "linear"  # the protocol of moco_jax/algorithms/linear.py
+    config.epochs = 100
+    config.model.bn_mode = "sync"  # only fine-tuning computes batch statistics: over all devices
+    config.augment.crop_scale = (0.08, 1.0)  # RandomResizedCrop(224) with torchvision's default
+    config.augment.jitter_prob = 0.0  # ... and a horizontal flip, nothing else
+    config.augment.grayscale_prob = 0.0
+    config.optim.base_lr = 30.0  # per 256 images; SGD momentum 0.9
+    config.optim.weight_decay = 0.0
+    config.optim.schedule = "step"
+    config.optim.lr_milestones = (60, 80)  # lr x0.1 at these epochs
+    config.checkpoint.every_steps = 1000
+
+    config.linear = linear = ml_collections.ConfigDict()
+    # The pretrained encoder (--pretrained sets it): a pretraining workdir, checkpoints directory
+    # or step directory, an official MoCo .pth.tar or a torchvision ResNet state dict. None: the
+    # random-init encoder (a baseline). A workdir's model architecture replaces config.model's.
+    linear.pretrained = placeholder(str)
+    linear.num_classes = 1000  # classes of dataset.name (checked against the data)
+    linear.init_std = 0.01  # classifier weight ~ N(0, init_std^2), bias 0
+    linear.eval_every_epochs = 1  # test top-1/top-5 period in epochs (and after the last one)
+    linear.cached_features = False  # True: features once, no augmentation; a faster protocol
+    linear.train_backbone = False  # True: fine-tune the whole encoder, BN in train mode
+    linear.backbone_lr = 0.0  # fine-tuning: the backbone's lr per 256 images (same schedule)
+    return config

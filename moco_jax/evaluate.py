@@ -1,9 +1,15 @@
-"""Evaluate a saved run: ``python -m moco_jax.evaluate knn --workdir DIR``.
+"""Evaluate pretrained weights, two ways:
 
-Rebuilds the run from ``DIR/config.json``, restores the latest checkpoint (or ``--step``), and
-reports weighted-kNN top-1 on the head and backbone features next to the raw-pixel and
-random-init baselines of the same data, so the gain from pretraining is visible. The result is
-printed and written to ``DIR/knn_eval.json``.
+``python -m moco_jax.evaluate knn --workdir DIR``: rebuilds the run from ``DIR/config.json``,
+restores the latest checkpoint (or ``--step``), and reports weighted-kNN top-1 on the head and
+backbone features next to the raw-pixel and random-init baselines of the same data, so the gain
+from pretraining is visible. The result is printed and written to ``DIR/knn_eval.json``.
+
+``python -m moco_jax.evaluate linear --config configs/linear_imagenet.py --pretrained P
+--workdir OUT``: the paper's linear classification protocol on frozen features (or fine-tuning,
+``--config.linear.train_backbone=True``), from a pretraining workdir or a ``.pth`` file ``P``;
+``OUT/summary.json`` holds ``test_top1`` and ``test_top5`` (see ``moco_jax.linear_eval``).
+Rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -14,12 +20,22 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
+from moco_jax.cli_errors import define_config_file
 from moco_jax.validation import ConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A pretraining run's workdir (holds config.json).")
+flags.DEFINE_string(
+    "workdir", None, "knn: a pretraining run's workdir; linear: the evaluation's own workdir."
+)
+define_config_file("config", "linear: a linear-evaluation config (configs/linear_*.py).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_string("data_dir", None, "Override dataset.data_dir of the saved config.")
+flags.DEFINE_string(
+    "pretrained",
+    None,
+    "linear: a pretraining workdir (or its checkpoints/step directory), an official MoCo "
+    ".pth.tar or a torchvision state dict (sets config.linear.pretrained).",
+)
 
 
 # A config.json without these is not a moco_jax run's config.
@@ -94,10 +110,27 @@ def _check_saved(workdir: epath.Path, step: int | None, steps: list[int]) -> Non
 
 
 def main(argv):
-    del argv
-    from moco_jax.cli_errors import quiet_library_logs, run_with_clear_errors
+    from moco_jax.cli_errors import fail, quiet_library_logs, run_with_clear_errors
 
     quiet_library_logs()
+    if argv[1] == "linear":
+        if FLAGS.config is None:
+            fail("linear needs --config (e.g. configs/linear_fashion_mnist.py)")
+        from moco_jax.linear_eval import evaluate_linear
+
+        summary = run_with_clear_errors(
+            evaluate_linear, FLAGS.config, FLAGS.workdir, FLAGS.pretrained
+        )
+        print(
+            f"linear evaluation ({summary['protocol']}, {summary['epochs']} epochs): test top-1 "
+            f"{summary['test_top1']:.2f}%, top-5 {summary['test_top5']:.2f}% "
+            f"(best top-1 {summary['best_test_top1']:.2f}%)"
+        )
+        if "backbone_unchanged" in summary:
+            print(f"backbone bit-for-bit the pretrained one: {summary['backbone_unchanged']}")
+        return
+    if FLAGS.config is not None or FLAGS.pretrained is not None:
+        fail("knn evaluates a pretraining workdir: --config and --pretrained are for linear")
     result = run_with_clear_errors(evaluate_knn, FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
     print(f"step {result['step']}:")
     print(f"  kNN top-1, head features      {result['knn_head']:6.2f}%")
@@ -109,4 +142,4 @@ def main(argv):
 if __name__ == "__main__":
     from moco_jax.cli_errors import flags_parser
 
-    app.run(main, flags_parser=flags_parser(required=("workdir",), commands=("knn",)))
+    app.run(main, flags_parser=flags_parser(required=("workdir",), commands=("knn", "linear")))

@@ -135,10 +135,11 @@ class LogMetrics:
 
 
 class EndOfEpoch:
-    """At each epoch's end: the epoch's mean loss, kNN when due, one record written and shown."""
+    """At each epoch's end: the epoch's mean loss, the evaluation when due (kNN, or the linear
+    classifier's test accuracy), one record written and shown."""
 
-    def __init__(self, config, monitor, encoder_variables, counters, writer, history, log, ckpt):
-        self.config, self.monitor, self.encoder_variables = config, monitor, encoder_variables
+    def __init__(self, epochs, every_epochs, evaluate, counters, writer, history, log, ckpt):
+        self.epochs, self.every_epochs, self.evaluate = epochs, every_epochs, evaluate
         self.counters = counters  # () -> the input pipeline's counters (e.g. skipped images)
         self.writer, self.history, self.log, self.checkpointer = writer, history, log, ckpt
 
@@ -149,10 +150,10 @@ class EndOfEpoch:
         record = {"epoch": epoch, "loss": float(progress.epoch_loss) / progress.epoch_steps}
         record.update(self.counters())
         check_finite(record["loss"], progress.step, self.checkpointer)
-        if epoch % self.config.knn.every_epochs == 0 or epoch == self.config.epochs:
+        if epoch % self.every_epochs == 0 or epoch == self.epochs:
             t0 = time.time()
-            record.update(self.monitor.evaluate(self.encoder_variables(progress.state)))
-            record["knn_seconds"] = time.time() - t0
+            record.update(self.evaluate(progress.state))
+            record["eval_seconds" if "test_top1" in record else "knn_seconds"] = time.time() - t0
         self.writer.write_epoch(record)
         self.history.setdefault("epochs", []).append(record)
         self.log(describe_epoch(record))
@@ -163,4 +164,6 @@ def describe_epoch(record: dict) -> str:
     text = f"epoch {record['epoch']}: loss {record['loss']:.4f}"
     if "knn_head" in record:
         text += f", kNN top-1 head {record['knn_head']:.2f}% backbone {record['knn_backbone']:.2f}%"
+    if "test_top1" in record:
+        text += f", test top-1 {record['test_top1']:.2f}% top-5 {record['test_top5']:.2f}%"
     return text

@@ -45,9 +45,14 @@ def knn_predict(
 
 
 def make_feature_fn(
-    mesh: Mesh, model: nn.Module, transform: Callable[[jax.Array], jax.Array], max_chunk: int = 512
+    mesh: Mesh,
+    model: nn.Module,
+    transform: Callable[[jax.Array], jax.Array],
+    max_chunk: int = 512,
+    normalize: bool = True,
 ):
-    """Jitted ``(variables, images) -> (head, backbone)`` L2-normalised features, sharded rows.
+    """Jitted ``(variables, images) -> (head, backbone)`` features, L2-normalised unless
+    ``normalize`` is False, sharded rows.
 
     Runs the encoder in evaluation mode (BN running statistics) over each device's rows in
     chunks of at most ``max_chunk``.
@@ -59,6 +64,8 @@ def make_feature_fn(
 
         def embed(batch):
             backbone, head = model.apply(variables, transform(batch), train=False)
+            if not normalize:
+                return head, backbone
             return l2_normalize(head), l2_normalize(backbone)
 
         head, backbone = jax.lax.map(embed, images.reshape(n // chunk, chunk, *images.shape[1:]))

@@ -107,8 +107,18 @@ def write_atomically(path: epath.Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def plot_history(history: dict, path: epath.Path, title: str) -> None:
-    """Loss and kNN top-1 per epoch, with the raw-pixel and random-init baselines."""
+KNN_CURVES = [("knn_head", "head (output)"), ("knn_backbone", "backbone (pooled)")]
+
+
+def plot_history(
+    history: dict,
+    path: epath.Path,
+    title: str,
+    curves: list[tuple[str, str]] = KNN_CURVES,
+    accuracy: str = "kNN (k=200, t=0.1)",
+) -> None:
+    """Loss and accuracy (``curves``: record key, label) per epoch, with the raw-pixel and
+    random-init baselines when the history has them."""
     import matplotlib
     import matplotlib.ticker
 
@@ -116,12 +126,12 @@ def plot_history(history: dict, path: epath.Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     epochs = history.get("epochs", [])
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], "o-")
-    ax_loss.set(xlabel="epoch", ylabel="InfoNCE loss (epoch mean)", title=f"{title}: loss")
-    knn = [r for r in epochs if "knn_head" in r]
-    for key, label in [("knn_head", "head (output)"), ("knn_backbone", "backbone (pooled)")]:
-        ax_knn.plot([r["epoch"] for r in knn], [r[key] for r in knn], "o-", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", title=f"{title}: loss")
+    for key, label in curves:
+        evaluated = [r for r in epochs if key in r]
+        ax_acc.plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated], "o-", label=label)
     baselines = history.get("baselines", {})
     styles = [
         ("knn_pixels", "raw pixels", "k:"),
@@ -130,11 +140,11 @@ def plot_history(history: dict, path: epath.Path, title: str) -> None:
     ]
     for key, label, style in styles:
         if key in baselines:
-            ax_knn.axhline(baselines[key], linestyle=style[1:], color=style[0], label=label)
-    ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title=f"{title}: kNN (k=200, t=0.1)")
-    ax_knn.legend(loc="lower right")
+            ax_acc.axhline(baselines[key], linestyle=style[1:], color=style[0], label=label)
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title=f"{title}: {accuracy}")
+    ax_acc.legend(loc="lower right")
     last_epoch = max((r["epoch"] for r in epochs), default=1)
-    for ax in (ax_loss, ax_knn):
+    for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.set_xlim(0.5, last_epoch + 0.5)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

@@ -7,6 +7,7 @@ anything is compiled), then the data, then the algorithm and the state (fresh or
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,8 +42,12 @@ class Run:
     train_views: ResidentViews | StreamingViews  # step -> (view_q, view_k) on the mesh
     state: State
     checkpointer: Checkpointer
-    monitor: KnnMonitor
+    monitor: KnnMonitor | None  # kNN and its baselines (None: a run that reports otherwise)
     lock: WorkdirLock
+    # state -> the epoch record's evaluation entries, every ``eval_every_epochs`` and at the end.
+    evaluate: Callable[[State], dict[str, float]]
+    eval_every_epochs: int
+    data: Data  # the training views and the evaluation sources
 
     @property
     def config(self) -> Any:
@@ -59,14 +64,15 @@ class Run:
 def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     """Validate, load the data, build the algorithm and restore the latest checkpoint if any."""
     mesh = mesh_for(config)  # every config rule that needs no data, once
-    build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data loads
+    early = build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data
+    inputs = early.algorithm.inputs
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
     _check_workdir(workdir)
     lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
     checkpointer = None
     try:
-        data = load_data(config, mesh)
+        data = load_data(config, mesh, inputs)
         views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
 
         # Algorithm and state (fresh or restored).
@@ -85,7 +91,12 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
             checkpointer.close()
         lock.release()
         raise
-    return Run(setup, workdir, views, state, checkpointer, monitor, lock)
+    encoder = setup.algorithm.encoder_variables
+    evaluate = lambda state: monitor.evaluate(encoder(state))  # noqa: E731
+    return Run(
+        setup, workdir, views, state, checkpointer, monitor, lock, evaluate,
+        config.knn.every_epochs, data,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -98,18 +109,19 @@ class Data:
     num_classes: int
 
 
-def load_data(config: Any, mesh: Mesh) -> Data:
-    """Prepare the dataset once and load this process's share (small datasets stay on device)."""
+def load_data(config: Any, mesh: Mesh, inputs: str = "two_views") -> Data:
+    """Prepare the dataset once and load this process's share (small datasets stay on device);
+    the training views are what the algorithm's step takes (``Algorithm.inputs``)."""
     dataset = config.dataset
     builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
     if dataset.name in RESIDENT_DATASETS:
-        sources = _resident_data(config, mesh, builder)
+        sources = _resident_data(config, mesh, builder, inputs)
     else:
-        sources = _streaming_data(config, mesh, builder)
+        sources = _streaming_data(config, mesh, builder, inputs)
     return Data(*sources, builder.info.features["label"].num_classes)
 
 
-def _resident_data(config: Any, mesh: Mesh, builder):
+def _resident_data(config: Any, mesh: Mesh, builder, inputs: str):
     """Train set on device (sampled by index) and the kNN sources over the resident arrays."""
     dataset, num_devices = config.dataset, mesh.shape[DATA_AXIS]
     train_images, train_labels = load_arrays(builder, "train", dataset.max_train_examples)
@@ -119,15 +131,20 @@ def _resident_data(config: Any, mesh: Mesh, builder):
     images, labels, per_device = put_sharded(mesh, train_images, train_labels, pad=False)
     train_set = ResidentTrainSet(mesh, images, labels, per_device, per_device_batch, config.seed)
     test = put_sharded(mesh, test_images, test_labels, pad=True)[:2]
-    return ResidentViews(train_set, config), lambda: [(images, labels)], lambda: [test]
+    return ResidentViews(train_set, config, inputs), lambda: [(images, labels)], lambda: [test]
 
 
-def _streaming_data(config: Any, mesh: Mesh, builder):
+def _streaming_data(config: Any, mesh: Mesh, builder, inputs: str):
     """Host-cropped training stream and streamed kNN sources (centre crops)."""
     dataset = config.dataset
     if not config.augment.crop:
         raise ConfigError("augment.crop must be on for streamed datasets (the host crops)")
-    views = StreamingViews(mesh, builder, config)
+    if inputs == "features":
+        raise ConfigError(
+            f"linear.cached_features is for datasets that fit on the devices "
+            f"({', '.join(sorted(RESIDENT_DATASETS))}); {dataset.name} is streamed"
+        )
+    views = StreamingViews(mesh, builder, config, inputs)
     if views.num_records < views.local_batch:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {views.num_records} training "

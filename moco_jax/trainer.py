@@ -35,7 +35,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """
     run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, init_from)
     try:
-        history = _train(run)
+        history, _ = _train(run)
         summary = _summary(history)  # the results: summary and plot
         if jax.process_index() == 0:
             plot_history(history, run.workdir / "pretraining.png", config.dataset.name)
@@ -45,8 +45,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     return summary
 
 
-def _train(run: Run) -> dict:
-    """The loop: one step, then each periodic action in order; returns the run's history."""
+def _train(run: Run) -> tuple[dict, Any]:
+    """The loop: one step, then each periodic action in order; returns the run's history and
+    its final state."""
     config, algorithm = run.config, run.setup.algorithm
     checkpointer, views = run.checkpointer, run.train_views
     steps_per_epoch = views.steps_per_epoch
@@ -57,7 +58,7 @@ def _train(run: Run) -> dict:
     history = writer.read_history()
     if is_main:
         write_atomically(run.workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
-    if "baselines" not in history:  # what pretraining has to beat, once per workdir
+    if "baselines" not in history and run.monitor is not None:  # what pretraining has to beat
         history["baselines"] = _baselines(run)
         writer.write_baselines(history["baselines"])
 
@@ -74,7 +75,7 @@ def _train(run: Run) -> dict:
         config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
     )
     end_of_epoch = hooks.EndOfEpoch(
-        config, run.monitor, algorithm.encoder_variables, views.checkpoint_extra,
+        config.epochs, run.eval_every_epochs, run.evaluate, views.checkpoint_extra,
         writer, history, bar.write, checkpointer,
     )  # fmt: skip
     # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
@@ -97,7 +98,7 @@ def _train(run: Run) -> dict:
         if progress.end_of_epoch:
             log.restart_clock()  # kNN time is not training time
     bar.close()
-    return history
+    return history, progress.state
 
 
 def _baselines(run: Run) -> dict[str, float]:
@@ -127,5 +128,7 @@ def _summary(history: dict) -> dict[str, float]:
     summary = dict(history.get("baselines", {}))
     epochs = history.get("epochs", [])
     if epochs:
-        summary.update({f"final_{k}": v for k, v in epochs[-1].items() if k != "knn_seconds"})
+        summary.update(
+            {f"final_{k}": v for k, v in epochs[-1].items() if not k.endswith("_seconds")}
+        )
     return summary

@@ -225,6 +225,40 @@ def validate_config(config: Any, num_devices: int) -> None:
     _validate_model_fields(config)
     _validate_run_fields(config)
     _validate_cross_field_rules(config, num_devices)
+    if config.get("algorithm") == "linear":
+        _validate_linear_fields(config)
+
+
+def _validate_linear_fields(config: Any) -> None:
+    """``linear.*`` (a linear config: ``config_defaults.linear_config``)."""
+    _require("linear" in config, "algorithm 'linear' needs a linear section (linear_config())")
+    linear = config.linear
+    _int_at_least("linear.num_classes", linear.num_classes, 2)
+    _int_at_least("linear.eval_every_epochs", linear.eval_every_epochs, 1)
+    _require(
+        _is_number(linear.init_std) and linear.init_std > 0,
+        f"linear.init_std must be > 0, got {linear.init_std!r}",
+    )
+    _flag("linear.cached_features", linear.cached_features)
+    _flag("linear.train_backbone", linear.train_backbone)
+    _require(
+        _is_number(linear.backbone_lr) and linear.backbone_lr >= 0,
+        f"linear.backbone_lr must be >= 0, got {linear.backbone_lr!r}",
+    )
+    if linear.train_backbone:
+        _require(
+            not linear.cached_features,
+            "linear.cached_features and linear.train_backbone exclude each other: fine-tuning "
+            "changes the features",
+        )
+        _require(
+            linear.backbone_lr > 0,
+            "linear.train_backbone needs linear.backbone_lr > 0 (the backbone's lr per 256)",
+        )
+        _require(
+            config.model.bn_mode != "shuffle",
+            "fine-tuning has no keys to shuffle: set model.bn_mode to 'sync' or 'local'",
+        )
 
 
 def _validate_model_fields(config: Any) -> None:

@@ -7,9 +7,8 @@ from configs import smoke
 from moco_jax.mesh import shard_batch
 
 
-def tiny_config(**overrides):
-    """smoke.py with dotted-name overrides, e.g. ``tiny_config(**{"moco.momentum": 0.5})``."""
-    config = smoke.get_config()
+def set_fields(config, overrides):
+    """``config`` with dotted-name overrides, e.g. ``{"moco.momentum": 0.5}``."""
     for dotted, value in overrides.items():
         node = config
         *parents, leaf = dotted.split(".")
@@ -17,6 +16,11 @@ def tiny_config(**overrides):
             node = node[parent]
         node[leaf] = value
     return config
+
+
+def tiny_config(**overrides):
+    """smoke.py with dotted-name overrides, e.g. ``tiny_config(**{"moco.momentum": 0.5})``."""
+    return set_fields(smoke.get_config(), overrides)
 
 
 def setup(config, num_devices, steps_per_epoch=2):

@@ -11,7 +11,8 @@ schedule, LARS/AdamW) is a sibling module, not a change to them:
   (``moco_jax.setup``) jits it with replicated outputs on the mesh.
 - ``train_step(state, view_q, view_k) -> (state, metrics)``: jitted, donates ``state``; the views
   are global ``[batch, H, W, C]`` float arrays sharded over the mesh's ``data`` axis; metrics is a
-  dict of replicated scalars with at least ``loss`` and ``learning_rate``.
+  dict of replicated scalars with at least ``loss`` and ``learning_rate``. ``inputs`` says when
+  the step takes something else (linear evaluation: one view and its labels).
 - ``encoder_variables(state)``: the Flax variables of the encoder that evaluation and transfer use
   (``model.apply(variables, images, train=False) -> (pooled features, embedding)``).
 - ``load_encoder(state, variables)``: ``state`` with ``variables`` (same tree as
@@ -42,6 +43,9 @@ class Algorithm:
     train_step: TrainStep
     encoder_variables: Callable[[State], dict[str, Any]]
     load_encoder: Callable[[State, dict[str, Any]], State]
+    # What ``train_step`` takes after the state: "two_views" (view_q, view_k), "labelled_view"
+    # (one augmented view, labels) or "features" (features computed once, labels).
+    inputs: str = "two_views"
 
 
 Builder = Callable[[Any, jax.sharding.Mesh, int], Algorithm]
@@ -69,4 +73,4 @@ def build_algorithm(config: Any, mesh: jax.sharding.Mesh, steps_per_epoch: int) 
     return _ALGORITHMS[config.algorithm](config, mesh, steps_per_epoch)
 
 
-from moco_jax.algorithms import moco  # noqa: E402,F401  (registers "moco")
+from moco_jax.algorithms import linear, moco  # noqa: E402,F401  (register "linear", "moco")

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.augment import normalize_only, two_views
+from moco_jax.augment import augment_batch, normalize_only, two_views
 from moco_jax.mesh import DATA_AXIS, DeviceViews, shard_batch, shard_views
 
 # The epoch's index table: one row per step, its columns split over the devices like the batch.
@@ -84,32 +84,44 @@ class ResidentTrainSet:
         return jax.make_array_from_process_local_data(sharding, self.epoch_indices(epoch))
 
 
-def make_view_fn(mesh: Mesh, config: Any, steps_per_epoch: int):
-    """Jitted ``(images, epoch_table, rng, step) -> (view_q, view_k, step + 1)``: picks the step's
-    row of the epoch's index table, gathers and augments on device (see ``shard_views``)."""
+def make_view_fn(mesh: Mesh, config: Any, steps_per_epoch: int, inputs: str = "two_views"):
+    """Jitted ``(data, epoch_table, rng, step) -> (a, b, step + 1)``: picks the step's row of the
+    epoch's index table and gathers it on device (see ``shard_views``). ``inputs`` says what
+    ``data`` and ``(a, b)`` are (``Algorithm.inputs``):
+
+    - ``two_views``: uint8 images -> the query and key views, augmented;
+    - ``labelled_view``: (uint8 images, labels) -> one augmented view (query-view settings), labels;
+    - ``features``: (features, labels) -> the rows as they are (cached features, no augmentation).
+    """
     size = config.dataset.image_size
     mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
     aug = config.augment
 
-    def per_device(images, epoch_table, step, rng):
+    def per_device(data, epoch_table, step, rng):
         indices = jax.lax.dynamic_index_in_dim(
             epoch_table, step % steps_per_epoch, axis=0, keepdims=False
         )
-        return two_views(rng, images[indices], aug, size, mean, std)
+        if inputs == "two_views":
+            return two_views(rng, data[indices], aug, size, mean, std)
+        images, labels = data
+        if inputs == "labelled_view":
+            return augment_batch(rng, images[indices], aug, 0, size, mean, std), labels[indices]
+        return images[indices], labels[indices]
 
     return shard_views(mesh, per_device, EPOCH_TABLE_SPEC)
 
 
 class ResidentViews:
-    """``views(step)``: the two augmented views of global step ``step``, made on device.
+    """``views(step)``: the two augmented views of global step ``step``, made on device (or, for
+    another ``inputs``, one view and its labels, or cached features and labels).
 
     A pure function of ``(seed, step)``: resuming at any step continues the same data order.
     """
 
-    def __init__(self, train_set: ResidentTrainSet, config: Any):
-        self.train_set = train_set
+    def __init__(self, train_set: ResidentTrainSet, config: Any, inputs: str = "two_views"):
+        self.train_set, self.inputs = train_set, inputs
         self.steps_per_epoch = train_set.steps_per_epoch
-        view_fn = make_view_fn(train_set.mesh, config, self.steps_per_epoch)
+        view_fn = make_view_fn(train_set.mesh, config, self.steps_per_epoch, inputs)
         self._views = DeviceViews(train_set.mesh, view_fn, config.seed + 1)
         self._epoch, self._epoch_table = None, None
 
@@ -125,7 +137,10 @@ class ResidentViews:
         epoch = step // self.steps_per_epoch
         if epoch != self._epoch:
             self._epoch, self._epoch_table = epoch, self.train_set.device_epoch_indices(epoch)
-        return self._views(step, self.train_set.images, self._epoch_table)
+        data = self.train_set.images
+        if self.inputs != "two_views":
+            data = (data, self.train_set.labels)
+        return self._views(step, data, self._epoch_table)
 
 
 def make_eval_transform(config: Any):

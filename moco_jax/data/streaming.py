@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax.augment import CROP_TRIES, crop_window, two_views
+from moco_jax.augment import CROP_TRIES, augment_batch, crop_window, two_views
 from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
@@ -92,8 +92,9 @@ def _decode_crop(tf, encoded, window, size, channels):
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def make_crop_fn(config: Any, epoch: int):
-    """tf.data map: ``(index, (encoded image, label)) -> (crop_q, crop_k, label)``."""
+def make_crop_fn(config: Any, epoch: int, num_views: int = 2):
+    """tf.data map: ``(index, (encoded image, label)) -> (crop_q, crop_k, label)`` (or
+    ``(crop, label)`` with ``num_views=1``)."""
     tf = _tf()
     size, channels = config.dataset.image_size, config.dataset.num_channels
     scale, ratio = tuple(config.augment.crop_scale), tuple(config.augment.crop_ratio)
@@ -103,11 +104,11 @@ def make_crop_fn(config: Any, epoch: int):
         shape = _image_shape(tf, encoded, channels)
         base = tf.stack([tf.cast(config.seed * 1_000_003 + epoch, tf.int64), index])
         views = []
-        for view in range(2):
+        for view in range(num_views):
             seed = tf.cast(base + tf.constant([0, view], tf.int64) * (1 << 40), tf.int64)
             window = _crop_window(tf, shape, seed, scale, ratio)
             views.append(_decode_crop(tf, encoded, window, size, channels))
-        return views[0], views[1], label
+        return (*views, label)
 
     return crop
 
@@ -156,8 +157,8 @@ def count_records(builder, split: str) -> int:
     return total // jax.process_count() if jax.process_count() > 1 else total
 
 
-def crop_dataset(records_ds, config: Any, epoch: int, skip: int, batch: int):
-    """Epoch ``epoch``'s shuffled records from ``skip`` on, two host crops each, batched.
+def crop_dataset(records_ds, config: Any, epoch: int, skip: int, batch: int, num_views: int = 2):
+    """Epoch ``epoch``'s shuffled records from ``skip`` on, ``num_views`` host crops each, batched.
 
     Undecodable images are dropped (``ignore_errors``); callers count them.
     """
@@ -167,7 +168,9 @@ def crop_dataset(records_ds, config: Any, epoch: int, skip: int, batch: int):
     ds = records_ds.shuffle(buffer, seed=config.seed * 7919 + epoch, reshuffle_each_iteration=False)
     ds = ds.skip(skip)
     ds = ds.map(
-        make_crop_fn(config, epoch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        make_crop_fn(config, epoch, num_views),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
     )
     ds = ds.ignore_errors()
     return ds.batch(batch, drop_remainder=False).prefetch(2)
@@ -185,9 +188,10 @@ def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
     return ds.as_numpy_iterator()
 
 
-def make_crop_augment_fn(mesh: Mesh, config: Any):
+def make_crop_augment_fn(mesh: Mesh, config: Any, labelled: bool = False):
     """The device half: jitted ``(crops_q, crops_k, rng, step) -> (view_q, view_k, step + 1)``,
-    crop turned off (see ``shard_views``)."""
+    crop turned off (see ``shard_views``); ``labelled``: ``(crops, labels, ...) -> (view,
+    labels, ...)``."""
     aug = config.augment.copy_and_resolve_references()
     aug.crop = False  # done on the host
     mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
@@ -195,6 +199,8 @@ def make_crop_augment_fn(mesh: Mesh, config: Any):
 
     def per_device(crops_q, crops_k, step, rng):
         del step  # the crops already are this step's
+        if labelled:
+            return augment_batch(rng, crops_q, aug, 0, size, mean, std), crops_k
         return two_views(rng, crops_q, aug, size, mean, std, images_k=crops_k)
 
     return shard_views(mesh, per_device)
@@ -207,7 +213,7 @@ class StreamingViews:
     at that step's position.
     """
 
-    def __init__(self, mesh: Mesh, builder, config: Any):
+    def __init__(self, mesh: Mesh, builder, config: Any, inputs: str = "two_views"):
         self.mesh, self.builder, self.config = mesh, builder, config
         self.local_batch = config.batch_size // jax.process_count()
         self.num_records = count_records(builder, "train")
@@ -217,19 +223,22 @@ class StreamingViews:
         self._epoch_stream: tuple[int, Iterator] | None = None
         self._next_step = None
         self._records = records(builder, "train")
-        self._augment = DeviceViews(mesh, make_crop_augment_fn(mesh, config), config.seed + 1)
+        if inputs not in ("two_views", "labelled_view"):
+            raise ValueError(f"streamed datasets give two views or one labelled view, not {inputs}")
+        self._num_views = 2 if inputs == "two_views" else 1  # else: one crop and its label
+        augment = make_crop_augment_fn(mesh, config, labelled=self._num_views == 1)
+        self._augment = DeviceViews(mesh, augment, config.seed + 1)
 
     def _epoch_batches(self, epoch: int, start_step: int) -> Iterator[CropPair]:
         """Full batches of (crops_q, crops_k) of ``epoch`` from ``start_step``; once exhausted, its
         undecodable images are added to ``skipped_images``."""
-        ds = crop_dataset(
-            self._records, self.config, epoch, start_step * self.local_batch, self.local_batch
-        )
+        skip, batch = start_step * self.local_batch, self.local_batch
+        ds = crop_dataset(self._records, self.config, epoch, skip, batch, self._num_views)
         expected, seen = self.num_records - start_step * self.local_batch, 0
-        for crops_q, crops_k, labels in ds.as_numpy_iterator():
+        for *crops, labels in ds.as_numpy_iterator():
             seen += len(labels)
             if len(labels) == self.local_batch:  # the last partial batch is dropped
-                yield crops_q, crops_k
+                yield (crops[0], crops[1]) if len(crops) == 2 else (crops[0], labels)
         self.skipped_images += expected - seen
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[CropPair]:

@@ -1,0 +1,211 @@
+"""The linear-evaluation run: ``python -m moco_jax.evaluate linear --config C --pretrained P
+--workdir W``.
+
+The same engine as pretraining (``trainer._train``: checkpoints, exact resume, SIGTERM, the
+progress bar, JSON lines, TensorBoard), with the ``linear`` algorithm's step, one labelled view per
+image, and the classifier's test top-1/top-5 as the epoch's evaluation. After the run, as the
+official ``main_lincls.py`` does, the backbone is checked to be bit-for-bit the pretrained one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import PartitionSpec as P
+
+from moco_jax.algorithms.linear import classify
+from moco_jax.data.resident import ResidentViews, make_eval_transform
+from moco_jax.knn import largest_divisor_at_most, make_feature_fn
+from moco_jax.mesh import DATA_AXIS
+from moco_jax.metrics_io import plot_history, write_atomically
+from moco_jax.run_setup import Run, setup_run
+from moco_jax.validation import ConfigError
+
+# Architecture fields a pretraining workdir's config.json decides for the linear run.
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "cifar_stem")
+TEST_CURVES = [("test_top1", "test top-1"), ("test_top5", "test top-5")]
+
+
+def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
+    """``config`` with ``linear.pretrained`` (from ``pretrained`` if given) as its ``init_from``,
+    and, for a pretraining workdir, that run's backbone architecture (logged)."""
+    config = config.copy_and_resolve_references()
+    if pretrained is not None:
+        config.linear.pretrained = pretrained
+    config.init_from = source = config.linear.pretrained
+    if source is None:
+        logging.warning("linear.pretrained is not set: evaluating the random-init encoder")
+        return config
+    saved = _workdir_config(epath.Path(source))
+    if saved is not None:
+        for field in ARCHITECTURE_FIELDS:
+            value = saved.get("model", {}).get(field)
+            if value is not None and value != config.model[field]:
+                logging.info("model.%s = %r, as the pretrained run's", field, value)
+                config.model[field] = value
+    return config
+
+
+def _workdir_config(path: epath.Path) -> dict | None:
+    """The config.json of the pretraining workdir ``path`` is in (or is), if any."""
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "config.json").is_file():
+            return json.loads((candidate / "config.json").read_text())
+    return None
+
+
+@dataclasses.dataclass
+class ClassifierMonitor:
+    """Top-1 and top-5 (%) of the linear classifier on the test split (labels -1: padding)."""
+
+    run: Run
+    cached_test: tuple[jax.Array, jax.Array] | None = None  # (features, labels) when cached
+
+    def __post_init__(self):
+        mesh, model = self.run.setup.mesh, self.run.setup.algorithm.model
+        features = make_feature_fn(
+            mesh, model, make_eval_transform(self.run.config), normalize=False
+        )
+        self.features = lambda state, images: features(state.backbone_variables(), images)[1]
+        self._counts = _make_count_fn(mesh)
+
+    def features_of(self, state, source) -> tuple[jax.Array, jax.Array]:
+        """Features (no augmentation) and labels of every batch of ``source``, on the mesh."""
+        pairs = [(self.features(state, images), labels) for images, labels in source()]
+        return tuple(jnp.concatenate(column) for column in zip(*pairs, strict=True))
+
+    def evaluate(self, state) -> dict[str, float]:
+        if self.cached_test is not None:
+            batches = [self.cached_test]
+        else:
+            test = self.run.data.test_source
+            batches = ((self.features(state, x), y) for x, y in test())
+        totals = np.zeros(3, np.int64)
+        for features, labels in batches:
+            totals += np.asarray(self._counts(state.params["classifier"], features, labels))
+        top1, top5, counted = totals
+        return {
+            "test_top1": 100 * top1 / max(counted, 1),
+            "test_top5": 100 * top5 / max(counted, 1),
+        }
+
+
+def _make_count_fn(mesh, chunk: int = 1024):
+    """Jitted ``(classifier, features, labels) -> [top-1 hits, top-5 hits, counted]``."""
+
+    def per_device(classifier, features, labels):
+        n = features.shape[0]
+        size = largest_divisor_at_most(n, chunk)
+
+        def hits(batch):
+            feats, labs = batch
+            logits = classify(classifier, feats)
+            top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+            return top[:, 0] == labs, jnp.any(top == labs[:, None], axis=-1)
+
+        chunks = (features.reshape(n // size, size, -1), labels.reshape(n // size, size))
+        top1, top5 = (x.reshape(n) for x in jax.lax.map(hits, chunks))
+        valid = labels >= 0
+        counts = jnp.stack([jnp.sum(top1 & valid), jnp.sum(top5 & valid), jnp.sum(valid)])
+        return jax.lax.psum(counts, DATA_AXIS)
+
+    return jax.jit(
+        jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=P()
+        )
+    )
+
+
+def setup_linear_run(config: Any, workdir: str | epath.Path) -> Run:
+    """``setup_run`` for the linear protocol: the pretrained backbone loaded (fresh runs), the
+    classifier's test accuracy as the evaluation and, with ``cached_features``, the training
+    views replaced by the features of the unaugmented training images."""
+    run = setup_run(config, workdir)
+    try:
+        if run.data.num_classes != config.linear.num_classes:
+            raise ConfigError(
+                f"linear.num_classes is {config.linear.num_classes} but {config.dataset.name} has "
+                f"{run.data.num_classes} classes"
+            )
+        monitor = ClassifierMonitor(run)
+        views = run.train_views
+        if config.linear.cached_features:
+            train_set = views.train_set  # resident: the bank source holds the same arrays
+            features = monitor.features(run.state, train_set.images)
+            cached = dataclasses.replace(train_set, images=features)
+            views = ResidentViews(cached, config, "features")
+            monitor.cached_test = monitor.features_of(run.state, run.data.test_source)
+            logging.info("cached features: train %s, test %s", features.shape,
+                         monitor.cached_test[0].shape)  # fmt: skip
+    except BaseException:
+        run.close()
+        raise
+    every = config.linear.eval_every_epochs
+    return dataclasses.replace(
+        run, train_views=views, monitor=None, evaluate=monitor.evaluate, eval_every_epochs=every
+    )
+
+
+def backbone_unchanged(run: Run, state: Any) -> bool:
+    """The official sanity check: every backbone array (weights and BN statistics) equals the
+    pretrained one bit for bit (the random-init one without ``pretrained``)."""
+    from moco_jax.init_from import load_encoder_weights
+
+    reference = run.setup.initial_state()
+    if run.config.init_from:
+        reference = load_encoder_weights(run.config.init_from, reference, run.setup)
+    expected = jax.tree.leaves(reference.backbone_variables())
+    actual = jax.tree.leaves(state.backbone_variables())
+    return len(expected) == len(actual) and all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(expected, actual, strict=True)
+    )
+
+
+def linear_summary(history: dict, config: Any) -> dict[str, Any]:
+    """The last epoch's test accuracy (and the best over evaluated epochs), the protocol used."""
+    evaluated = [r for r in history.get("epochs", []) if "test_top1" in r]
+    last = evaluated[-1] if evaluated else {}
+    linear = config.linear
+    protocol = "fine_tune" if linear.train_backbone else "linear"
+    return {
+        "test_top1": last.get("test_top1"),
+        "test_top5": last.get("test_top5"),
+        "best_test_top1": max((r["test_top1"] for r in evaluated), default=None),
+        "train_loss": history["epochs"][-1]["loss"] if history.get("epochs") else None,
+        "epochs": config.epochs,
+        "protocol": protocol + ("_cached_features" if linear.cached_features else ""),
+        "pretrained": linear.pretrained,
+    }
+
+
+def evaluate_linear(config: Any, workdir: str, pretrained: str | None = None) -> dict[str, Any]:
+    """Train and evaluate the linear classifier (or fine-tune) as ``config`` says, in ``workdir``
+    (rerunning resumes). Writes ``summary.json`` and ``linear.png``; returns the summary."""
+    from moco_jax.trainer import _train
+
+    config = with_pretrained(config, pretrained)
+    run = setup_linear_run(config, workdir)
+    try:
+        history, state = _train(run)
+        summary = linear_summary(history, config)
+        if not config.linear.train_backbone:
+            unchanged = backbone_unchanged(run, state)
+            summary["backbone_unchanged"] = unchanged
+            if unchanged:
+                logging.info("sanity check passed: the backbone is bit-for-bit the pretrained one")
+            else:
+                logging.error("sanity check FAILED: the backbone differs from the pretrained one")
+        if jax.process_index() == 0:
+            title = f"{config.dataset.name} linear"
+            plot_history(history, run.workdir / "linear.png", title, TEST_CURVES, "test accuracy")
+            write_atomically(run.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    finally:
+        run.close()
+    return summary

@@ -1,0 +1,247 @@
+"""Linear evaluation (the official ``main_lincls.py`` protocol) and fine-tuning.
+
+The step: only the classifier trains, every other array (backbone weights, BN statistics) stays
+bit-equal; fine-tuning moves both. The lr schedule of the protocol. A run on real Fashion-MNIST,
+from a tiny pretraining workdir, through ``python -m moco_jax.evaluate linear``: SIGKILLed
+mid-epoch and resumed, it ends equal to an uninterrupted one (state, records, summary); the
+summary, plot and sanity check are there. ``cached_features`` agrees with an independent
+scikit-learn logistic regression on the same features.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from data_fixtures import fashion_mnist_data_dir
+
+import moco_jax
+from configs import linear_fashion_mnist
+from moco_jax.config_defaults import linear_config
+from moco_jax.mesh import shard_batch
+from tiny import set_fields, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Fashion-MNIST at 28x28 with the MLP backbone: traces and compiles in a fraction of a ResNet.
+SMALL = {
+    "dataset.max_train_examples": 512,
+    "dataset.max_test_examples": 256,
+    "batch_size": 64,
+    "checkpoint.every_steps": 3,
+    "log_every_steps": 1,
+}
+EPOCHS, STEPS_PER_EPOCH = 2, 8
+
+
+def _linear_tiny(**overrides):
+    """The smoke model (CIFAR-stem ResNet-18 at width 4, 16x16) under the linear protocol."""
+    config = linear_config()
+    smoke = tiny_config()
+    config.dataset, config.model = smoke.dataset, smoke.model
+    config.model.bn_mode = "sync"
+    config.batch_size, config.linear.num_classes = 16, 10
+    return set_fields(config, overrides)
+
+
+def _step_inputs(config, seed=0):
+    rng = np.random.default_rng(seed)
+    size, channels = config.dataset.image_size, config.dataset.num_channels
+    images = rng.standard_normal((config.batch_size, size, size, channels)).astype(np.float32)
+    labels = rng.integers(0, config.linear.num_classes, config.batch_size).astype(np.int32)
+    return images, labels
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("fine_tune", [False, True])
+def test_the_linear_step_trains_only_the_classifier(fine_tune):
+    overrides = {"linear.train_backbone": True, "linear.backbone_lr": 0.1} if fine_tune else {}
+    config = _linear_tiny(**overrides)
+    setup = moco_jax.build(config, 2, devices=jax.devices()[:2])
+    state = setup.initial_state()
+    before = _leaves({"params": state.params, "batch_stats": state.batch_stats})
+    for seed in range(2):
+        images, labels = _step_inputs(config, seed)
+        state, metrics = setup.algorithm.train_step(
+            state, shard_batch(setup.mesh, images), shard_batch(setup.mesh, labels)
+        )
+    after = _leaves({"params": state.params, "batch_stats": state.batch_stats})
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 2
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    classifier = {name for name in before if "'classifier'" in name}
+    assert classifier <= changed
+    if fine_tune:  # the whole encoder trains, BN in train mode
+        assert any("'params'" in n and "'backbone'" in n for n in changed)
+        assert any("'batch_stats'" in n for n in changed)
+    else:  # frozen: weights and BN running statistics bit-equal
+        assert changed == classifier, sorted(changed - classifier)[:5]
+
+
+def test_the_protocol_lr_is_30_per_256_times_0_1_at_epochs_60_and_80():
+    config = linear_config()
+    config.batch_size = 512
+    setup = moco_jax.build(set_fields(config, {"model.width_multiplier": 0.0625}), 10)
+    schedule = setup.algorithm.schedule
+    lrs = [float(schedule(epoch * 10)) for epoch in (0, 59, 60, 79, 80, 99)]
+    np.testing.assert_allclose(lrs, [60, 60, 6, 6, 0.6, 0.6], rtol=1e-6)
+    classifier = setup.abstract_state().params["classifier"]
+    assert classifier["kernel"].shape == (128, 1000)  # 2048 x width 1/16
+    assert classifier["bias"].shape == (1000,)
+
+
+def _start(workdir, *overrides, fault=None, data_dir):
+    env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+    if fault:
+        env[f"MOCO_JAX_FAULT_{fault[0]}_AT_STEP"] = str(fault[1])
+    command = [sys.executable, "-m", "moco_jax.evaluate", "linear", "--workdir", str(workdir)]
+    command += ["--config", str(ROOT / "configs/linear_fashion_mnist.py"), *overrides]
+    command += [f"--config.dataset.data_dir={data_dir}"]
+    return subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _linear_config(data_dir, pretrained, **overrides):
+    config = linear_fashion_mnist.get_config()
+    config.dataset.data_dir, config.linear.pretrained, config.epochs = data_dir, pretrained, EPOCHS
+    overrides = {**SMALL, "optim.lr_milestones": (1,), "num_devices": 2, **overrides}
+    return set_fields(config, overrides)
+
+
+def _pretrained_workdir(workdir, data_dir):
+    """What a pretraining workdir holds for linear evaluation: config.json and a checkpoint (of
+    an initial MLP-backbone MoCo state: training it would add nothing here)."""
+    from moco_jax.checkpointing import Checkpointer
+
+    config = set_fields(tiny_config(), {**SMALL, "model.backbone": "mlp"})
+    config.dataset.data_dir, config.dataset.image_size = data_dir, 28
+    config.model.width_multiplier = 0.25
+    setup = moco_jax.build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    checkpointer = Checkpointer(workdir / "checkpoints", config)
+    checkpointer.save(STEPS_PER_EPOCH, setup.initial_state(seed=1), force=True)
+    checkpointer.close()
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A linear run killed at step 11 (of 16) then resumed, beside an uninterrupted one (run in
+    this process while the killed one runs), both from a pretraining workdir."""
+    from moco_jax.linear_eval import evaluate_linear
+
+    data_dir, root = fashion_mnist_data_dir(), tmp_path_factory.mktemp("linear")
+    pretrained = _pretrained_workdir(root / "pretrained", data_dir)
+    overrides = [f"--config.{k}={v}" for k, v in SMALL.items()]
+    overrides += [f"--config.epochs={EPOCHS}", "--config.optim.lr_milestones=(1,)"]
+    overrides += ["--config.num_devices=2", "--pretrained", pretrained]
+    killed = _start(root / "interrupted", *overrides, fault=("KILL", 11), data_dir=data_dir)
+    config = _linear_config(data_dir, pretrained)
+    reference = evaluate_linear(config, root / "reference")
+    _, err = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, err.decode()[-3000:]
+    resumed = evaluate_linear(config, root / "interrupted")
+    return {"root": root, "reference": reference, "resumed": resumed, "data_dir": data_dir}
+
+
+def _final_arrays(workdir):
+    manager = ocp.CheckpointManager(
+        workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    manager.close()
+    return step, {
+        jax.tree_util.keystr(p): np.asarray(x)
+        for p, x in jax.tree.leaves_with_path(restored["state"])
+    }
+
+
+def _epochs(workdir):
+    records = [json.loads(line) for line in (workdir / "epochs.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
+def test_a_killed_linear_run_resumes_to_the_uninterrupted_result(runs):
+    root = runs["root"]
+    assert runs["resumed"] == runs["reference"]
+    step, arrays = _final_arrays(root / "interrupted")
+    expected_step, expected = _final_arrays(root / "reference")
+    assert step == expected_step == EPOCHS * STEPS_PER_EPOCH
+    assert arrays.keys() == expected.keys()
+    for name in arrays:
+        np.testing.assert_array_equal(arrays[name], expected[name], err_msg=name)
+    assert _epochs(root / "interrupted") == _epochs(root / "reference")
+
+
+def test_the_linear_run_reports_like_the_official_script(runs):
+    summary, workdir = runs["reference"], runs["root"] / "reference"
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+    assert summary["backbone_unchanged"] is True  # the official sanity check
+    assert summary["protocol"] == "linear" and summary["epochs"] == EPOCHS
+    records = _epochs(workdir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert summary["test_top1"] == records[-1]["test_top1"]
+    assert summary["test_top5"] >= summary["test_top1"] > 10  # better than chance on 10 classes
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["backbone"] == "mlp"  # the pretrained run's architecture
+    assert (workdir / "linear.png").stat().st_size > 0
+    assert any((workdir / "tensorboard").iterdir())
+
+
+def test_cached_features_agree_with_scikit_learn_logistic_regression(runs):
+    """The same features (the pretrained MLP backbone on unaugmented images): our probe trained
+    to convergence on them against scikit-learn's, within 1.5 points of test top-1."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    from moco_jax.data.tfds_source import load_arrays, prepared_builder
+    from moco_jax.init_from import load_encoder_weights
+    from moco_jax.linear_eval import evaluate_linear, with_pretrained
+
+    root, data_dir = runs["root"], runs["data_dir"]
+    overrides = {
+        "linear.cached_features": True,
+        "epochs": 40,
+        "optim.lr_milestones": (30, 35),
+        "optim.base_lr": 1.0,
+        "linear.eval_every_epochs": 40,
+        "checkpoint.every_steps": 0,
+        "dataset.max_train_examples": 2048,
+        "dataset.max_test_examples": 1024,
+        "batch_size": 256,
+        "num_devices": 1,
+    }
+    config = _linear_config(data_dir, str(root / "pretrained"), **overrides)
+    ours = evaluate_linear(config, root / "cached")["test_top1"]
+
+    config = with_pretrained(config)
+    setup = moco_jax.build(config, 1, devices=jax.devices()[:1])
+    loaded = load_encoder_weights(config.init_from, setup.initial_state(), setup)
+    builder = prepared_builder("fashion_mnist", data_dir)
+
+    def features(split, limit):
+        images, labels = load_arrays(builder, split, limit)
+        x = (images.astype(np.float32) / 255 - 0.28604) / 0.35302
+        pooled, _ = setup.algorithm.model.apply(
+            loaded.backbone_variables(), jnp.asarray(x), train=False
+        )
+        return np.asarray(pooled, np.float64), labels
+
+    train_x, train_y = features("train", 2048)
+    test_x, test_y = features("test", 1024)
+    reference = linear_model.LogisticRegression(C=1e4, max_iter=5000).fit(train_x, train_y)
+    theirs = 100 * reference.score(test_x, test_y)
+    print(f"test top-1: ours {ours:.2f}%, scikit-learn {theirs:.2f}%")
+    assert abs(ours - theirs) <= 1.5, (ours, theirs)
