@@ -1,10 +1,12 @@
-"""``config.init_from``: start a run from another run's encoder weights, by orbax partial restore.
+"""``config.init_from``: start a run from another run's encoder weights, or from PyTorch's.
 
-Only the encoder's ``params`` and ``batch_stats`` are read (``partial_restore``); the backbone must
-have the same shapes (else ``ConfigError`` naming the fields), the head is taken too when its
-shapes agree and stays freshly initialised otherwise. Step, optimizer state, queue and RNG stay
-fresh. How fine-tuning and linear evaluation start from pretraining, and how a run with another
-K or dim reuses one.
+From a moco_jax workdir only the encoder's ``params`` and ``batch_stats`` are read (orbax partial
+restore). From a file (an official MoCo ``.pth.tar``, a torchvision state dict, the detectron2
+converter's ``.pkl``) the encoder's tensors are read without running the file's code
+(``torch_formats``). Either way the backbone must have the same shapes (else ``ConfigError``
+naming what differs), the head is taken too when the run has one of the same shapes and stays
+freshly initialised otherwise. Step, optimizer state, queue and RNG stay fresh. How fine-tuning
+and linear evaluation start from pretraining, and how a run with another K or dim reuses one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from moco_jax import fingerprint
+from moco_jax import fingerprint, torch_bridge, torch_formats
 from moco_jax.checkpoint_format import LEGACY_ITEM, STATE_ITEM, open_manager, read_meta
 from moco_jax.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
 from moco_jax.validation import ConfigError
@@ -25,12 +27,12 @@ from moco_jax.validation import ConfigError
 ENCODER_COLLECTIONS = ("params", "batch_stats")
 
 
-def find_checkpoint(path: str | epath.Path) -> tuple[epath.Path, int]:
+def find_checkpoint(path: str | epath.Path, what: str = "init_from") -> tuple[epath.Path, int]:
     """``(checkpoints directory, step)`` of a workdir or checkpoints directory (its latest step)
     or of one step's directory."""
     path = epath.Path(path)
     if not path.exists():
-        raise ConfigError(f"init_from: {path} does not exist")
+        raise ConfigError(f"{what}: {path} does not exist")
     if path.name.isdigit() and not (path / "checkpoints").is_dir():
         return path.parent, int(path.name)
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -38,13 +40,24 @@ def find_checkpoint(path: str | epath.Path) -> tuple[epath.Path, int]:
     step = manager.latest_step()
     manager.close()
     if step is None:
-        raise ConfigError(f"init_from: no checkpoint in {root}")
+        raise ConfigError(f"{what}: no checkpoint in {root}")
     return root, step
 
 
-def load_encoder_weights(path: str, template: Any, setup: Any) -> Any:
-    """``template`` (a fresh state of ``setup``) with the encoder of the checkpoint at ``path``."""
-    root, step = find_checkpoint(path)
+def load_encoder_weights(path: str, template: Any, setup: Any, what: str = "init_from") -> Any:
+    """``template`` (a fresh state of ``setup``) with the encoder saved at ``path``.
+
+    ``path``: a moco_jax workdir, checkpoints directory or step directory; or a file: an official
+    MoCo v1/v2 ``.pth.tar`` (its query encoder), a torchvision ResNet state dict (bare, under
+    ``state_dict`` or with DataParallel's ``module.``) or the detectron2 converter's ``.pkl``.
+    The backbone must match this config's (else a ``ConfigError`` of one line naming the first
+    tensor that differs); the projection head is taken when the template has one of the same
+    shapes, and stays fresh otherwise. ``what`` names the setting in messages
+    (``init_from``, ``linear.pretrained``).
+    """
+    if epath.Path(path).is_file():
+        return _load_file(str(path), template, setup, what)
+    root, step = find_checkpoint(path, what)
     where = root / str(step)
     manager = open_manager(root)
     try:
@@ -52,7 +65,7 @@ def load_encoder_weights(path: str, template: Any, setup: Any) -> Any:
         if meta is not None:
             saved_config = meta.get("config", {})
             current = config_dict(setup.config)
-            refuse_other_config(saved_config, current, ENCODER_FIELDS, where, "init_from ")
+            refuse_other_config(saved_config, current, ENCODER_FIELDS, where, f"{what} ")
         item = LEGACY_ITEM if LEGACY_ITEM in present else STATE_ITEM
         tree = manager.item_metadata(step)[item]
         tree = tree.tree if hasattr(tree, "tree") else tree
@@ -65,24 +78,102 @@ def load_encoder_weights(path: str, template: Any, setup: Any) -> Any:
     current = setup.algorithm.encoder_variables(template)
     loaded = {name: dict(current.get(name, {})) for name in ENCODER_COLLECTIONS}
     taken = []
-    for part in ("backbone", "head"):
+    for part in _parts(current):
         new = {k: {part: current.get(k, {}).get(part)} for k in ENCODER_COLLECTIONS}
         old = {k: {part: saved.get(k, {}).get(part)} for k in ENCODER_COLLECTIONS}
         problems = fingerprint.shape_problems(fingerprint.shapes(old), fingerprint.shapes(new))
         if problems and part == "backbone":
             raise ConfigError(
-                f"init_from {where}: the backbone's arrays differ from this config's: "
+                f"{what} {where}: the backbone's arrays differ from this config's: "
                 + "; ".join(problems[:4])
             )
         if problems:
-            logging.warning("init_from: head differs (%s); it starts fresh", problems[0])
+            logging.warning("%s: head differs (%s); it starts fresh", what, problems[0])
             continue
-        for name in ENCODER_COLLECTIONS:
-            if new[name][part] is not None:
-                loaded[name][part] = jax.tree.map(_placed_like, old[name][part], new[name][part])
+        _take(part, old, current, loaded)
         taken.append(part)
-    logging.info("init_from %s: loaded the %s", where, " and ".join(taken))
+    logging.info("%s %s: loaded the %s", what, where, " and ".join(taken))
     return setup.algorithm.load_encoder(template, loaded)
+
+
+def _parts(encoder: dict) -> list[str]:
+    """The backbone, and the projection head where the encoder has one (a linear
+    evaluation's encoder is a backbone alone)."""
+    return ["backbone"] + (["head"] if "head" in encoder.get("params", {}) else [])
+
+
+def _take(part: str, saved: dict, current: dict, loaded: dict) -> None:
+    """``loaded[collection][part]`` = ``saved``'s, placed like ``current``'s."""
+    for name in ENCODER_COLLECTIONS:
+        like = current.get(name, {}).get(part)
+        if like is not None:
+            loaded[name][part] = jax.tree.map(_placed_like, saved[name][part], like)
+
+
+def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
+    """``load_encoder_weights`` of a PyTorch or detectron2 file (read without running code)."""
+    where = f"{what} {path}"
+    try:
+        state_dict, kind = torch_formats.read_state_dict(path)
+        variables, named = torch_formats.encoder_variables(state_dict)
+    except torch_bridge.WeightBridgeError as err:  # say which setting and file
+        said = str(err) if path in str(err) else f"{path}: {err}"
+        raise type(err)(f"{what} {said}") from err
+    current = setup.algorithm.encoder_variables(template)
+    _check_backbone(named, current, where, setup.config.model)
+    loaded = {name: dict(current.get(name, {})) for name in ENCODER_COLLECTIONS}
+    _take("backbone", variables, current, loaded)
+    taken = ["backbone"]
+    file_head = variables["params"].get("head")
+    fc = ", ".join(f"{n} {list(np.shape(v))}" for n, v in named.items() if n.startswith("fc"))
+    if "head" not in current.get("params", {}):
+        if file_head is not None:
+            logging.info("%s: not using the file's %s (this run has no projection head)", what, fc)
+    elif file_head is None:
+        logging.info("%s: the file has no fc; the projection head starts fresh", where)
+    else:
+        head = {k: {"head": variables[k].get("head")} for k in ENCODER_COLLECTIONS}
+        like = {k: {"head": current.get(k, {}).get("head")} for k in ENCODER_COLLECTIONS}
+        if fingerprint.shape_problems(fingerprint.shapes(head), fingerprint.shapes(like)):
+            log = logging.warning if kind == "an official MoCo checkpoint" else logging.info
+            log("%s: the file's %s is not this config's projection head; it starts fresh", what, fc)
+        else:
+            _take("head", head, current, loaded)
+            taken.append("head")
+    logging.info("%s: loaded the %s of %s %s", what, " and ".join(taken), kind, path)
+    return setup.algorithm.load_encoder(template, loaded)
+
+
+def _check_backbone(named: dict, current: dict, where: str, model: Any) -> None:
+    """``WeightBridgeError`` naming the first backbone tensor (torchvision name) that the file
+    lacks, has with another shape, or has beyond this config's backbone."""
+    backbone = {k: {"backbone": v["backbone"]} for k, v in current.items() if "backbone" in v}
+    zeros = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), np.float32), x.shape), backbone)
+    expected = {
+        name: value.shape
+        for name, value in torch_bridge.flax_to_torch(zeros).items()
+        if not name.endswith("num_batches_tracked")
+    }
+    got = {
+        name: tuple(np.shape(value))
+        for name, value in named.items()
+        if not name.startswith("fc") and not name.endswith("num_batches_tracked")
+    }
+    problems = []
+    for name, shape in expected.items():
+        if name not in got:
+            problems.append(f"{name} {list(shape)} is missing from the file")
+        elif got[name] != shape:
+            problems.append(f"{name} is {list(got[name])} in the file, {list(shape)} here")
+    problems += [f"the file's {n} {list(s)} is not a tensor of it" for n, s in got.items()
+                 if n not in expected]  # fmt: skip
+    if problems:
+        stem = "CIFAR 3x3" if model.cifar_stem else "7x7"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise torch_bridge.WeightBridgeError(
+            f"{where} does not fit this config's backbone ({model.backbone}, width_multiplier "
+            f"{model.width_multiplier}, {stem} stem): {problems[0]}{more}"
+        )
 
 
 def _placed_like(saved: np.ndarray, like: jax.Array) -> jax.Array:

@@ -1,8 +1,10 @@
 """Weights across the PyTorch/Flax border: torchvision ResNet names and official MoCo checkpoints.
 
 State dicts here are plain ``{name: numpy array}`` mappings, so converting needs no torch; only
-reading a ``.pth``/``.pth.tar`` file does (``load_torch_file``), and it loads with
-``weights_only=True`` so that an untrusted file cannot run code.
+reading or writing a ``.pth``/``.pth.tar`` file does (``load_torch_file``, ``save_torch_file``).
+Reading never runs a file's code: torch files load with ``weights_only=True`` and plain pickles
+(detectron2's ``.pkl``) with an unpickler that builds numpy arrays and nothing else.
+The layouts of whole files (torchvision, detectron2, official MoCo) are ``torch_formats.py``.
 
 Name mapping (Flax path <-> torch name):
   ``backbone/conv1/kernel [H,W,I,O]``          <-> ``conv1.weight [O,I,H,W]``
@@ -16,6 +18,7 @@ Name mapping (Flax path <-> torch name):
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -23,6 +26,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from moco_jax.validation import ConfigError
 
 MOCO_PREFIX = "module."
 ENCODERS = ("encoder_q", "encoder_k")
@@ -35,8 +41,24 @@ _BN_TORCH_TO_FLAX = {
 _BN_FLAX_TO_TORCH = {flax: torch for torch, flax in _BN_TORCH_TO_FLAX.items()}
 
 
-class WeightBridgeError(ValueError):
-    """A state dict whose names or shapes do not fit the Flax model."""
+class WeightBridgeError(ConfigError):
+    """A weights file or state dict that cannot be read, or whose names or shapes do not fit."""
+
+
+class TorchMissing(WeightBridgeError, ImportError):
+    """PyTorch, an optional extra, is not installed (a one-line error of the command lines)."""
+
+
+def require_torch(purpose: str) -> Any:
+    """The ``torch`` module, or ``TorchMissing`` saying how to install it for ``purpose``."""
+    try:
+        import torch
+    except ImportError as err:
+        raise TorchMissing(
+            f"{purpose} needs PyTorch, an optional extra used only at that moment: "
+            f"pip install torch (the CPU build is enough)"
+        ) from err
+    return torch
 
 
 def _is_bn(module: str) -> bool:
@@ -249,12 +271,7 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Accepts a bare state dict or a training checkpoint holding one under ``'state_dict'``.
     Needs torch (the optional extra) at this moment only.
     """
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            "reading .pth files needs PyTorch: pip install torch (only for this conversion)"
-        ) from err
+    torch = require_torch("reading .pth files")
     if os.path.isdir(path):
         raise WeightBridgeError(f"{path} is a directory, not a .pth file")
     try:
@@ -282,3 +299,73 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise WeightBridgeError(f"{path}: {name!r} holds a {kind}, not a tensor")
         arrays[name] = tensor.detach().cpu().numpy()
     return arrays
+
+
+def save_torch_file(payload: Mapping[str, Any]) -> bytes:
+    """``payload`` (numpy arrays, possibly under ``'state_dict'``; ints and strings) as the bytes
+    of a ``torch.save`` file: arrays become tensors. Needs torch at this moment only."""
+    torch = require_torch("writing .pth files")
+
+    def as_torch(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: as_torch(item) for key, item in value.items()}
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(np.array(value))  # a writable copy; 0-d stays 0-d
+        return value
+
+    buffer = io.BytesIO()
+    torch.save(as_torch(payload), buffer)
+    return buffer.getvalue()
+
+
+# torch.save's old (pre-1.6) format starts with this number, pickled with protocol 2; the
+# current one is a zip archive. Anything else is read as a plain pickle (detectron2's .pkl).
+_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` was written by ``torch.save`` (either format), from its first bytes."""
+    path = epath.Path(path)
+    if path.is_dir():
+        return False
+    with path.open("rb") as file:
+        head = file.read(len(_LEGACY_TORCH_MAGIC))
+    return head.startswith(_ZIP_MAGIC) or head == _LEGACY_TORCH_MAGIC
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle names a class or function other than numpy's array builders."""
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays; any other class or function a
+    pickle names (``os.system``, ``eval``, ...) is refused before it can be called."""
+
+    ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise _Refused(f"refused to load {module}.{name}: a weights file holds arrays")
+
+
+def load_pickle_file(path: str | os.PathLike) -> Any:
+    """A plain pickle of numpy arrays (detectron2's ``.pkl``), without running any code."""
+    path = epath.Path(path)
+    if path.is_dir():
+        raise WeightBridgeError(f"{path} is a directory, not a weights file")
+    data = path.read_bytes()
+    try:
+        return _ArraysOnly(io.BytesIO(data)).load()
+    except _Refused as err:
+        raise WeightBridgeError(f"{path}: not a plain weights file ({err})") from err
+    except Exception as err:  # truncated, or not a pickle at all
+        raise WeightBridgeError(
+            f"{path} is neither a PyTorch file nor a complete pickle of arrays: "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        ) from err

@@ -4,12 +4,15 @@ The expected names and shapes are written out here from torchvision's ResNet def
 (independently of moco_jax's mapping code), so a wrong or missing mapping fails.
 """
 
+import os
+import pickle
+
 import jax
 import numpy as np
 import pytest
 
 from configs import moco_v2_imagenet, smoke
-from moco_jax import torch_bridge
+from moco_jax import torch_bridge, torch_formats
 from moco_jax.models import build_encoder
 
 
@@ -208,3 +211,115 @@ def test_damaged_files_are_named_for_what_they_are(tmp_path):
     torch.save({"conv1.weight": torch.zeros(4, 1, 3, 3), "epoch": 3}, path)
     with pytest.raises(torch_bridge.WeightBridgeError, match=r"'epoch' holds a int, not a tensor"):
         torch_bridge.load_torch_file(path)
+
+
+def test_detectron2_names_follow_the_official_converter_and_invert():
+    """detection/convert-pretrain-to-detectron2.py's rules on every name of a MoCo v2 ResNet-50."""
+    names = torchvision_resnet_state_shapes([3, 4, 6, 3], bottleneck=True, head="mlp")
+    table = {
+        "conv1.weight": "stem.conv1.weight",
+        "bn1.num_batches_tracked": "stem.conv1.norm.num_batches_tracked",
+        "layer1.0.bn3.running_mean": "res2.0.conv3.norm.running_mean",
+        "layer2.0.downsample.0.weight": "res3.0.shortcut.weight",
+        "layer4.0.downsample.1.running_var": "res5.0.shortcut.norm.running_var",
+        "layer3.5.conv2.weight": "res4.5.conv2.weight",
+        "fc.0.bias": "stem.fc.0.bias",
+    }
+    for torch_name, d2_name in table.items():
+        assert torch_formats.detectron2_name(torch_name) == d2_name
+    renamed = [torch_formats.detectron2_name(name) for name in names]
+    assert len(set(renamed)) == len(names)
+    assert [torch_formats.torch_name_from_detectron2(name) for name in renamed] == list(names)
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"'res2_0_branch2a_w' is not a name"):
+        torch_formats.torch_name_from_detectron2("res2_0_branch2a_w")
+
+
+class _Runs:
+    """Unpickling this calls ``function(argument)``: a malicious weights file's payload."""
+
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return (self.function, (self.argument,))
+
+
+@pytest.mark.parametrize("function", [os.system, eval], ids=["os.system", "eval"])
+def test_a_plain_pickle_that_runs_code_is_refused(tmp_path, function):
+    """A detectron2-style ``.pkl`` whose pickle calls a function is refused; nothing runs."""
+    marker = tmp_path / "pwned"
+    command = f"touch {marker}"
+    argument = command if function is os.system else f"__import__('os').system({command!r})"
+    payload = {"model": {"stem.conv1.weight": _Runs(function, argument)}, "__author__": "MOCO"}
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(
+        torch_bridge.WeightBridgeError, match=r"evil\.pkl: not a plain weights file"
+    ):
+        torch_formats.read_state_dict(path)
+    assert not marker.exists()
+    pickle.loads(path.read_bytes())  # control: the payload is live
+    assert marker.exists()
+
+
+def test_a_pickle_of_arrays_reads_back(tmp_path):
+    model = {"stem.conv1.weight": np.ones((4, 1, 3, 3), np.float32), "res2.0.conv1.norm.bias": 1}
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps({"model": model, "__author__": "MOCO"}))
+    state_dict, kind = torch_formats.read_state_dict(path)
+    assert kind == "a detectron2 pickle" and list(state_dict) == [
+        "conv1.weight",
+        "layer1.0.bn1.bias",
+    ]
+    path.write_bytes(pickle.dumps({"model": model})[:-20])
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"neither a PyTorch file nor"):
+        torch_formats.read_state_dict(path)
+
+
+def _torchvision():
+    """torchvision, or a skip saying why (a build for another torch fails at import)."""
+    try:
+        import torchvision
+    except Exception as err:  # noqa: BLE001 - ImportError, or RuntimeError of a mismatched build
+        pytest.skip(f"torchvision is not usable here ({type(err).__name__}: {err})")
+    return torchvision
+
+
+def _realistic_variables(model_config, image_shape, seed=0):
+    """Variables of the shapes of ``model_config`` with a He-like scale (features stay O(1))
+    and non-trivial BN statistics, so every tensor's place matters."""
+    shapes = _random_variables(model_config, image_shape, seed)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            fan_in = int(np.prod(x.shape[:-1]))
+            return (rng.standard_normal(x.shape) * np.sqrt(1.0 / fan_in)).astype(np.float32)
+        if name.endswith("['var']") or name.endswith("['scale']"):
+            return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+        return (0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_export_loads_into_real_torchvision_with_the_same_features(arch, tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = _torchvision()
+    config = _resnet50_config("mlp")
+    config.backbone = arch
+    variables = _realistic_variables(config, (32, 32, 3))
+    path = tmp_path / "exported.pth"
+    path.write_bytes(torch_bridge.save_torch_file(torch_formats.torchvision_state_dict(variables)))
+
+    model = getattr(torchvision.models, arch)()
+    result = model.load_state_dict(torch.load(path, weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert result.unexpected_keys == []
+    model.fc = torch.nn.Identity()
+    images = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs = model.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    ours, _ = build_encoder(config).apply(variables, images, train=False)
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
