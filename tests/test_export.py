@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from etils import epath
 
+import moco_jax
 from moco_jax import export, torch_bridge, torch_formats
 from moco_jax.checkpointing import Checkpointer
 from moco_jax.init_from import load_encoder_weights
 from tests.test_torch_bridge import torchvision_resnet_state_shapes
-from tiny import build, tiny_config
+from tiny import tiny_config
 
 torch = pytest.importorskip("torch")
 
@@ -28,28 +29,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP, STEPS_PER_EPOCH = 6, 4  # the export's epoch: 6 // 4 = 1 completed epoch
 
 
-def _scrambled(state, seed=0):
-    """``state`` with random encoders, BN statistics, queue and pointer (placed as before)."""
+def _random_state(setup, seed):
+    """A state of ``setup`` with random encoders, BN statistics, queue and pointer, built from
+    its shapes (no initialisation to compile): every array distinct, so a misplaced one shows."""
     rng = np.random.default_rng(seed)
 
-    def scramble(path, x):
+    def fill(path, x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(jax.random.key(seed), x.sharding)
         name = jax.tree_util.keystr(path)
-        values = rng.standard_normal(x.shape).astype(x.dtype)
-        if "var" in name:
-            values = rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
-        return jax.device_put(values, x.sharding)
+        if name.startswith(".opt_state") or not jax.dtypes.issubdtype(x.dtype, np.floating):
+            values = np.zeros(x.shape)
+        elif "var" in name:
+            values = rng.uniform(0.5, 1.5, x.shape)
+        else:
+            values = rng.standard_normal(x.shape)
+        return jax.device_put(values.astype(x.dtype), x.sharding)
 
-    trees = ("params", "batch_stats", "ema_params", "ema_batch_stats", "queue")
-    new = {name: jax.tree_util.tree_map_with_path(scramble, getattr(state, name)) for name in trees}
-    return state.replace(**new, queue_ptr=state.queue_ptr + 7, step=state.step + STEP)
+    state = jax.tree_util.tree_map_with_path(fill, setup.abstract_state())
+    return state.replace(step=state.step + STEP, queue_ptr=state.queue_ptr + 7)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """``(workdir, setup, saved state)`` of a saved tiny run, and its three exports."""
+    """``(workdir, setup, saved state, {format: exported file})`` of a saved tiny run."""
     config = tiny_config()
-    setup, state = build(config, 1)
-    state = _scrambled(state)
+    setup = moco_jax.build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
+    state = _random_state(setup, seed=0)
     workdir = tmp_path_factory.mktemp("run")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", config)
@@ -62,6 +68,10 @@ def run(tmp_path_factory):
         result = export.export_weights(str(workdir), fmt, str(files[fmt]))
         assert result["step"] == STEP
     return workdir, setup, state, files
+
+
+def _fresh(setup):
+    return _random_state(setup, seed=1)
 
 
 def _assert_equal(ours, theirs):
@@ -78,7 +88,7 @@ def _encoder(state):
 @pytest.mark.parametrize("fmt", torch_formats.FORMATS)
 def test_export_then_import_is_exact(run, fmt):
     _, setup, saved, files = run
-    fresh = setup.initial_state()
+    fresh = _fresh(setup)
     loaded = load_encoder_weights(str(files[fmt]), fresh, setup)
     for collection in ("params", "batch_stats"):
         _assert_equal(
@@ -191,7 +201,7 @@ def test_a_file_that_does_not_fit_is_one_line_naming_the_tensor(run, tmp_path, e
     _, setup, _, _ = run
     path = _template_file(run, tmp_path, edit)
     with pytest.raises(torch_bridge.WeightBridgeError, match=message) as error:
-        load_encoder_weights(str(path), setup.initial_state(), setup)
+        load_encoder_weights(str(path), _fresh(setup), setup)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
 
@@ -252,9 +262,7 @@ def test_a_backbone_only_encoder_takes_the_backbone_without_warning(run, source,
     workdir, setup, saved, files = run
     path = str(workdir if source == "workdir" else files[source])
     with caplog.at_level("WARNING"):
-        loaded = load_encoder_weights(
-            path, setup.initial_state(), _BackboneOnly(setup), "pretrained"
-        )
+        loaded = load_encoder_weights(path, _fresh(setup), _BackboneOnly(setup), "pretrained")
     ours = [r for r in caplog.records if "orbax" not in r.pathname]  # not orbax's read-only note
     assert [r.getMessage() for r in ours if r.levelname == "WARNING"] == []
     _assert_equal(loaded, _BackboneOnly.encoder_variables(saved))
@@ -274,7 +282,7 @@ def test_torchvision_state_dict_variants_load(run, tmp_path, variant):
         state_dict.update({"fc.weight": torch.ones(1000, 32), "fc.bias": torch.ones(1000)})
     path = tmp_path / "variant.pth"
     torch.save(state_dict, path)
-    fresh = setup.initial_state()
+    fresh = _fresh(setup)
     loaded = load_encoder_weights(str(path), fresh, setup)
     _assert_equal(loaded.params["backbone"], saved.params["backbone"])
     _assert_equal(loaded.params["head"], fresh.params["head"])
