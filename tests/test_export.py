@@ -20,7 +20,7 @@ import moco_jax
 from moco_jax import export, torch_bridge, torch_formats
 from moco_jax.checkpointing import Checkpointer
 from moco_jax.init_from import load_encoder_weights
-from tests.test_torch_bridge import torchvision_resnet_state_shapes
+from tests.test_torch_bridge import _Runs, torchvision_resnet_state_shapes
 from tiny import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -268,10 +268,13 @@ def test_a_backbone_only_encoder_takes_the_backbone_without_warning(run, source,
     _assert_equal(loaded, _BackboneOnly.encoder_variables(saved))
 
 
-@pytest.mark.parametrize("variant", ["under-state_dict", "module-prefix", "imagenet-fc"])
+@pytest.mark.parametrize(
+    "variant", ["under-state_dict", "module-prefix", "imagenet-fc", "pre-1.6-format"]
+)
 def test_torchvision_state_dict_variants_load(run, tmp_path, variant):
     """As checkpoints are found: inside ``state_dict``, saved from DataParallel (``module.``),
-    or with torchvision's 1000-class ``fc`` (not a MoCo head: ignored, the head stays fresh)."""
+    with torchvision's 1000-class ``fc`` (not a MoCo head: ignored, the head stays fresh), or in
+    torch.save's format of before 1.6 (as the official MoCo weights were released)."""
     _, setup, saved, files = run
     state_dict = torch.load(files["torchvision"], weights_only=True)
     if variant == "under-state_dict":
@@ -281,7 +284,8 @@ def test_torchvision_state_dict_variants_load(run, tmp_path, variant):
     else:
         state_dict.update({"fc.weight": torch.ones(1000, 32), "fc.bias": torch.ones(1000)})
     path = tmp_path / "variant.pth"
-    torch.save(state_dict, path)
+    zipped = variant != "pre-1.6-format"
+    torch.save(state_dict, path, _use_new_zipfile_serialization=zipped)
     fresh = _fresh(setup)
     loaded = load_encoder_weights(str(path), fresh, setup)
     _assert_equal(loaded.params["backbone"], saved.params["backbone"])
@@ -309,3 +313,15 @@ def test_cli_writes_detectron2_weights_without_torch(run, tmp_path):
     assert result.stdout.splitlines()[0].startswith(f"wrote {output}: detectron2 weights of step 6")
     assert "note: the CIFAR stem" in result.stdout
     assert output.read_bytes() == files["detectron2"].read_bytes()
+
+
+def test_a_pth_that_runs_code_is_refused_by_init_from(run, tmp_path):
+    _, setup, _, _ = run
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth.tar"
+    torch.save(
+        {"epoch": 1, "state_dict": {"conv1.weight": _Runs(os.system, f"touch {marker}")}}, path
+    )
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"^init_from .*evil\.pth\.tar: not a"):
+        load_encoder_weights(str(path), _fresh(setup), setup)
+    assert not marker.exists()
