@@ -1,4 +1,4 @@
-"""The reference recipe of ../shared/REFERENCE_RUNS.md, exactly: the official MoCo module run on
+"""The reference recipe of docs/reference_runs.md, exactly: the official MoCo module run on
 Fashion-MNIST with the single-device CIFAR demo's recipe. moco_jax must match or beat its curve
 (kNN head top-1 72.1 / 76.0 / 80.1 / 82.3 % after epochs 1 / 2 / 5 / 10).
 
@@ -14,7 +14,7 @@ from configs import moco_v2_cifar
 def get_config():
     # The official CIFAR-10 demo's recipe (K, m, T, lr per 256, wd, cosine, transforms) ...
     config = moco_v2_cifar.get_config()
-    # ... adapted to Fashion-MNIST as REFERENCE_RUNS.md says.
+    # ... adapted to Fashion-MNIST as docs/reference_runs.md says.
     config.dataset.name = "fashion_mnist"
     config.dataset.image_size = 28
     config.dataset.num_channels = 1

@@ -31,7 +31,7 @@ def test_parameter_counts_match_torchvision(backbone, torchvision_total, feature
 
 
 def test_reference_recipe_model_has_716400_parameters():
-    """REFERENCE_RUNS.md: CIFAR-stem ResNet-18, width 16, 1 channel, linear head: 716,400."""
+    """docs/reference_runs.md: CIFAR-stem ResNet-18, width 16, 1 channel, linear head: 716,400."""
     config = smoke.get_config().model
     config.update(backbone="resnet18", width_multiplier=0.25, cifar_stem=True, head="linear")
     assert _param_count(config, (28, 28, 1)) == 716_400
