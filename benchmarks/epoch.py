@@ -96,6 +96,8 @@ def time_epoch(config: Any, steps: int = 0, repeats: int = 1, log=print) -> dict
 
 def run(values: flags.FlagValues, log=print) -> dict[str, Any]:
     config = values.config
+    if values.torch:  # before TensorFlow loads: torchvision after it segfaults (tests/conftest.py)
+        import torchvision  # noqa: F401
     device = jax.devices()[0]
     report: dict[str, Any] = {
         "config_path": cli.config_path(values),

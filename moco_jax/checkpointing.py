@@ -97,7 +97,9 @@ class SignalPolicy(ocp.checkpoint_managers.SaveDecisionPolicy):
 class Checkpointer:
     """Saves when orbax's policies say so (and when forced), keeps what they preserve."""
 
-    def __init__(self, directory: str | epath.Path, config: Any):
+    def __init__(self, directory: str | epath.Path, config: Any, read_only: bool = False):
+        """``read_only``: the checkpoints of a run that may be training (export): nothing is
+        saved, cleaned up or moved; damaged checkpoints are skipped with a warning."""
         checkpoint = config.checkpoint
         self.keep = checkpoint.keep
         self.directory = epath.Path(directory)
@@ -119,7 +121,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # what a save killed half-way left behind
             enable_async_checkpointing=True,
         )
-        self.manager = open_manager(self.directory, options)
+        self.read_only = read_only
+        self.manager = open_manager(self.directory, None if read_only else options)
         self.config = config_dict(config)
         self._bytes = 0  # of the last checkpoint saved
         self.restored_step: int | None = None
@@ -247,16 +250,18 @@ class Checkpointer:
 
     # --- Restoring. ---
 
-    def restore_latest(self, template: Any) -> Any:
-        """The newest intact checkpoint laid out like ``template``, or ``template`` if none exists.
+    def restore_latest(self, template: Any, steps: list[int] | None = None) -> Any:
+        """The newest intact checkpoint (of ``steps``, default all) laid out like ``template``, or
+        ``template`` if none exists.
 
         Raises ``ConfigError`` if it was saved with a different config, and ``CheckpointError`` if
         checkpoints exist but every one is damaged. Damaged ones newer than the restored one are
-        moved to ``<workdir>/checkpoints_damaged/`` with a warning.
+        moved to ``<workdir>/checkpoints_damaged/`` with a warning (left in place if read-only).
         """
         self.restored_step, self.restored_extra = None, {}
         damaged: list[tuple[int, str]] = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        steps = self.manager.all_steps() if steps is None else steps
+        for step in sorted(steps, reverse=True):
             try:
                 state, extra = self._restore_verified(step, template)
             except _Damaged as err:
@@ -267,7 +272,7 @@ class Checkpointer:
                     "skipped damaged checkpoint step %d (%s); %s. Resuming from step %d.",
                     bad_step,
                     reason,
-                    self._set_aside(bad_step),
+                    "left in place" if self.read_only else self._set_aside(bad_step),
                     step,
                 )
             self.restored_step, self.restored_extra = step, extra

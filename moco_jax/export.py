@@ -24,24 +24,17 @@ import pickle
 from collections.abc import Mapping
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 
-from moco_jax import evaluate
-from moco_jax.checkpoint_format import open_manager
-from moco_jax.checkpointing import Checkpointer, CheckpointError, _Damaged
-from moco_jax.compatibility import config_dict
+from moco_jax.checkpointing import Checkpointer
+from moco_jax.saved_run import load_run_config, saved_steps
 from moco_jax.torch_formats import FORMATS
 from moco_jax.validation import ConfigError
 
 FLAGS = flags.FLAGS
-# evaluate.py defines these two for its own commands too: ours replace them in this process.
-flags.DEFINE_string(
-    "workdir", None, "A run's workdir (holds config.json and checkpoints/).", allow_override=True
-)
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step to export (default: the newest intact).", allow_override=True
-)
+flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest intact).")
 flags.DEFINE_enum(
     "format",
     None,
@@ -52,32 +45,6 @@ flags.DEFINE_enum(
 flags.DEFINE_string("output", None, "The file to write (replaced whole if it exists).")
 
 
-class ReadOnlyCheckpoints(Checkpointer):
-    """A workdir's checkpoints, read only: no lock (its run may be training), no clean-up of the
-    temporary directory of a save in progress, damaged checkpoints skipped but left in place."""
-
-    def __init__(self, directory: epath.Path, config: Any):
-        self.directory = directory if "://" in str(directory) else directory.absolute()
-        self.manager = open_manager(self.directory)
-        self.config = config_dict(config)
-        self.restored_step, self.restored_extra = None, {}
-        self._previous_handler, self._closed = None, False
-
-    def newest_intact(self, template: Any, steps: list[int]) -> tuple[int, Any, dict]:
-        """``(step, state, extra)`` of the newest of ``steps`` that reads back intact."""
-        damaged = []
-        for step in sorted(steps, reverse=True):
-            try:
-                state, extra = self._restore_verified(step, template)
-            except _Damaged as err:
-                damaged.append(f"step {step}: {err}")
-                continue
-            for reason in damaged:
-                logging.warning("export: skipped damaged checkpoint %s", reason)
-            return step, state, extra
-        raise CheckpointError(f"no intact checkpoint in {self.directory}: {'; '.join(damaged)}")
-
-
 def restore(workdir: epath.Path, config: Any, step: int | None = None):
     """``(setup, state, step, extra)`` of the newest intact checkpoint of ``workdir`` (or of
     ``step``), on one device whatever the run used (the state is replicated)."""
@@ -85,7 +52,7 @@ def restore(workdir: epath.Path, config: Any, step: int | None = None):
 
     from moco_jax.setup import build
 
-    steps = evaluate.saved_steps(workdir)
+    steps = saved_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: nothing to export")
     if step is not None and step not in steps:
@@ -94,13 +61,13 @@ def restore(workdir: epath.Path, config: Any, step: int | None = None):
     one_device.num_devices = 0
     # steps_per_epoch only shapes the lr schedule, which exporting does not use.
     setup = build(one_device, 1, devices=jax.devices()[:1])
-    reader = ReadOnlyCheckpoints(workdir / "checkpoints", config)
+    # Read-only: no lock, nothing cleaned up or moved (the run may be training and saving).
+    reader = Checkpointer(workdir / "checkpoints", config, read_only=True)
     try:
-        wanted = steps if step is None else [step]
-        found, state, extra = reader.newest_intact(_template(setup), wanted)
+        state = reader.restore_latest(_template(setup), steps if step is None else [step])
     finally:
         reader.close()
-    return setup, state, found, extra or {}
+    return setup, state, reader.restored_step, reader.restored_extra
 
 
 def _template(setup: Any) -> Any:
@@ -146,7 +113,7 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     workdir_path, output_path = epath.Path(workdir), epath.Path(output)
-    config = evaluate.load_run_config(workdir_path)
+    config = load_run_config(workdir_path)
     algorithm = config.get("algorithm", "moco")
     if fmt == "moco" and algorithm != "moco":
         raise ConfigError(
@@ -214,7 +181,7 @@ def main(argv):
         f"wrote {result['output']}: {result['format']} weights of step {result['step']} "
         f"({result['tensors']} tensors)"
     )
-    config = evaluate.load_run_config(epath.Path(FLAGS.workdir))
+    config = load_run_config(epath.Path(FLAGS.workdir))
     for note in _notes(config):
         print(f"note: {note}; build the PyTorch model alike")
 

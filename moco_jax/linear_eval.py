@@ -43,6 +43,8 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     if source is None:
         logging.warning("linear.pretrained is not set: evaluating the random-init encoder")
         return config
+    if not epath.Path(source).exists():
+        raise ConfigError(f"linear.pretrained: {source} does not exist")
     saved = _workdir_config(epath.Path(source))
     if saved is not None:
         for field in ARCHITECTURE_FIELDS:
@@ -160,7 +162,9 @@ def backbone_unchanged(run: Run, state: Any) -> bool:
 
     reference = run.setup.initial_state()
     if run.config.init_from:
-        reference = load_encoder_weights(run.config.init_from, reference, run.setup)
+        reference = load_encoder_weights(
+            run.config.init_from, reference, run.setup, "linear.pretrained"
+        )
     expected = jax.tree.leaves(reference.backbone_variables())
     actual = jax.tree.leaves(state.backbone_variables())
     return len(expected) == len(actual) and all(

@@ -21,8 +21,9 @@ from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEADS
 
 SCHEDULES = ("cosine", "step", "constant")
-# Files init_from reads as PyTorch weights (official MoCo checkpoints, torchvision state dicts).
-TORCH_WEIGHT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar")
+# Files init_from reads as weights: official MoCo checkpoints, torchvision state dicts (torch
+# files) and detectron2 pickles of the official converter.
+WEIGHT_FILE_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar", ".pkl")
 # TFDS names: a builder, optionally /config, optionally :version (no paths).
 TFDS_NAME = re.compile(r"[a-z0-9][a-z0-9_]*(/[a-z0-9_.-]+)?(:[0-9]+(\.[0-9*]+){0,2})?")
 
@@ -166,9 +167,9 @@ def _validate_run_fields(config: Any) -> None:
     _require(
         init_from is None
         or not epath.Path(init_from).is_file()
-        or init_from.endswith(TORCH_WEIGHT_SUFFIXES),
+        or init_from.endswith(WEIGHT_FILE_SUFFIXES),
         f"init_from must be another run's workdir, checkpoints directory or step directory, "
-        f"or a PyTorch weights file ({', '.join(TORCH_WEIGHT_SUFFIXES)}), got the file "
+        f"or a weights file ({', '.join(WEIGHT_FILE_SUFFIXES)}), got the file "
         f"{init_from!r}",
     )
 

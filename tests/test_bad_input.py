@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [str(ROOT / "train.py")]
 SMOKE = ["--config", str(ROOT / "configs" / "smoke.py")]
 EVALUATE = ["-m", "moco_jax.evaluate"]
+LINEAR = ["--config", str(ROOT / "configs" / "linear_fashion_mnist.py")]
 SLOW_ROWS = ("init-from-missing", "unknown-dataset")
 CLUSTER_PREFIXES = ("JAX_COORDINATOR", "SLURM_", "OMPI_", "TPU_WORKER", "KUBERNETES_")
 
@@ -161,8 +162,20 @@ ROWS = [
     (
         "evaluate-no-command",
         [*EVALUATE, "--workdir", "{t}/run"],
-        "error: expected the command knn",
+        "error: expected the command knn or linear",
         "no checkpoints, no data",
+    ),
+    (
+        "linear-no-config",
+        [*EVALUATE, "linear", "--workdir", "{w}"],
+        "error: linear needs --config",
+        "no workdir",
+    ),
+    (
+        "linear-pretrained-missing",
+        [*EVALUATE, "linear", *LINEAR, "--workdir", "{w}", "--pretrained", "/nonexistent"],
+        "error: linear.pretrained: /nonexistent does not exist",
+        "no workdir",
     ),
 ]
 

@@ -10,13 +10,13 @@ from moco_jax.validation import validate_run_config
 from tiny import tiny_config
 
 BAD_VALUES = [
-    ({"algorithm": "byol"}, 1, r"algorithm must be one of \['moco'\], got 'byol'"),
+    ({"algorithm": "byol"}, 1, r"algorithm must be one of \['linear', 'moco'\], got 'byol'"),
     ({"moco.queue_size": 32}, 1, r"queue_size \(K=32\) must be >= the global batch_size \(64\)"),
     ({"batch_size": 60}, 8, "batch_size 60 is not divisible by the 8 devices"),
     (
         {"model.backbone": "resnet9000"},
         1,
-        "unknown backbone 'resnet9000'; available: mlp, resnet18",
+        "unknown backbone 'resnet9000'; available: mlp, pixels, resnet18",
     ),
     ({"model.bn_mode": "group"}, 1, r"model.bn_mode must be one of \['shuffle', 'sync', 'local'\]"),
     ({"moco.temperature": -0.1}, 1, "moco.temperature must be > 0, got -0.1"),
@@ -114,6 +114,54 @@ def test_bad_config_is_refused_with_a_specific_message(overrides, devices, messa
         validate_config(config, devices)
     with pytest.raises(ConfigError, match=message):
         moco_jax.build(config, steps_per_epoch=10, devices=jax.devices()[:devices])
+
+
+def _linear_tiny(**overrides):
+    from moco_jax.config_defaults import linear_config
+
+    config = linear_config()
+    config.dataset, config.model = tiny_config().dataset, tiny_config().model
+    config.model.bn_mode = "sync"
+    for dotted, value in overrides.items():
+        section, leaf = dotted.split(".")
+        config[section][leaf] = value
+    return config
+
+
+FINE_TUNE = {"linear.train_backbone": True, "linear.backbone_lr": 0.1}
+LINEAR_BAD_VALUES = [
+    ({"linear.num_classes": 1}, "linear.num_classes must be an integer >= 2, got 1"),
+    ({"linear.eval_every_epochs": 0}, "linear.eval_every_epochs must be an integer >= 1"),
+    ({"linear.init_std": 0.0}, "linear.init_std must be > 0, got 0.0"),
+    ({"linear.backbone_lr": -1.0}, "linear.backbone_lr must be >= 0, got -1.0"),
+    ({"linear.cached_features": None}, "linear.cached_features must be True or False"),
+    ({"linear.train_backbone": None}, "linear.train_backbone must be True or False"),
+    (
+        {**FINE_TUNE, "linear.cached_features": True},
+        "linear.cached_features and linear.train_backbone exclude each other",
+    ),
+    ({"linear.train_backbone": True}, "linear.train_backbone needs linear.backbone_lr > 0"),
+    (
+        {**FINE_TUNE, "model.bn_mode": "shuffle"},
+        "fine-tuning has no keys to shuffle: set model.bn_mode to 'sync' or 'local'",
+    ),
+    ({"linear.pretrained": ""}, "init_from must be a path"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", LINEAR_BAD_VALUES)
+def test_bad_linear_config_is_refused_with_a_specific_message(overrides, message):
+    from moco_jax.linear_eval import with_pretrained
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(with_pretrained(_linear_tiny(**overrides)), 1)
+
+
+def test_every_linear_field_has_a_bad_value_above():
+    from moco_jax.config_defaults import linear_config
+
+    covered = {field for overrides, _ in LINEAR_BAD_VALUES for field in overrides}
+    assert {f"linear.{key}" for key in linear_config().linear} - covered == set()
 
 
 def test_every_config_field_has_a_bad_value_above():

@@ -86,7 +86,8 @@ def create_state(rng, model, optimizer, image_shape, num_classes, init_std, fine
         "kernel": init_std * jax.random.normal(classifier_rng, (features.shape[-1], num_classes)),
         "bias": jnp.zeros((num_classes,), jnp.float32),
     }
-    params = {"backbone": variables["params"]["backbone"], "classifier": classifier}
+    backbone = variables.get("params", {}).get("backbone", {})  # none for model.backbone=pixels
+    params = {"backbone": backbone, "classifier": classifier}
     batch_stats = {"backbone": variables.get("batch_stats", {}).get("backbone", {})}
     trained = params if fine_tune else classifier
     return LinearState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(trained))
@@ -95,7 +96,7 @@ def create_state(rng, model, optimizer, image_shape, num_classes, init_std, fine
 def load_encoder(state: LinearState, variables: dict[str, Any]) -> LinearState:
     """``state`` with ``variables``' backbone (``init_from``/``pretrained``); the head, if any,
     is dropped."""
-    params = {**state.params, "backbone": variables["params"]["backbone"]}
+    params = {**state.params, "backbone": variables.get("params", {}).get("backbone", {})}
     batch_stats = {"backbone": variables.get("batch_stats", {}).get("backbone", {})}
     return state.replace(params=params, batch_stats=batch_stats)
 
