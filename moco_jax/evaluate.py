@@ -84,7 +84,8 @@ def main(argv):
             evaluate_linear, FLAGS.config, FLAGS.workdir, FLAGS.pretrained
         )
         print(
-            f"linear evaluation ({summary['protocol']}, {summary['epochs']} epochs): test top-1 "
+            f"linear evaluation ({summary['protocol']}, {summary['epochs']} epoch"
+            f"{'s' if summary['epochs'] != 1 else ''}): test top-1 "
             f"{summary['test_top1']:.2f}%, top-5 {summary['test_top5']:.2f}% "
             f"(best top-1 {summary['best_test_top1']:.2f}%)"
         )

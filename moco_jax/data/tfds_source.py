@@ -83,7 +83,10 @@ def load_arrays(builder, split: str, limit: int = 0) -> tuple[np.ndarray, np.nda
 
     process_split = tfds.split_for_jax_process(split, drop_remainder=True)
     if jax.process_count() == 1:
-        process_split = split
+        # Read only the first ``limit`` records (the same ones: the order is the files' order),
+        # not the whole split (Fashion-MNIST's 60k: ~10 s against ~0.3 s for 2k).
+        size = builder.info.splits[split].num_examples
+        process_split = f"{split}[:{limit}]" if 0 < limit < size else split
     data = tfds.as_numpy(builder.as_dataset(split=process_split, batch_size=-1))
     images = np.asarray(data["image"], np.uint8)
     if images.ndim == 3:
