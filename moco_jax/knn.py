@@ -3,6 +3,7 @@
 For each test feature: cosine similarity to every memory-bank feature, the ``k`` most similar,
 weights ``exp(sim / t)``, per-class sums of weights, prediction = the class with the largest sum
 (the official CIFAR demo's ``knn_predict`` with k=200, t=0.1). Features are L2-normalised.
+On a mesh the memory bank stays split over the devices (``make_knn_accuracy_fn``).
 """
 
 from __future__ import annotations
@@ -12,16 +13,35 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moco_jax.algorithms.info_nce import l2_normalize
-from moco_jax.mesh import DATA_AXIS, replicate
+from moco_jax.mesh import DATA_AXIS
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
     """The chunk size used to walk ``n`` rows in equal pieces of at most ``limit``."""
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _ranked(
+    features: jax.Array, bank: jax.Array, bank_labels: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """Similarities and labels of the ``k`` bank rows most similar to each row of ``features``,
+    most similar first; among equal similarities the lower bank row first (``lax.top_k``'s rule).
+    Bank rows with label -1 (padding) are at -inf: they are ranked last and never vote."""
+    similarity = features @ bank.T
+    similarity = jnp.where(bank_labels[None, :] >= 0, similarity, -jnp.inf)
+    top_sim, top_index = jax.lax.top_k(similarity, k)
+    return top_sim, bank_labels[top_index]
+
+
+def _vote(top_sim: jax.Array, top_labels: jax.Array, num_classes: int, temperature: float):
+    """The class with the largest sum of ``exp(sim / t)`` over the neighbours ``[..., k]``."""
+    weights = jnp.exp(top_sim / temperature)
+    votes = jax.nn.one_hot(top_labels, num_classes) * weights[..., None]
+    return jnp.argmax(jnp.sum(votes, axis=-2), axis=-1)
 
 
 def knn_predict(
@@ -34,14 +54,10 @@ def knn_predict(
 ) -> jax.Array:
     """Predicted labels of ``features [M, D]`` by weighted vote of their ``k`` nearest in ``bank``.
 
-    Bank rows with label -1 (padding) never vote.
+    The whole bank on one device (the reference for ``make_knn_predict_fn``). Bank rows with
+    label -1 (padding) never vote; among equal similarities the lower bank row is taken first.
     """
-    similarity = features @ bank.T
-    similarity = jnp.where(bank_labels[None, :] >= 0, similarity, -jnp.inf)
-    top_sim, top_index = jax.lax.top_k(similarity, k)
-    weights = jnp.exp(top_sim / temperature)
-    votes = jax.nn.one_hot(bank_labels[top_index], num_classes) * weights[..., None]
-    return jnp.argmax(jnp.sum(votes, axis=1), axis=-1)
+    return _vote(*_ranked(features, bank, bank_labels, k), num_classes, temperature)
 
 
 def make_feature_fn(
@@ -81,38 +97,101 @@ def make_feature_fn(
     )
 
 
-def make_knn_accuracy_fn(
-    mesh: Mesh, num_classes: int, k: int, temperature: float, chunk: int = 256
-):
-    """Jitted ``(test_feats, test_labels, bank, bank_labels) -> (correct, counted)``.
+def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, chunk):
+    """Inside ``shard_map`` over ``data``: predictions for this device's test rows ``[m, D]``,
+    each device holding one contiguous block of bank rows ``[S, D]`` (device r: global rows
+    ``[r*S, (r+1)*S)``).
 
-    Test rows are sharded over devices and walked in chunks; the bank is replicated. Test rows
-    with label -1 (padding) are not counted.
+    Walks the test rows in steps: every device contributes ``size`` rows, all-gathered (``[n *
+    size, D]``, at most ``chunk`` rows); each device ranks its bank block for all of them (a
+    ``[n * size, S]`` similarity block) and keeps its ``min(k, S)`` best; an all-to-all hands
+    every device the candidates of its own rows from every block, in device order, and a
+    ``top_k`` over those ``n * min(k, S)`` gives the global ``k`` nearest. ``top_k`` takes the
+    lower position first among equal values, and positions are block-major with each block in
+    its own rank order, so ties go to the lower global bank row: the neighbours, their order and
+    so the vote are those of ``knn_predict`` on the whole bank (given the same similarities: a
+    backend whose matmul sums in another order for other shapes may round them differently).
+    """
+    devices = jax.lax.axis_size(DATA_AXIS)
+    rows, shard = features.shape[0], bank.shape[0]
+    if k > devices * shard:
+        raise ValueError(f"k={k} is larger than the memory bank ({devices * shard} rows)")
+    size = largest_divisor_at_most(rows, max(1, chunk // devices))
+    local_k = min(k, shard)
+
+    def predict(local_rows):
+        gathered = jax.lax.all_gather(local_rows, DATA_AXIS, tiled=True)
+        candidates = _ranked(gathered, bank, bank_labels, local_k)
+        # [devices (whose test rows), size, local_k] -> [devices (whose bank block), size, ...]
+        sims, labels = (
+            jax.lax.all_to_all(c.reshape(devices, size, local_k), DATA_AXIS, 0, 0)
+            for c in candidates
+        )
+        sims, labels = (
+            c.transpose(1, 0, 2).reshape(size, devices * local_k) for c in (sims, labels)
+        )
+        top_sim, position = jax.lax.top_k(sims, k)
+        top_labels = jnp.take_along_axis(labels, position, axis=1)
+        return _vote(top_sim, top_labels, num_classes, temperature)
+
+    chunks = features.reshape(rows // size, size, -1)
+    return jax.lax.map(predict, chunks).reshape(rows)
+
+
+def _jit_rows_sharded(mesh: Mesh, per_device, num_args: int, out_specs):
+    """Jitted ``shard_map`` of ``per_device`` with every argument's rows split over ``data``.
+    Arguments sharded otherwise (host arrays, a replicated bank) are resharded first; rows
+    already split over ``data`` stay where they are."""
+    rows = NamedSharding(mesh, P(DATA_AXIS))
+    mapped = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(DATA_AXIS),) * num_args, out_specs=out_specs
+    )
+    return jax.jit(lambda *args: mapped(*(jax.sharding.reshard(a, rows) for a in args)))
+
+
+def make_knn_predict_fn(mesh: Mesh, num_classes: int, k: int, temperature: float, chunk: int = 256):
+    """Jitted ``(test_feats, bank, bank_labels) -> predictions``, everything sharded over
+    ``data`` (rows split evenly): ``knn_predict`` without replicating the bank.
+
+    Each device holds 1/n of the bank; the similarity block is at most ``[chunk, N / n]``.
+    Ties go to the lower row of ``bank`` as a global array (its row order, not where the rows
+    sit): the same neighbours as ``knn_predict`` on the whole bank.
     """
 
+    def per_device(features, bank, bank_labels):
+        return _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, chunk)
+
+    return _jit_rows_sharded(mesh, per_device, 3, P(DATA_AXIS))
+
+
+def make_knn_counts_fn(mesh: Mesh, num_classes: int, k: int, temperature: float, chunk: int = 256):
+    """Jitted ``(test_feats, test_labels, bank, bank_labels) -> (correct, counted)``, all four
+    sharded over ``data`` (see ``make_knn_predict_fn``). Test rows with label -1 (padding) are
+    not counted."""
+
     def per_device(features, labels, bank, bank_labels):
-        n = features.shape[0]
-        size = largest_divisor_at_most(n, chunk)
-
-        def predict(batch):
-            return knn_predict(batch, bank, bank_labels, num_classes, k, temperature)
-
-        predictions = jax.lax.map(predict, features.reshape(n // size, size, -1)).reshape(n)
+        predictions = _sharded_predict(
+            features, bank, bank_labels, num_classes, k, temperature, chunk
+        )
         valid = labels >= 0
         correct = jnp.sum((predictions == labels) & valid)
         return jax.lax.psum(correct, DATA_AXIS), jax.lax.psum(jnp.sum(valid), DATA_AXIS)
 
-    fn = jax.jit(
-        jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P()),
-            out_specs=(P(), P()),
-        )
-    )
+    return _jit_rows_sharded(mesh, per_device, 4, (P(), P()))
+
+
+def make_knn_accuracy_fn(
+    mesh: Mesh, num_classes: int, k: int, temperature: float, chunk: int = 256
+):
+    """``(test_feats, test_labels, bank, bank_labels) -> top-1 accuracy`` (a fraction).
+
+    All four are rows sharded over ``data`` (as ``make_feature_fn`` returns them); the bank
+    stays sharded (1/n of it per device). Ties go to the lower row of ``bank`` as a global array:
+    for the monitor's bank, concatenated from a source's batches, the order of the batches.
+    """
+    fn = make_knn_counts_fn(mesh, num_classes, k, temperature, chunk)
 
     def accuracy(features, labels, bank, bank_labels) -> float:
-        bank, bank_labels = replicate(mesh, (bank, bank_labels))
         correct, counted = fn(features, labels, bank, bank_labels)
         return float(correct) / max(int(counted), 1)
 

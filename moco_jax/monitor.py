@@ -29,7 +29,8 @@ MAX_PIXEL_SIZE = 32
 
 @dataclasses.dataclass
 class KnnMonitor:
-    """Evaluates encoder variables with weighted kNN; features stay on device."""
+    """Evaluates encoder variables with weighted kNN; features stay on device, the memory bank
+    split over the devices (1/n of its rows each)."""
 
     mesh: Mesh
     model: nn.Module
@@ -45,6 +46,11 @@ class KnnMonitor:
         self._pixels = jax.jit(_small_pixel_features)
 
     def _collect(self, source: Source, featurize) -> tuple[list[jax.Array], jax.Array]:
+        """Each feature column and the labels of all of ``source``'s batches, in batch order.
+
+        Concatenating batches sharded over ``data`` gives rows sharded over ``data`` again
+        (moved between devices by an all-to-all, never gathered): the kNN bank stays split over
+        the devices, and its ties go to the earlier row of this concatenation."""
         outputs, labels = [], []
         for images, batch_labels in source():
             outputs.append(featurize(images))

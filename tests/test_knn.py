@@ -1,12 +1,21 @@
 """Weighted kNN against a plain NumPy statement of the official demo's ``knn_predict``."""
 
+from types import SimpleNamespace
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moco_jax.data.resident import put_sharded
-from moco_jax.knn import knn_predict, largest_divisor_at_most, make_knn_accuracy_fn
-from moco_jax.mesh import make_data_mesh, shard_batch
+from moco_jax.knn import (
+    knn_predict,
+    largest_divisor_at_most,
+    make_knn_accuracy_fn,
+    make_knn_counts_fn,
+    make_knn_predict_fn,
+)
+from moco_jax.mesh import DATA_AXIS, make_data_mesh, shard_batch
 
 
 def numpy_knn(features, bank, bank_labels, num_classes, k, t):
@@ -66,6 +75,108 @@ def test_sharded_accuracy_with_padding_equals_numpy(toy):
     expected = np.mean(numpy_knn(test, bank, bank_labels, 5, 20, 0.1) == test_labels)
     assert ours == pytest.approx(expected)
     assert 0.5 < ours < 1.0  # the toy problem is learnable but not trivial
+
+
+@pytest.fixture(scope="module")
+def tied():
+    """Integer vectors: every similarity is an exact small integer, so many tie exactly, among
+    them duplicated bank rows with different labels. 300 bank rows plus 4 padding rows (label
+    -1) placed among them, twice test rows 0-3 (their nearest by far, if they voted); 77 test
+    rows plus 3 padding rows: 304 and 80 rows, 38 and 10 per device on 8."""
+    rng = np.random.default_rng(1)
+    bank = rng.integers(-1, 2, (300, 6)).astype(np.float32)
+    bank[150:200] = bank[:50]  # the same vectors again, most with other labels
+    bank_labels = rng.integers(0, 5, 300).astype(np.int32)
+    test = rng.integers(-1, 2, (77, 6)).astype(np.float32)
+    test_labels = rng.integers(0, 5, 77).astype(np.int32)
+    at = [0, 37, 38, 250]
+    return SimpleNamespace(
+        bank=bank,
+        bank_labels=bank_labels,
+        test=test,
+        test_labels=test_labels,
+        padded_bank=np.insert(bank, at, 2 * test[:4], axis=0),
+        padded_bank_labels=np.insert(bank_labels, at, -1),
+        padded_test=np.concatenate([test, test[:3]]),
+        padded_test_labels=np.concatenate([test_labels, -np.ones(3, np.int32)]),
+    )
+
+
+@pytest.mark.parametrize("k,t", [(1, 0.5), (5, 0.5), (200, 1.0)])
+def test_sharded_predictions_equal_replicated_with_ties(tied, k, t):
+    """The bank stays sharded (38 rows a device, k=200 above that) and the predictions are those
+    of the whole-bank ``knn_predict``, ties included (the lower bank row first), and of NumPy."""
+    mesh = make_data_mesh(8)
+    sharded_bank = shard_batch(mesh, tied.padded_bank)
+    assert sharded_bank.sharding.spec[0] == DATA_AXIS
+    assert {s.data.shape for s in sharded_bank.addressable_shards} == {(38, 6)}
+    predict = make_knn_predict_fn(mesh, 5, k, t, chunk=16)  # 2 test rows a device per step
+    ours = np.asarray(
+        predict(
+            shard_batch(mesh, tied.padded_test),
+            sharded_bank,
+            shard_batch(mesh, tied.padded_bank_labels),
+        )
+    )[:77]
+    replicated = knn_predict(tied.padded_test, tied.padded_bank, tied.padded_bank_labels, 5, k, t)
+    np.testing.assert_array_equal(ours, np.asarray(replicated)[:77])
+    np.testing.assert_array_equal(ours, numpy_knn(tied.test, tied.bank, tied.bank_labels, 5, k, t))
+    # The ties matter: taking the higher bank row first changes some predictions.
+    reversed_rule = numpy_knn(tied.test, tied.bank[::-1], tied.bank_labels[::-1], 5, k, t)
+    if k < 200:
+        assert np.any(ours != reversed_rule)
+
+
+def _on_mesh(mesh, tied):
+    """``(test, test_labels, bank, bank_labels)``, padded, each with rows sharded over ``data``."""
+    names = ("padded_test", "padded_test_labels", "padded_bank", "padded_bank_labels")
+    return [shard_batch(mesh, getattr(tied, name)) for name in names]
+
+
+def test_sharded_accuracy_counts_only_real_test_rows(tied):
+    mesh = make_data_mesh(8)
+    accuracy = make_knn_accuracy_fn(mesh, 5, k=5, temperature=0.5, chunk=16)
+    ours = accuracy(*_on_mesh(mesh, tied))
+    expected = knn_predict(tied.padded_test, tied.padded_bank, tied.padded_bank_labels, 5, 5, 0.5)
+    assert ours == pytest.approx(np.mean(np.asarray(expected)[:77] == tied.test_labels))
+
+
+def test_bank_of_several_batches_ties_in_concatenated_order(tied):
+    """The monitor's bank is ``jnp.concatenate`` of a source's batches, each sharded over
+    ``data``: the result is still rows sharded over ``data`` (1/8 a device) and ties go to the
+    lower row of the concatenation, as ``knn_predict`` on the host batches concatenated."""
+    mesh = make_data_mesh(8)
+    halves = [
+        (tied.padded_bank[s], tied.padded_bank_labels[s]) for s in (slice(152, None), slice(0, 152))
+    ]
+    bank = jnp.concatenate([shard_batch(mesh, b) for b, _ in halves])
+    bank_labels = jnp.concatenate([shard_batch(mesh, y) for _, y in halves])
+    assert bank.sharding.spec[0] == DATA_AXIS
+    assert {s.data.shape for s in bank.addressable_shards} == {(38, 6)}
+    ours = make_knn_predict_fn(mesh, 5, 5, 0.5, chunk=16)(
+        shard_batch(mesh, tied.padded_test), bank, bank_labels
+    )
+    host_bank = np.concatenate([b for b, _ in halves])
+    host_labels = np.concatenate([y for _, y in halves])
+    expected = knn_predict(tied.padded_test, host_bank, host_labels, 5, 5, 0.5)
+    np.testing.assert_array_equal(np.asarray(ours)[:77], np.asarray(expected)[:77])
+    # The halves are swapped: in the original row order other tied neighbours win.
+    original = knn_predict(tied.padded_test, tied.padded_bank, tied.padded_bank_labels, 5, 5, 0.5)
+    assert np.any(np.asarray(original)[:77] != np.asarray(expected)[:77])
+
+
+def test_no_device_holds_the_whole_bank(tied):
+    """The compiled per-device program takes a [38, 6] bank block and has no buffer of the whole
+    bank's [304, 6] shape (it is never all-gathered); what it all-gathers is a [16, 6] block of
+    test rows."""
+    mesh = make_data_mesh(8)
+    counts = make_knn_counts_fn(mesh, 5, 200, 1.0, chunk=16)
+    hlo = counts.lower(*_on_mesh(mesh, tied)).compile().as_text()
+    entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
+    assert "f32[38,6]" in entry and "s32[38]" in entry
+    assert "[304,6]" not in hlo and "[304]" not in hlo
+    gathers = [line for line in hlo.splitlines() if " all-gather(" in line]
+    assert gathers and all("f32[16,6]" in line.split("=")[1] for line in gathers)
 
 
 def test_largest_divisor():
