@@ -23,18 +23,23 @@ from moco_jax.cli_errors import define_config_file
 from moco_jax.saved_run import load_run_config, saved_steps
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "workdir", None, "knn: a pretraining run's workdir; linear: the evaluation's own workdir."
-)
-define_config_file("config", "linear: a linear-evaluation config (configs/linear_*.py).")
-flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
-flags.DEFINE_string("data_dir", None, "Override dataset.data_dir of the saved config.")
-flags.DEFINE_string(
-    "pretrained",
-    None,
-    "linear: a pretraining workdir (or its checkpoints/step directory), an official MoCo "
-    ".pth.tar or a torchvision state dict (sets config.linear.pretrained).",
-)
+
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs as a program (not on import: the library
+    functions here are imported beside other commands' modules)."""
+    flags.DEFINE_string(
+        "workdir", None, "knn: a pretraining run's workdir; linear: the evaluation's own workdir."
+    )
+    define_config_file("config", "linear: a linear-evaluation config (configs/linear_*.py).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+    flags.DEFINE_string("data_dir", None, "Override dataset.data_dir of the saved config.")
+    flags.DEFINE_string(
+        "pretrained",
+        None,
+        "linear: a pretraining workdir (or its checkpoints/step directory), an official MoCo "
+        ".pth.tar or a torchvision state dict (sets config.linear.pretrained).",
+    )
 
 
 def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = None) -> dict:
@@ -103,6 +108,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     from moco_jax.cli_errors import flags_parser
 
     app.run(main, flags_parser=flags_parser(required=("workdir",), commands=("knn", "linear")))

@@ -33,16 +33,21 @@ from moco_jax.torch_formats import FORMATS
 from moco_jax.validation import ConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
-flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest intact).")
-flags.DEFINE_enum(
-    "format",
-    None,
-    list(FORMATS),
-    "torchvision: backbone .pth; detectron2: the official converter's .pkl; moco: the official "
-    "MoCo checkpoint (.pth.tar, both encoders and the queue).",
-)
-flags.DEFINE_string("output", None, "The file to write (replaced whole if it exists).")
+
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs as a program (not on import: the library
+    functions here are imported beside other commands' modules)."""
+    flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest intact).")
+    flags.DEFINE_enum(
+        "format",
+        None,
+        list(FORMATS),
+        "torchvision: backbone .pth; detectron2: the official converter's .pkl; moco: the official "
+        "MoCo checkpoint (.pth.tar, both encoders and the queue).",
+    )
+    flags.DEFINE_string("output", None, "The file to write (replaced whole if it exists).")
 
 
 def restore(workdir: epath.Path, config: Any, step: int | None = None):
@@ -187,6 +192,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     from moco_jax.cli_errors import flags_parser
 
     app.run(main, flags_parser=flags_parser(required=("workdir", "format", "output")))
