@@ -141,7 +141,7 @@ def plot_history(
     for key, label, style in styles:
         if key in baselines:
             ax_acc.axhline(baselines[key], linestyle=style[1:], color=style[0], label=label)
-    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title=f"{title}: {accuracy}")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: {accuracy}")
     ax_acc.legend(loc="lower right")
     last_epoch = max((r["epoch"] for r in epochs), default=1)
     for ax in (ax_loss, ax_acc):
