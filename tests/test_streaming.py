@@ -244,7 +244,7 @@ def _linear_config(data_dir, **overrides):
 
 def test_linear_evaluation_streams_one_view_with_its_label(data_dir, tmp_path):
     """Each streamed view keeps its image's label (the colour class survives crop and flip), and
-    a fine-tuning run on the stream trains and evaluates on the streamed test split."""
+    a linear run on the stream trains and evaluates its classifier on the streamed test split."""
     from moco_jax.linear_eval import evaluate_linear
 
     config = _linear_config(data_dir, **{"optim.base_lr": 0.3, "linear.eval_every_epochs": 3})
@@ -257,9 +257,8 @@ def test_linear_evaluation_streams_one_view_with_its_label(data_dir, tmp_path):
     dominant = np.argmax((view * 0.25 + 0.5).mean(axis=(1, 2)), axis=-1)  # un-normalised
     np.testing.assert_array_equal(dominant, labels)
 
-    # Fine-tuning (BN in train mode): the random-init encoder's eval-mode BN does not normalise.
-    config.linear.train_backbone, config.linear.backbone_lr = True, 0.3
+    # The MLP backbone (compiles in a fraction of a ResNet's time), frozen at random init.
+    config.model.backbone = "mlp"
     summary = evaluate_linear(config, str(tmp_path))
-    assert summary["protocol"] == "fine_tune" and summary["epochs"] == 3
-    assert "backbone_unchanged" not in summary  # the backbone trained
-    assert summary["test_top1"] > 60  # colour classes: easy once the encoder trains
+    assert summary["backbone_unchanged"] and summary["epochs"] == 3
+    assert summary["test_top1"] > 60  # colour classes: easy even for random features
