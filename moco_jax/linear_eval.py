@@ -25,7 +25,9 @@ from moco_jax.data.resident import ResidentViews, make_eval_transform
 from moco_jax.knn import largest_divisor_at_most, make_feature_fn
 from moco_jax.mesh import DATA_AXIS
 from moco_jax.metrics_io import plot_history, write_atomically
+from moco_jax.monitor import collect
 from moco_jax.run_setup import Run, setup_run
+from moco_jax.saved_run import load_run_config
 from moco_jax.validation import ConfigError
 
 # Architecture fields a pretraining workdir's config.json decides for the linear run.
@@ -55,11 +57,12 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     return config
 
 
-def _workdir_config(path: epath.Path) -> dict | None:
-    """The config.json of the pretraining workdir ``path`` is in (or is), if any."""
+def _workdir_config(path: epath.Path) -> Any | None:
+    """The config of the pretraining workdir ``path`` is in (or is: a workdir, its checkpoints
+    directory or one step's), if any (``ConfigError`` if its config.json is damaged)."""
     for candidate in (path, path.parent, path.parent.parent):
         if (candidate / "config.json").is_file():
-            return json.loads((candidate / "config.json").read_text())
+            return load_run_config(candidate)
     return None
 
 
@@ -80,8 +83,8 @@ class ClassifierMonitor:
 
     def features_of(self, state, source) -> tuple[jax.Array, jax.Array]:
         """Features (no augmentation) and labels of every batch of ``source``, on the mesh."""
-        pairs = [(self.features(state, images), labels) for images, labels in source()]
-        return tuple(jnp.concatenate(column) for column in zip(*pairs, strict=True))
+        (features,), labels = collect(source, lambda images: (self.features(state, images),))
+        return features, labels
 
     def evaluate(self, state) -> dict[str, float]:
         if self.cached_test is not None:

@@ -27,6 +27,21 @@ Source = Callable[[], Iterable[tuple[jax.Array, jax.Array]]]
 MAX_PIXEL_SIZE = 32
 
 
+def collect(source: Source, featurize) -> tuple[list[jax.Array], jax.Array]:
+    """Each column of ``featurize(images)`` (a tuple) and the labels of all of ``source``'s
+    batches, in batch order.
+
+    Concatenating batches sharded over ``data`` gives rows sharded over ``data`` again
+    (moved between devices by an all-to-all, never gathered): the kNN bank stays split over
+    the devices, and its ties go to the earlier row of this concatenation."""
+    outputs, labels = [], []
+    for images, batch_labels in source():
+        outputs.append(featurize(images))
+        labels.append(batch_labels)
+    columns = [jnp.concatenate(column) for column in zip(*outputs, strict=True)]
+    return columns, jnp.concatenate(labels)
+
+
 @dataclasses.dataclass
 class KnnMonitor:
     """Evaluates encoder variables with weighted kNN; features stay on device, the memory bank
@@ -45,22 +60,9 @@ class KnnMonitor:
         self._accuracy = make_knn_accuracy_fn(self.mesh, self.num_classes, knn.k, knn.temperature)
         self._pixels = jax.jit(_small_pixel_features)
 
-    def _collect(self, source: Source, featurize) -> tuple[list[jax.Array], jax.Array]:
-        """Each feature column and the labels of all of ``source``'s batches, in batch order.
-
-        Concatenating batches sharded over ``data`` gives rows sharded over ``data`` again
-        (moved between devices by an all-to-all, never gathered): the kNN bank stays split over
-        the devices, and its ties go to the earlier row of this concatenation."""
-        outputs, labels = [], []
-        for images, batch_labels in source():
-            outputs.append(featurize(images))
-            labels.append(batch_labels)
-        columns = [jnp.concatenate(column) for column in zip(*outputs, strict=True)]
-        return columns, jnp.concatenate(labels)
-
     def _top1(self, featurize) -> list[float]:
-        bank, bank_labels = self._collect(self.bank_source, featurize)
-        test, test_labels = self._collect(self.test_source, featurize)
+        bank, bank_labels = collect(self.bank_source, featurize)
+        test, test_labels = collect(self.test_source, featurize)
         return [
             100 * self._accuracy(t, test_labels, b, bank_labels)
             for t, b in zip(test, bank, strict=True)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax.algorithms import Algorithm, State, build_algorithm
+from moco_jax.algorithms import Algorithm, State, build_algorithm, image_shape
 from moco_jax.mesh import make_data_mesh, replicated
 from moco_jax.validation import ConfigError, validate
 
@@ -38,8 +38,7 @@ class Setup:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        dataset = self.config.dataset
-        return (dataset.image_size, dataset.image_size, dataset.num_channels)
+        return image_shape(self.config)
 
     def initial_state(self, seed: int | None = None) -> State:
         """A fresh state from ``config.seed`` (or ``seed``), replicated over the mesh.

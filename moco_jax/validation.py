@@ -70,6 +70,12 @@ def _int_at_least(name: str, value: Any, low: int) -> None:
     _require(_is_int(value) and value >= low, f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _number(name: str, value: Any, bound: str) -> None:
+    """A finite number ``> 0`` (``bound=">"``) or ``>= 0`` (``bound=">="``)."""
+    ok = _is_number(value) and (value > 0 if bound == ">" else value >= 0)
+    _require(ok, f"{name} must be {bound} 0, got {value!r}")
+
+
 def _flag(name: str, value: Any) -> None:
     _require(_is_bool(value), f"{name} must be True or False, got {value!r}")
 
@@ -150,10 +156,7 @@ def _validate_run_fields(config: Any) -> None:
     knn = config.knn
     _int_at_least("knn.every_epochs", knn.every_epochs, 1)
     _int_at_least("knn.k", knn.k, 1)
-    _require(
-        _is_number(knn.temperature) and knn.temperature > 0,
-        f"knn.temperature must be > 0, got {knn.temperature!r}",
-    )
+    _number("knn.temperature", knn.temperature, ">")
     checkpoint = config.checkpoint
     _int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
     _int_at_least("checkpoint.keep", checkpoint.keep, 1)
@@ -236,16 +239,10 @@ def _validate_linear_fields(config: Any) -> None:
     linear = config.linear
     _int_at_least("linear.num_classes", linear.num_classes, 2)
     _int_at_least("linear.eval_every_epochs", linear.eval_every_epochs, 1)
-    _require(
-        _is_number(linear.init_std) and linear.init_std > 0,
-        f"linear.init_std must be > 0, got {linear.init_std!r}",
-    )
+    _number("linear.init_std", linear.init_std, ">")
     _flag("linear.cached_features", linear.cached_features)
     _flag("linear.train_backbone", linear.train_backbone)
-    _require(
-        _is_number(linear.backbone_lr) and linear.backbone_lr >= 0,
-        f"linear.backbone_lr must be >= 0, got {linear.backbone_lr!r}",
-    )
+    _number("linear.backbone_lr", linear.backbone_lr, ">=")
     if linear.train_backbone:
         _require(
             not linear.cached_features,
@@ -289,22 +286,13 @@ def _validate_model_fields(config: Any) -> None:
         f"model.width_multiplier must give at least one channel (64 x it >= 1), "
         f"got {m.width_multiplier!r}",
     )
-    _require(
-        _is_number(moco.temperature) and moco.temperature > 0,
-        f"moco.temperature must be > 0, got {moco.temperature!r}",
-    )
+    _number("moco.temperature", moco.temperature, ">")
     _require(
         _is_number(moco.momentum) and 0.0 <= moco.momentum <= 1.0,
         f"moco.momentum must be in [0, 1], got {moco.momentum!r}",
     )
-    _require(
-        _is_number(optim.base_lr) and optim.base_lr > 0,
-        f"optim.base_lr must be > 0, got {optim.base_lr!r}",
-    )
-    _require(
-        _is_number(optim.weight_decay) and optim.weight_decay >= 0,
-        f"optim.weight_decay must be >= 0, got {optim.weight_decay!r}",
-    )
+    _number("optim.base_lr", optim.base_lr, ">")
+    _number("optim.weight_decay", optim.weight_decay, ">=")
     _require(
         _is_number(optim.momentum) and 0.0 <= optim.momentum < 1.0,
         f"optim.momentum must be in [0, 1), got {optim.momentum!r}",

@@ -48,6 +48,12 @@ class Algorithm:
     inputs: str = "two_views"
 
 
+def image_shape(config: Any) -> tuple[int, int, int]:
+    """``[H, W, C]`` of the images a config's model sees (after cropping)."""
+    dataset = config.dataset
+    return (dataset.image_size, dataset.image_size, dataset.num_channels)
+
+
 Builder = Callable[[Any, jax.sharding.Mesh, int], Algorithm]
 _ALGORITHMS: dict[str, Builder] = {}
 

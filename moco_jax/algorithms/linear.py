@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.algorithms import Algorithm, register_algorithm
+from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
 from moco_jax.mesh import DATA_AXIS
 from moco_jax.models import Encoder, bn_axis_name, build_encoder
 from moco_jax.optim import make_lr_schedule, make_optimizer
@@ -172,8 +172,6 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
     linear = config.linear
     model = backbone_model(config.model)
     schedule, optimizer = make_linear_optimizer(config, steps_per_epoch)
-    dataset = config.dataset
-    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
     step = make_train_step(
         model,
         optimizer,
@@ -191,7 +189,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
             rng,
             model,
             optimizer,
-            image_shape,
+            image_shape(config),
             linear.num_classes,
             linear.init_std,
             linear.train_backbone,

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.algorithms import Algorithm, register_algorithm
+from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
 from moco_jax.algorithms.info_nce import info_nce, l2_normalize, moco_logits
 from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.queue import enqueue, init_queue
@@ -180,8 +180,6 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
     model = build_encoder(config.model, bn_axis_name(config.model.bn_mode))
     schedule = make_lr_schedule(config.optim, config.batch_size, steps_per_epoch, config.epochs)
     optimizer = make_optimizer(config.optim, schedule)
-    dataset = config.dataset
-    image_shape = (dataset.image_size, dataset.image_size, dataset.num_channels)
     step = make_train_step(
         model,
         optimizer,
@@ -196,7 +194,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         model=model,
         schedule=schedule,
         init_state=lambda rng: create_state(
-            rng, model, optimizer, image_shape, config.moco.queue_size
+            rng, model, optimizer, image_shape(config), config.moco.queue_size
         ),
         train_step=step,
         encoder_variables=MoCoState.query_variables,
