@@ -52,6 +52,9 @@ def _exit(line: str, code: int) -> NoReturn:
     # Coroutines of a failed background write, collected as the interpreter shuts down, would
     # each print "Exception ignored ..." below the line: nothing is lost by not printing them.
     sys.unraisablehook = lambda unraisable: None
+    # So would asyncio's "Task exception was never retrieved" for orbax's failed write tasks,
+    # logged when they are collected.
+    std_logging.getLogger("asyncio").disabled = True
     deadline = time.monotonic() + 60.0
     for thread in threading.enumerate():
         if type(thread).__module__.startswith("orbax.") and thread.is_alive() and not thread.daemon:
