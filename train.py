@@ -22,6 +22,21 @@ flags.DEFINE_enum(
     "Call jax.distributed.initialize(): 'auto' does when a cluster environment is detected.",
 )
 
+flags.DEFINE_string(
+    "compile_for",
+    None,
+    "Compile the whole run for a TPU slice (e.g. v5e:16x16) and report memory per chip, "
+    "collectives and a FLOPs bound instead of training (needs libtpu: requirements-tpu.txt).",
+)
+flags.DEFINE_string(
+    "compile_report", None, "--compile_for's JSON report (default: <workdir>/compile_report.json)."
+)
+flags.DEFINE_bool(
+    "compile_search_batch",
+    False,
+    "--compile_for: also find the largest per-chip batch whose training step fits (compiles more).",
+)
+
 CLUSTER_ENV_VARS = (
     "JAX_COORDINATOR_ADDRESS",
     "SLURM_NTASKS",
@@ -33,6 +48,8 @@ CLUSTER_ENV_VARS = (
 def main(argv):
     del argv
     cli_errors.quiet_library_logs()
+    if FLAGS.compile_for:
+        return compile_only()
     import jax
 
     cli_errors.initialize_distributed(FLAGS.distributed, CLUSTER_ENV_VARS)
@@ -45,6 +62,17 @@ def main(argv):
     summary = cli_errors.run_with_clear_errors(train_and_evaluate, FLAGS.config, FLAGS.workdir)
     if summary is not None and jax.process_index() == 0:
         print("summary:", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+
+
+def compile_only():
+    """--compile_for: one process compiles for the whole slice; nothing trains or is read."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the slice's devices come from libtpu
+    from moco_jax import compile_for
+
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    report = FLAGS.compile_report or os.path.join(FLAGS.workdir, "compile_report.json")
+    args = (FLAGS.config, FLAGS.compile_for, report, FLAGS.compile_search_batch)
+    cli_errors.run_with_clear_errors(compile_for.main, *args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from jax.sharding import PartitionSpec as P
 from moco_jax.algorithms.info_nce import l2_normalize
 from moco_jax.mesh import DATA_AXIS
 
+# Similarities a device holds at once while ranking its bank block (64 MiB of float32): test rows
+# are walked in steps of about BLOCK / (bank rows) rows a device.
+BLOCK = 2**24
+
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
     """The chunk size used to walk ``n`` rows in equal pieces of at most ``limit``."""
@@ -97,14 +101,16 @@ def make_feature_fn(
     )
 
 
-def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, chunk):
+def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, block):
     """Inside ``shard_map`` over ``data``: predictions for this device's test rows ``[m, D]``,
     each device holding one contiguous block of bank rows ``[S, D]`` (device r: global rows
     ``[r*S, (r+1)*S)``).
 
     Walks the test rows in steps: every device contributes ``size`` rows, all-gathered (``[n *
-    size, D]``, at most ``chunk`` rows); each device ranks its bank block for all of them (a
-    ``[n * size, S]`` similarity block) and keeps its ``min(k, S)`` best; an all-to-all hands
+    size, D]``); each device ranks its bank block for all of them (a ``[n * size, S]`` similarity
+    block of at most ``block`` entries: ``size`` is about ``block / N`` whatever the number of
+    devices, so a bigger pod walks its smaller share of test rows in fewer steps of the same
+    memory) and keeps its ``min(k, S)`` best; an all-to-all hands
     every device the candidates of its own rows from every block, in device order, and a
     ``top_k`` over those ``n * min(k, S)`` gives the global ``k`` nearest. ``top_k`` takes the
     lower position first among equal values, and positions are block-major with each block in
@@ -116,7 +122,7 @@ def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, c
     rows, shard = features.shape[0], bank.shape[0]
     if k > devices * shard:
         raise ValueError(f"k={k} is larger than the memory bank ({devices * shard} rows)")
-    size = largest_divisor_at_most(rows, max(1, chunk // devices))
+    size = largest_divisor_at_most(rows, max(1, block // (devices * shard)))
     local_k = min(k, shard)
 
     def predict(local_rows):
@@ -149,29 +155,33 @@ def _jit_rows_sharded(mesh: Mesh, per_device, num_args: int, out_specs):
     return jax.jit(lambda *args: mapped(*(jax.sharding.reshard(a, rows) for a in args)))
 
 
-def make_knn_predict_fn(mesh: Mesh, num_classes: int, k: int, temperature: float, chunk: int = 256):
+def make_knn_predict_fn(
+    mesh: Mesh, num_classes: int, k: int, temperature: float, block: int = BLOCK
+):
     """Jitted ``(test_feats, bank, bank_labels) -> predictions``, everything sharded over
     ``data`` (rows split evenly): ``knn_predict`` without replicating the bank.
 
-    Each device holds 1/n of the bank; the similarity block is at most ``[chunk, N / n]``.
+    Each device holds 1/n of the bank; the similarity block has at most ``block`` entries.
     Ties go to the lower row of ``bank`` as a global array (its row order, not where the rows
     sit): the same neighbours as ``knn_predict`` on the whole bank.
     """
 
     def per_device(features, bank, bank_labels):
-        return _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, chunk)
+        return _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, block)
 
     return _jit_rows_sharded(mesh, per_device, 3, P(DATA_AXIS))
 
 
-def make_knn_counts_fn(mesh: Mesh, num_classes: int, k: int, temperature: float, chunk: int = 256):
+def make_knn_counts_fn(
+    mesh: Mesh, num_classes: int, k: int, temperature: float, block: int = BLOCK
+):
     """Jitted ``(test_feats, test_labels, bank, bank_labels) -> (correct, counted)``, all four
     sharded over ``data`` (see ``make_knn_predict_fn``). Test rows with label -1 (padding) are
     not counted."""
 
     def per_device(features, labels, bank, bank_labels):
         predictions = _sharded_predict(
-            features, bank, bank_labels, num_classes, k, temperature, chunk
+            features, bank, bank_labels, num_classes, k, temperature, block
         )
         valid = labels >= 0
         correct = jnp.sum((predictions == labels) & valid)
@@ -181,7 +191,7 @@ def make_knn_counts_fn(mesh: Mesh, num_classes: int, k: int, temperature: float,
 
 
 def make_knn_accuracy_fn(
-    mesh: Mesh, num_classes: int, k: int, temperature: float, chunk: int = 256
+    mesh: Mesh, num_classes: int, k: int, temperature: float, block: int = BLOCK
 ):
     """``(test_feats, test_labels, bank, bank_labels) -> top-1 accuracy`` (a fraction).
 
@@ -189,13 +199,14 @@ def make_knn_accuracy_fn(
     stays sharded (1/n of it per device). Ties go to the lower row of ``bank`` as a global array:
     for the monitor's bank, concatenated from a source's batches, the order of the batches.
     """
-    fn = make_knn_counts_fn(mesh, num_classes, k, temperature, chunk)
+    fn = make_knn_counts_fn(mesh, num_classes, k, temperature, block)
+    return lambda *args: accuracy_of(fn, *args)
 
-    def accuracy(features, labels, bank, bank_labels) -> float:
-        correct, counted = fn(features, labels, bank, bank_labels)
-        return float(correct) / max(int(counted), 1)
 
-    return accuracy
+def accuracy_of(counts_fn, features, labels, bank, bank_labels) -> float:
+    """Top-1 accuracy (a fraction) from a ``make_knn_counts_fn`` function."""
+    correct, counted = counts_fn(features, labels, bank, bank_labels)
+    return float(correct) / max(int(counted), 1)
 
 
 def pixel_features(images: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ from moco_jax.metrics_io import plot_history, write_atomically
 from moco_jax.monitor import collect
 from moco_jax.run_setup import Run, setup_run
 from moco_jax.saved_run import load_run_config
+from moco_jax.setup import Setup
 from moco_jax.validation import ConfigError
 
 # Architecture fields a pretraining workdir's config.json decides for the linear run.
@@ -70,16 +71,20 @@ def _workdir_config(path: epath.Path) -> Any | None:
 class ClassifierMonitor:
     """Top-1 and top-5 (%) of the linear classifier on the test split (labels -1: padding)."""
 
-    run: Run
+    setup: Setup
+    test_source: Any  # () -> batches of (images, labels) on the mesh
     cached_test: tuple[jax.Array, jax.Array] | None = None  # (features, labels) when cached
 
     def __post_init__(self):
-        mesh, model = self.run.setup.mesh, self.run.setup.algorithm.model
-        features = make_feature_fn(
-            mesh, model, make_eval_transform(self.run.config), normalize=False
-        )
-        self.features = lambda state, images: features(state.backbone_variables(), images)[1]
-        self._counts = _make_count_fn(mesh)
+        # The jitted functions (also compiled without running by ``moco_jax.compile_for``).
+        mesh, model = self.setup.mesh, self.setup.algorithm.model
+        transform = make_eval_transform(self.setup.config)
+        self.features_fn = make_feature_fn(mesh, model, transform, normalize=False)
+        self.counts_fn = _make_count_fn(mesh)
+
+    def features(self, state, images) -> jax.Array:
+        """Backbone features (not normalised) of ``images`` under ``state``'s encoder."""
+        return self.features_fn(state.backbone_variables(), images)[1]
 
     def features_of(self, state, source) -> tuple[jax.Array, jax.Array]:
         """Features (no augmentation) and labels of every batch of ``source``, on the mesh."""
@@ -90,11 +95,10 @@ class ClassifierMonitor:
         if self.cached_test is not None:
             batches = [self.cached_test]
         else:
-            test = self.run.data.test_source
-            batches = ((self.features(state, x), y) for x, y in test())
+            batches = ((self.features(state, x), y) for x, y in self.test_source())
         totals = np.zeros(3, np.int64)
         for features, labels in batches:
-            totals += np.asarray(self._counts(state.params["classifier"], features, labels))
+            totals += np.asarray(self.counts_fn(state.params["classifier"], features, labels))
         top1, top5, counted = totals
         return {
             "test_top1": 100 * top1 / max(counted, 1),
@@ -139,7 +143,7 @@ def setup_linear_run(config: Any, workdir: str | epath.Path) -> Run:
                 f"linear.num_classes is {config.linear.num_classes} but {config.dataset.name} has "
                 f"{run.data.num_classes} classes"
             )
-        monitor = ClassifierMonitor(run)
+        monitor = ClassifierMonitor(run.setup, run.data.test_source)
         views = run.train_views
         if config.linear.cached_features:
             train_set = views.train_set  # resident: the bank source holds the same arrays

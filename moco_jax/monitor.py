@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from moco_jax.data.resident import make_eval_transform
-from moco_jax.knn import make_feature_fn, make_knn_accuracy_fn, pixel_features
+from moco_jax.knn import accuracy_of, make_feature_fn, make_knn_counts_fn, pixel_features
 
 Source = Callable[[], Iterable[tuple[jax.Array, jax.Array]]]
 
@@ -55,22 +55,24 @@ class KnnMonitor:
     num_classes: int
 
     def __post_init__(self):
-        self._features = make_feature_fn(self.mesh, self.model, make_eval_transform(self.config))
+        # The jitted functions (also compiled without running by ``moco_jax.compile_for``).
+        transform = make_eval_transform(self.config)
+        self.features_fn = make_feature_fn(self.mesh, self.model, transform)
         knn = self.config.knn
-        self._accuracy = make_knn_accuracy_fn(self.mesh, self.num_classes, knn.k, knn.temperature)
-        self._pixels = jax.jit(_small_pixel_features)
+        self.counts_fn = make_knn_counts_fn(self.mesh, self.num_classes, knn.k, knn.temperature)
+        self.pixels_fn = jax.jit(_small_pixel_features)
 
     def _top1(self, featurize) -> list[float]:
         bank, bank_labels = collect(self.bank_source, featurize)
         test, test_labels = collect(self.test_source, featurize)
         return [
-            100 * self._accuracy(t, test_labels, b, bank_labels)
+            100 * accuracy_of(self.counts_fn, t, test_labels, b, bank_labels)
             for t, b in zip(test, bank, strict=True)
         ]
 
     def evaluate(self, variables: dict) -> dict[str, float]:
         """Top-1 (%) of kNN on the head (``dim``-d output) and backbone (pooled) features."""
-        head, backbone = self._top1(lambda images: self._features(variables, images))
+        head, backbone = self._top1(lambda images: self.features_fn(variables, images))
         return {"knn_head": head, "knn_backbone": backbone}
 
     def baselines(
@@ -88,7 +90,7 @@ class KnnMonitor:
 
     def pixel_baseline(self) -> float:
         """Top-1 (%) of the same kNN on L2-normalised raw pixels in [0, 1]."""
-        (top1,) = self._top1(lambda images: (self._pixels(images),))
+        (top1,) = self._top1(lambda images: (self.pixels_fn(images),))
         return top1
 
 

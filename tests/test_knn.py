@@ -68,7 +68,7 @@ def test_sharded_accuracy_with_padding_equals_numpy(toy):
     )
     assert per_device == 10
     padded = np.concatenate([test, np.zeros((3, 8), np.float32)])
-    accuracy = make_knn_accuracy_fn(mesh, 5, k=20, temperature=0.1, chunk=4)
+    accuracy = make_knn_accuracy_fn(mesh, 5, k=20, temperature=0.1, block=1)
     bank_padded = np.concatenate([bank, np.ones((4, 8), np.float32)])
     bank_labels_padded = np.concatenate([bank_labels, -np.ones(4, np.int32)])
     ours = accuracy(shard_batch(mesh, padded), labels_sharded, bank_padded, bank_labels_padded)
@@ -110,7 +110,7 @@ def test_sharded_predictions_equal_replicated_with_ties(tied, k, t):
     sharded_bank = shard_batch(mesh, tied.padded_bank)
     assert sharded_bank.sharding.spec[0] == DATA_AXIS
     assert {s.data.shape for s in sharded_bank.addressable_shards} == {(38, 6)}
-    predict = make_knn_predict_fn(mesh, 5, k, t, chunk=16)  # 2 test rows a device per step
+    predict = make_knn_predict_fn(mesh, 5, k, t, block=608)  # 2 test rows a device per step
     ours = np.asarray(
         predict(
             shard_batch(mesh, tied.padded_test),
@@ -135,7 +135,7 @@ def _on_mesh(mesh, tied):
 
 def test_sharded_accuracy_counts_only_real_test_rows(tied):
     mesh = make_data_mesh(8)
-    accuracy = make_knn_accuracy_fn(mesh, 5, k=5, temperature=0.5, chunk=16)
+    accuracy = make_knn_accuracy_fn(mesh, 5, k=5, temperature=0.5, block=608)
     ours = accuracy(*_on_mesh(mesh, tied))
     expected = knn_predict(tied.padded_test, tied.padded_bank, tied.padded_bank_labels, 5, 5, 0.5)
     assert ours == pytest.approx(np.mean(np.asarray(expected)[:77] == tied.test_labels))
@@ -153,7 +153,7 @@ def test_bank_of_several_batches_ties_in_concatenated_order(tied):
     bank_labels = jnp.concatenate([shard_batch(mesh, y) for _, y in halves])
     assert bank.sharding.spec[0] == DATA_AXIS
     assert {s.data.shape for s in bank.addressable_shards} == {(38, 6)}
-    ours = make_knn_predict_fn(mesh, 5, 5, 0.5, chunk=16)(
+    ours = make_knn_predict_fn(mesh, 5, 5, 0.5, block=608)(
         shard_batch(mesh, tied.padded_test), bank, bank_labels
     )
     host_bank = np.concatenate([b for b, _ in halves])
@@ -170,7 +170,7 @@ def test_no_device_holds_the_whole_bank(tied):
     bank's [304, 6] shape (it is never all-gathered); what it all-gathers is a [16, 6] block of
     test rows."""
     mesh = make_data_mesh(8)
-    counts = make_knn_counts_fn(mesh, 5, 200, 1.0, chunk=16)
+    counts = make_knn_counts_fn(mesh, 5, 200, 1.0, block=608)
     hlo = counts.lower(*_on_mesh(mesh, tied)).compile().as_text()
     entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
     assert "f32[38,6]" in entry and "s32[38]" in entry

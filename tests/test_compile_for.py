@@ -1,0 +1,129 @@
+"""Compiling a whole run for a TPU slice on this CPU machine (libtpu's compile-only devices)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from moco_jax import cli_errors, compile_for, topology
+from moco_jax.compile_targets import run_targets
+from moco_jax.validation import ConfigError
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("libtpu") is None,
+        reason="libtpu not installed (pip install -r requirements-tpu.txt)",
+    ),
+    # The tests' persistent compile cache cannot load compile-only executables back (harmless).
+    pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry"),
+]
+
+
+def tiny_config(**changes):
+    """The smoke config with the MLP backbone: a compile of seconds for the TPU compiler."""
+    from configs.smoke import get_config
+
+    config = get_config()
+    config.model.backbone = "mlp"
+    config.model.head = "mlp"
+    config.dataset.image_size = 28  # the MLP's kNN features see the stored 28x28 images
+    config.batch_size = 32
+    config.moco.queue_size = 256
+    for key, value in changes.items():
+        section, _, field = key.rpartition(".")
+        setattr(config[section] if section else config, field, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compile") / "report.json"
+    compile_for.main(tiny_config(), "v5e:2x2", str(path))
+    return json.loads(path.read_text())
+
+
+def test_report_has_every_function_of_the_run(report):
+    assert report["device_kind"] == "TPU v5 lite" and report["chips"] == 4
+    assert report["hbm_bytes_per_chip"] == 16 * 2**30 and report["per_chip_batch"] == 8
+    names = [entry["name"] for entry in report["functions"]]
+    assert names[0] == "train_step" and names[1].startswith("views")
+    assert {"knn features", "knn pixel features", "knn accuracy (head)"} <= set(names)
+    for entry in report["functions"]:
+        assert entry["fits"] is True
+        assert entry["hbm_bytes_per_chip"] == 16 * 2**30
+        assert 0 < entry["bytes_per_chip"] < 2**30
+        parts = ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes")
+        own = sum(entry[k] for k in parts) - entry["alias_bytes"]
+        assert entry["bytes_per_chip"] == own + entry["alongside_bytes"]
+    step = report["functions"][0]
+    assert step["alias_bytes"] > 0  # the state is donated
+    assert step["alongside"] == {"train images": 512 * 784 // 4, "test images": 256 * 784 // 4}
+    assert step["collectives"]["all-reduce"]["count"] >= 1  # gradients
+    assert step["collectives"]["all-to-all"]["count"] == 2  # Shuffle-BN there and back
+    assert step["flops_per_chip"] > 0 and step["bound_images_per_sec_per_chip"] > 0
+
+
+def test_bank_per_chip_shrinks_with_the_slice():
+    """The kNN accuracy's bank arguments per device: 1/4 of the bank on 4 chips, 1/16 on 16."""
+    config = tiny_config(**{"dataset.max_train_examples": 0, "batch_size": 256})
+
+    def bank_bytes(name):
+        target = next(t for t in run_targets(config, topology.topology_devices(name).devices)[1]
+                      if t.name == "knn accuracy (head)")  # fmt: skip
+        compiled = target.fn.lower(*target.args).compile()
+        return compiled.memory_analysis().argument_size_in_bytes
+
+    small, large = bank_bytes("v5e:2x2"), bank_bytes("v5e:4x4")
+    # 60000 bank rows of 128 floats + labels (and the test split): a quarter of it per device.
+    assert small == pytest.approx(60000 * 129 * 4 / 4, rel=0.25)
+    assert large == pytest.approx(small / 4, rel=0.05)
+
+
+def test_hosts_read_their_share(monkeypatch):
+    """v5e:4x4 is 4 hosts of 4 chips: each host reads 1/4 of the split (its first 512)."""
+    devices = topology.topology_devices("v5e:4x4").devices
+    config = tiny_config(batch_size=256)
+    _, targets = run_targets(config, devices)
+    views = targets[1]
+    images = views.args[0]
+    assert images.shape == (4 * (512 // 4) * 4, 28, 28, 1)  # 4 hosts x 4 devices x 128 rows
+    assert views.args[1].shape == (128 // 16, 256)  # steps of the epoch x global batch
+
+
+def test_not_fitting_is_one_line_with_the_largest_batch(report, tmp_path, monkeypatch, capsys):
+    """A chip with less HBM than the step needs at 8 images (the tiny step's bytes, minus one):
+    exit 2 and one line naming the function, the shortfall and the largest per-chip batch that
+    fits (4, found by compiling); the JSON report is written first."""
+    needs = report["functions"][0]["bytes_per_chip"]
+    monkeypatch.setattr(topology, "HBM_PER_CHIP", (("TPU v5 lite", needs - 1),))
+    path = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as stop:
+        cli_errors.run_with_clear_errors(compile_for.main, tiny_config(), "v5e:2x2", str(path))
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: train_step needs"), errors
+    assert "0.00 GiB more than a TPU v5 lite chip's" in errors[0]
+    assert "the training step fits up to 4 images per chip (--config.batch_size=16)" in errors[0]
+    saved = json.loads(path.read_text())
+    assert saved["functions"][0]["fits"] is False
+    assert saved["training_step_batch"]["largest_per_chip_batch"] == 4
+    assert saved["training_step_batch"]["bytes_per_chip_by_batch"]["4"] < needs
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("v9:2x2", "is not a TPU topology or h100[:N]"),
+        ("v5e", "is not a TPU topology or h100[:N]"),
+        ("v5e:3x7", "libtpu has no such topology"),
+    ],
+)
+def test_bad_topology_names(name, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        topology.topology_devices(name)
+
+
+def test_missing_libtpu_is_named(monkeypatch):
+    monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="requirements-tpu.txt"):
+        topology.topology_devices("v5e:2x2")
