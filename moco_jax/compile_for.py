@@ -143,6 +143,14 @@ def _report(config, name, topology, setup, entries) -> dict[str, Any]:
     }
 
 
+def _collectives(entry: dict) -> str:
+    """``all-reduce 1x 93.4`` ...: count and MiB one chip sends, per kind."""
+    return ", ".join(
+        f"{kind} {c['count']}x {c['moved_bytes'] / 2**20:.1f}"
+        for kind, c in sorted(entry["collectives"].items())
+    )
+
+
 def _row(entry: dict) -> str:
     mib = lambda key: f"{entry.get(key, 0) / 2**20:9.1f}"  # noqa: E731
     sent = entry["collective_bytes_sent_per_chip"] / 2**20
@@ -151,13 +159,14 @@ def _row(entry: dict) -> str:
         f"{entry['name'][:44]:44s} {mib('argument_bytes')} {mib('output_bytes')} "
         f"{mib('temp_bytes')} {mib('generated_code_bytes')} {mib('alongside_bytes')} "
         f"{mib('bytes_per_chip')} / {entry['hbm_bytes_per_chip'] / 2**20:.0f} "
-        f"{'fits' if entry['fits'] else 'DOES NOT FIT':12s} {flops:>10s} {sent:10.1f}"
+        f"{'fits' if entry['fits'] else 'DOES NOT FIT':12s} {flops:>10s} {sent:10.1f}  "
+        f"{_collectives(entry)}"
     )
 
 
 HEADER = (
     f"{'function (MiB per chip)':44s} {'args':>9s} {'output':>9s} {'temp':>9s} {'code':>9s} "
-    f"{'beside':>9s} {'total':>9s} / HBM {'':12s} {'GFLOP':>10s} {'MiB sent':>10s}"
+    f"{'beside':>9s} {'total':>9s} / HBM {'':12s} {'GFLOP':>10s} {'MiB sent':>10s}  by kind"
 )
 
 

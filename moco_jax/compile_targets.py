@@ -171,7 +171,7 @@ def _view_target(setup: Setup, sizes: Sizes, bank_rows: int, steps: int) -> Targ
         crops = _rows((config.batch_size, *setup.image_shape), jnp.uint8, mesh)
         second = crops if inputs == "two_views" else _rows((config.batch_size,), jnp.int32, mesh)
         fn = make_crop_augment_fn(mesh, config, labelled=inputs != "two_views")
-        return Target("views (device augmentation of host crops)", fn, (crops, second, *common))
+        return Target("views (host crops, augmented)", fn, (crops, second, *common))
     table = _spec((steps, config.batch_size), jnp.int32, mesh, EPOCH_TABLE_SPEC)
     images = _rows((bank_rows, *sizes.stored_shape), jnp.uint8, mesh)
     if inputs == "features":
@@ -180,7 +180,8 @@ def _view_target(setup: Setup, sizes: Sizes, bank_rows: int, steps: int) -> Targ
     else:
         data = images if inputs == "two_views" else (images, labels)
     fn = make_view_fn(mesh, config, steps, inputs)
-    return Target("views (resident dataset, augmented on device)", fn, (data, table, *common))
+    kind = "cached features" if inputs == "features" else "resident, augmented"
+    return Target(f"views ({kind})", fn, (data, table, *common))
 
 
 def _feature_width(setup: Setup, images) -> int:

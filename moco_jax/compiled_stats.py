@@ -182,11 +182,60 @@ def moved_fraction(kind: str, n: int) -> float:
     }[kind]
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)")
+_WHILE_BODY = re.compile(r"\bwhile\(.*\bcondition=%?([\w.\-]+).*\bbody=%?([\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
+
+
+def executions(hlo_text: str) -> dict[str, int]:
+    """How many times each computation of an HLO module runs per call: the entry once, a while
+    loop's body ``trip count`` times its caller (the count XLA records, else the bound of the
+    loop condition's ``i < N``, counting from 0, as ``lax.map``/``fori_loop`` lower), any other
+    called computation as often as its caller."""
+    lines_of: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        match = _COMPUTATION.match(line)
+        if match:
+            current = match.group(1)
+            lines_of[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+        elif current is not None:
+            lines_of[current].append(line)
+    runs = {entry: 1} if entry else {}
+    pending = [entry] if entry else []
+    while pending:
+        name = pending.pop()
+        for line in lines_of.get(name, []):
+            loop = _WHILE_BODY.search(line)
+            trip = 1
+            if loop:
+                known = _TRIP.search(line)
+                bounds = [
+                    int(c) for c in _CONSTANT.findall("\n".join(lines_of.get(loop.group(1), [])))
+                ]
+                trip = int(known.group(1)) if known else (max(bounds) if bounds else 1)
+            for field, called in _CALLED.findall(line):
+                count = runs[name] * (trip if field == "body" else 1)
+                if called in lines_of and runs.get(called, 0) < count:
+                    runs[called] = count
+                    pending.append(called)
+    return runs
+
+
 def parse_collectives(hlo_text: str, num_devices: int) -> list[dict[str, Any]]:
-    """Every collective instruction of an HLO module: kind, result shapes and bytes, group size."""
+    """Every collective instruction of an HLO module: kind, result shapes and bytes, group size,
+    and how many times it runs per call (``executions``: inside a loop, once per iteration)."""
     found = []
     start_groups: dict[str, int] = {}  # async ``-start`` name -> its group size
+    runs, current = executions(hlo_text), None
     for line in hlo_text.splitlines():
+        computation = _COMPUTATION.match(line)
+        if computation:
+            current = computation.group(1)
+            continue
         match = _INSTRUCTION.match(line)
         if not match:
             continue
@@ -214,18 +263,21 @@ def parse_collectives(hlo_text: str, num_devices: int) -> list[dict[str, Any]]:
                 "elements": sum(e for e, _ in parts),
                 "result_bytes": int(sum(b for _, b in parts)),
                 "group_size": group,
+                "executions": runs.get(current, 1),
             }
         )
     return found
 
 
 def collectives_by_kind(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
-    """Per collective kind: ``count``, ``result_bytes`` (what the ops produce on one device) and
-    ``moved_bytes`` (what one device sends, see ``moved_fraction``) for one call."""
+    """Per collective kind: ``count`` (instructions run per call, loop iterations included),
+    ``result_bytes`` (what they produce on one device) and ``moved_bytes`` (what one device
+    sends, see ``moved_fraction``) for one call."""
     by_kind: dict[str, dict[str, float]] = {}
     for op in parse_collectives(hlo_text, num_devices):
         entry = by_kind.setdefault(op["kind"], {"count": 0, "result_bytes": 0, "moved_bytes": 0.0})
-        entry["count"] += 1
-        entry["result_bytes"] += op["result_bytes"]
-        entry["moved_bytes"] += op["result_bytes"] * moved_fraction(op["kind"], op["group_size"])
+        runs, size = op["executions"], op["result_bytes"]
+        entry["count"] += runs
+        entry["result_bytes"] += runs * size
+        entry["moved_bytes"] += runs * size * moved_fraction(op["kind"], op["group_size"])
     return by_kind

@@ -35,7 +35,9 @@ def _ranked(
     """Similarities and labels of the ``k`` bank rows most similar to each row of ``features``,
     most similar first; among equal similarities the lower bank row first (``lax.top_k``'s rule).
     Bank rows with label -1 (padding) are at -inf: they are ranked last and never vote."""
-    similarity = features @ bank.T
+    # Full float32 products: TPUs otherwise multiply float32 in one bfloat16 pass, which would
+    # reorder near neighbours (and break ties differently) from the float32 reference.
+    similarity = jnp.matmul(features, bank.T, precision=jax.lax.Precision.HIGHEST)
     similarity = jnp.where(bank_labels[None, :] >= 0, similarity, -jnp.inf)
     top_sim, top_index = jax.lax.top_k(similarity, k)
     return top_sim, bank_labels[top_index]
