@@ -256,17 +256,30 @@ def flags_parser(
     return parse
 
 
+# What jax.distributed.initialize() cannot detect on a cluster without SLURM, Open MPI, Cloud
+# TPU or Kubernetes: the process count and this process's id (jax reads the coordinator's
+# address itself from JAX_COORDINATOR_ADDRESS).
+PROCESS_ENV_VARS = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
 def initialize_distributed(mode: str, cluster_env_vars: Sequence[str]) -> None:
     """``jax.distributed.initialize()`` if ``mode`` is ``on``, or ``auto`` and one of
-    ``cluster_env_vars`` is set. jax finds no cluster at once (it raises before connecting to
-    anything): that is one ``error:`` line saying how to run single-process."""
+    ``cluster_env_vars`` is set, with ``num_processes`` and ``process_id`` from
+    ``PROCESS_ENV_VARS`` where they are set. jax finds no cluster at once (it raises before
+    connecting to anything): that is one ``error:`` line saying how to run single-process."""
     import jax
 
     found = [name for name in cluster_env_vars if os.environ.get(name)]
     if mode == "off" or (mode == "auto" and not found):
         return
+    given = {}
+    for arg, name in PROCESS_ENV_VARS.items():
+        if value := os.environ.get(name):
+            if not value.isdigit():
+                fail(f"{name}={value!r}: expected a whole number")
+            given[arg] = int(value)
     try:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**given)
     except ValueError as err:  # no coordinator address or process count: no cluster detected
         if mode == "on":
             asked, instead = "--distributed=on", "pass --distributed=off (or auto)"

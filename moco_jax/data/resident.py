@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moco_jax.augment import augment_batch, normalize_only, two_views
-from moco_jax.mesh import DATA_AXIS, DeviceViews, shard_batch, shard_views
+from moco_jax.mesh import DATA_AXIS, DeviceViews, put_process_local, shard_batch, shard_views
 
 # The epoch's index table: one row per step, its columns split over the devices like the batch.
 EPOCH_TABLE_SPEC = P(None, DATA_AXIS)
@@ -81,7 +81,7 @@ class ResidentTrainSet:
         """``epoch_indices(epoch)`` on the mesh, once per epoch: ``[steps, global batch]`` int32
         with the columns of each device on that device (the view function picks the row)."""
         sharding = NamedSharding(self.mesh, EPOCH_TABLE_SPEC)
-        return jax.make_array_from_process_local_data(sharding, self.epoch_indices(epoch))
+        return put_process_local(sharding, self.epoch_indices(epoch))
 
 
 def make_view_fn(mesh: Mesh, config: Any, steps_per_epoch: int, inputs: str = "two_views"):
