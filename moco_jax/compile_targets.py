@@ -3,8 +3,8 @@
 ``run_targets(config, devices)`` builds the run as ``train.py`` (or ``evaluate linear``) would on
 ``devices`` (a TPU topology's compile-only devices: no chips, no dataset) and returns each
 function with abstract arguments, ready for ``fn.lower(*args).compile()``. Shapes follow the
-data loaders' rules: each host reads ``1/hosts`` of a split (remainder dropped) and at most
-``dataset.max_*_examples`` of it; resident datasets are split evenly over a host's devices (the
+data loaders' rules: each host reads ``1/hosts`` of a split (remainder dropped; see ``per_host``
+for ``dataset.max_*_examples``); resident datasets are split evenly over a host's devices (the
 test split padded), streamed ones come in batches of ``batch_size / hosts`` per host (the last
 evaluation batch padded).
 """
@@ -85,9 +85,12 @@ def dataset_sizes(config: Any) -> Sizes:
     return Sizes(counts["train"], counts[test_split], features["label"].num_classes, stored)
 
 
-def per_host(count: int, hosts: int, limit: int) -> int:
-    """Examples one host reads of a split: its ``1/hosts`` share, then the first ``limit``."""
-    share = count // hosts if hosts > 1 else count
+def per_host(count: int, hosts: int, limit: int, resident: bool) -> int:
+    """Examples one host reads of a split (as ``load_arrays`` / ``eval_batches`` do): resident,
+    its ``1/hosts`` share of the first ``limit``; streamed, the first ``limit`` of its share."""
+    if resident:
+        return (min(count, limit) if limit else count) // hosts
+    share = count // hosts
     return min(share, limit) if limit else share
 
 
@@ -114,8 +117,9 @@ def run_targets(config: Any, devices: Sequence[Any]) -> tuple[Setup, list[Target
     hosts = len({d.process_index for d in mesh.devices.flat})
     local_devices = mesh.size // hosts
     sizes = dataset_sizes(config)
-    train = per_host(sizes.train, hosts, config.dataset.max_train_examples)
-    test = per_host(sizes.test, hosts, config.dataset.max_test_examples)
+    resident = sizes.stored_shape is not None
+    train = per_host(sizes.train, hosts, config.dataset.max_train_examples, resident)
+    test = per_host(sizes.test, hosts, config.dataset.max_test_examples, resident)
     batch, per_device_batch = config.batch_size, config.batch_size // mesh.size
     if sizes.stored_shape is not None:  # resident: [devices x per-device share] rows
         bank_rows = train // local_devices * mesh.size

@@ -80,14 +80,18 @@ def test_bank_per_chip_shrinks_with_the_slice():
 
 
 def test_hosts_read_their_share(monkeypatch):
-    """v5e:4x4 is 4 hosts of 4 chips: each host reads 1/4 of the split (its first 512)."""
+    """v5e:4x4 is 4 hosts of 4 chips: each host reads 1/4 of the split's first 512 examples,
+    32 for each of its devices; the test split is padded to 16 a device."""
     devices = topology.topology_devices("v5e:4x4").devices
-    config = tiny_config(batch_size=256)
+    config = tiny_config(
+        batch_size=128, **{"dataset.max_test_examples": 250, "model.bn_mode": "sync"}
+    )
     _, targets = run_targets(config, devices)
-    views = targets[1]
+    step, views = targets[:2]
     images = views.args[0]
-    assert images.shape == (4 * (512 // 4) * 4, 28, 28, 1)  # 4 hosts x 4 devices x 128 rows
-    assert views.args[1].shape == (128 // 16, 256)  # steps of the epoch x global batch
+    assert images.shape == (16 * 32, 28, 28, 1)
+    assert views.args[1].shape == (32 // 8, 128)  # steps of the epoch x global batch
+    assert step.alongside["test images"] == 16 * 28 * 28  # 62 a host: 16 a device, padded
 
 
 def test_not_fitting_is_one_line_with_the_largest_batch(report, tmp_path, monkeypatch, capsys):
