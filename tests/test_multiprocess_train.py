@@ -230,7 +230,8 @@ def test_two_processes_train_like_one_with_all_devices(runs):
     for step, record in _records(one / "metrics.jsonl", "step", drop="images_per_sec").items():
         assert record.keys() == steps[step].keys()
         for key, value in record.items():
-            np.testing.assert_allclose(steps[step][key], value, rtol=1e-5, err_msg=f"{step} {key}")
+            atol = 1 / 64 if key == "top1" else 0  # one of the batch's 64 argmaxes may flip
+            np.testing.assert_allclose(steps[step][key], value, 1e-5, atol, err_msg=f"{step} {key}")
     epochs = _records(two / "epochs.jsonl", "epoch", drop="knn_seconds")
     for epoch, record in _records(one / "epochs.jsonl", "epoch", drop="knn_seconds").items():
         np.testing.assert_allclose(epochs[epoch]["loss"], record["loss"], rtol=1e-5)
