@@ -4,7 +4,9 @@ Module names mirror torchvision's state-dict names (``layer1_0/conv1`` <-> ``lay
 padding is explicit (torch pads 3x3 stride-2 convs symmetrically, unlike ``SAME``), the
 bottleneck strides on its 3x3 conv (ResNet v1.5, as torchvision), and initialisation follows
 torchvision (Kaiming-normal fan-out convs). ``cifar_stem`` swaps the 7x7/2 conv + max-pool for a
-3x3/1 conv, as the official MoCo CIFAR-10 demo does.
+3x3/1 conv, as the official MoCo CIFAR-10 demo does. ``zero_init_residual`` (torchvision's flag,
+which MoCo v3 sets) starts the last BN of every residual block at scale 0, so that each block
+starts as the identity.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class BasicBlock(nn.Module):
     stride: int
     norm: Callable[..., nn.Module]
     conv: Callable[..., nn.Module]
+    last_bn_scale_init: nn.initializers.Initializer = nn.initializers.ones
     expansion = 1
 
     @nn.compact
@@ -38,7 +41,7 @@ class BasicBlock(nn.Module):
         )(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.features, (3, 3), (1, 1), ((1, 1), (1, 1)), name="conv2")(y)
-        y = self.norm(name="bn2")(y)
+        y = self.norm(name="bn2", scale_init=self.last_bn_scale_init)(y)
         return nn.relu(y + _shortcut(self, x, y.shape[-1]))
 
 
@@ -49,6 +52,7 @@ class Bottleneck(nn.Module):
     stride: int
     norm: Callable[..., nn.Module]
     conv: Callable[..., nn.Module]
+    last_bn_scale_init: nn.initializers.Initializer = nn.initializers.ones
     expansion = 4
 
     @nn.compact
@@ -60,7 +64,7 @@ class Bottleneck(nn.Module):
         )(y)
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(self.features * 4, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
-        y = self.norm(name="bn3")(y)
+        y = self.norm(name="bn3", scale_init=self.last_bn_scale_init)(y)
         return nn.relu(y + _shortcut(self, x, y.shape[-1]))
 
 
@@ -82,6 +86,7 @@ class ResNet(nn.Module):
     cifar_stem: bool = False
     norm: Callable[..., nn.Module] = nn.BatchNorm
     dtype: jnp.dtype = jnp.float32
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -97,6 +102,7 @@ class ResNet(nn.Module):
             x = conv(self.width, (7, 7), (2, 2), ((3, 3), (3, 3)), name="conv1")(x)
             x = nn.relu(norm(name="bn1")(x))
             x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
@@ -105,6 +111,7 @@ class ResNet(nn.Module):
                     stride=stride,
                     norm=norm,
                     conv=conv,
+                    last_bn_scale_init=last_scale,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -129,6 +136,7 @@ def _make_factory(name: str) -> None:
             cifar_stem=model_config.cifar_stem,
             norm=norm,
             dtype=dtype,
+            zero_init_residual=bool(model_config.get("zero_init_residual", False)),
         )
 
 
