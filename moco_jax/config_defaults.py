@@ -15,7 +15,9 @@ from ml_collections.config_dict import placeholder
 def base_config() -> ml_collections.ConfigDict:
     """MoCo v1 on ImageNet with the paper's hyper-parameters; other configs edit a copy."""
     config = ml_collections.ConfigDict()
-    config.algorithm = "moco"  # registered algorithm: "moco" is v1/v2 (queue + momentum encoder)
+    # registered algorithm: "moco" is v1/v2 (queue + momentum encoder), "moco_v3" is MoCo v3
+    # (no queue; predictor, symmetric loss, momentum schedule: moco_jax/algorithms/moco_v3.py)
+    config.algorithm = "moco"
     config.seed = 0  # PRNG seed of initialisation, queue, key shuffling and data order
     config.batch_size = 256  # global batch (all devices together); base_lr is scaled by it / 256
     config.epochs = 200  # length of training; the lr schedule is per epoch
@@ -50,8 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     model.backbone = "resnet50"  # registered backbone: resnet18, resnet34, resnet50, mlp
     model.width_multiplier = 1.0  # first-stage channels = round(64 x this) (0.25 -> 16)
     model.cifar_stem = False  # 3x3 stride-1 first conv and no max-pool (small images)
-    model.head = "linear"  # projection head: linear (v1) or mlp (v2)
-    model.dim = 128  # dimension of keys and queries
+    # projection head: linear (v1) or mlp (v2); MoCo v3's BN MLPs as the official builds them
+    # for each backbone family: v3_resnet (projector 2 layers, predictor 2 layers without a last
+    # BN) or v3_vit (projector 3 layers, predictor 2 layers with a last BN)
+    model.head = "linear"
+    model.dim = 128  # dimension of keys and queries (MoCo v3's --moco-dim: 256)
+    model.mlp_dim = 4096  # hidden width of the v3 projector and predictor (--moco-mlp-dim)
+    model.zero_init_residual = False  # ResNet: last BN of each residual block starts at scale 0
+    model.stop_grad_conv1 = False  # ViT: frozen random patch projection (MoCo v3 --stop-grad-conv1)
     model.bn_mode = "shuffle"  # shuffle (Shuffle-BN), sync (global-batch stats) or local
     model.bn_group_size = 0  # samples per BN group within a device (0: whole per-device batch)
     model.dtype = "float32"  # compute dtype, float32 or bfloat16 (params and BN stats float32)
@@ -60,13 +68,25 @@ def base_config() -> ml_collections.ConfigDict:
     moco.queue_size = 65536  # K, negatives in the queue (>= the global batch)
     moco.momentum = 0.999  # m of the key encoder's moving average
     moco.temperature = 0.07  # T of InfoNCE
+    # MoCo v3 (--moco-m-cos): m rises per step from moco.momentum to 1 with a half-cycle cosine,
+    # 1 - 0.5 (1 + cos(pi e / epochs)) (1 - m), e the fractional epoch
+    moco.momentum_cosine = False
 
     config.optim = optim = ml_collections.ConfigDict()
+    # sgd (v1/v2: torch.optim.SGD), lars (MoCo v3 ResNet: moco-v3's LARS, trust coefficient
+    # 0.001, no decay or trust ratio on tensors with ndim <= 1) or adamw (MoCo v3 ViT)
+    optim.name = "sgd"
     optim.base_lr = 0.03  # learning rate per 256 images (linear scaling rule)
-    optim.momentum = 0.9  # SGD momentum
-    optim.weight_decay = 1e-4  # coupled, on every parameter, as torch.optim.SGD
-    optim.schedule = "step"  # per-epoch lr: cosine, step or constant
+    optim.momentum = 0.9  # SGD and LARS momentum
+    # sgd: coupled, on every parameter, as torch.optim.SGD; lars: coupled, on ndim > 1 tensors;
+    # adamw: decoupled (times the lr), on every trained tensor, as torch.optim.AdamW
+    optim.weight_decay = 1e-4
+    optim.betas = (0.9, 0.999)  # adamw: (beta1, beta2) of the moment averages (torch's defaults)
+    # per-epoch lr: cosine, step or constant; per-step: warmup_cosine (linear warm-up from 0 over
+    # optim.warmup_epochs, then a half-cycle cosine to 0: moco-v3's adjust_learning_rate)
+    optim.schedule = "step"
     optim.lr_milestones = (120, 160)  # epochs at which "step" multiplies the lr by 0.1
+    optim.warmup_epochs = 0  # warmup_cosine: epochs of linear warm-up (moco-v3: 10 R-50, 40 ViT)
 
     config.knn = knn = ml_collections.ConfigDict()
     knn.every_epochs = 10  # kNN monitor period in epochs (and always after the last one)

@@ -18,9 +18,10 @@ from etils import epath
 
 from moco_jax.algorithms import available_algorithms
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
-from moco_jax.models.heads import HEADS
+from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "warmup_cosine")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 # Files init_from reads as weights: official MoCo checkpoints, torchvision state dicts (torch
 # files) and detectron2 pickles of the official converter.
 WEIGHT_FILE_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar", ".pkl")
@@ -276,7 +277,7 @@ def _validate_model_fields(config: Any) -> None:
         f"model.backbone: unknown backbone {m.backbone!r}; available: "
         + ", ".join(available_backbones()),
     )
-    _require(m.head in HEADS, f"model.head must be one of {sorted(HEADS)}, got {m.head!r}")
+    _require(m.head in HEAD_NAMES, f"model.head must be one of {list(HEAD_NAMES)}, got {m.head!r}")
     _require(m.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
     _require(
         m.bn_mode in BN_MODES, f"model.bn_mode must be one of {list(BN_MODES)}, got {m.bn_mode!r}"
@@ -302,6 +303,63 @@ def _validate_model_fields(config: Any) -> None:
         f"optim.schedule must be one of {list(SCHEDULES)}, got {optim.schedule!r}",
     )
 
+    _validate_v3_fields(config)
+
+
+def _validate_v3_fields(config: Any) -> None:
+    """The fields MoCo v3 added (optimizers, warm-up, momentum schedule, v3 heads) and which
+    algorithm each belongs to. A config saved before them (a workdir's config.json) has their
+    defaults."""
+    m, moco, optim = config.model, config.moco, config.optim
+    algorithm = config.get("algorithm", "moco")
+    name, warmup = optim.get("name", "sgd"), optim.get("warmup_epochs", 0)
+    _require(name in OPTIMIZERS, f"optim.name must be one of {list(OPTIMIZERS)}, got {name!r}")
+    betas = optim.get("betas", (0.9, 0.999))
+    _require(
+        _numbers(betas, 2) and all(0.0 <= b < 1.0 for b in betas),
+        f"optim.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas!r}",
+    )
+    _int_at_least("optim.warmup_epochs", warmup, 0)
+    if optim.schedule == "warmup_cosine":
+        _require(
+            warmup < config.epochs,
+            f"optim.warmup_epochs ({warmup}) must be < epochs ({config.epochs}): the cosine "
+            f"follows the warm-up",
+        )
+    momentum_cosine = moco.get("momentum_cosine", False)
+    _flag("moco.momentum_cosine", momentum_cosine)
+    mlp_dim = m.get("mlp_dim", 4096)
+    _require(
+        _is_int(mlp_dim) and mlp_dim >= 1,
+        f"model.mlp_dim must be a positive integer, got {mlp_dim!r}",
+    )
+    _flag("model.zero_init_residual", m.get("zero_init_residual", False))
+    _flag("model.stop_grad_conv1", m.get("stop_grad_conv1", False))
+    if algorithm == "moco_v3":
+        _require(
+            m.head in V3_HEADS,
+            f"algorithm 'moco_v3' needs a v3 projector: model.head must be one of "
+            f"{list(V3_HEADS)}, got {m.head!r}",
+        )
+        _require(
+            m.bn_mode != "shuffle",
+            "algorithm 'moco_v3' has no Shuffle-BN: set model.bn_mode to 'sync' (the official "
+            "SyncBN) or 'local'",
+        )
+        return
+    _require(
+        name == "sgd",
+        f"optim.name {name!r} is MoCo v3's: algorithm {algorithm!r} trains with 'sgd'",
+    )
+    _require(
+        not momentum_cosine,
+        f"moco.momentum_cosine is MoCo v3's: algorithm {algorithm!r} keeps moco.momentum",
+    )
+    _require(
+        m.head not in V3_HEADS,
+        f"model.head {m.head!r} is MoCo v3's projector: algorithm {algorithm!r} takes "
+        f"{[h for h in HEAD_NAMES if h not in V3_HEADS]}",
+    )
 
 def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
     """Rules that tie fields together, and the devices to the batch."""
@@ -312,7 +370,7 @@ def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
         f"batch_size {config.batch_size} is not divisible by the {num_devices} devices",
     )
     _require(
-        moco.queue_size >= config.batch_size,
+        config.get("algorithm", "moco") == "moco_v3" or moco.queue_size >= config.batch_size,
         f"moco.queue_size (K={moco.queue_size}) must be >= the global batch_size "
         f"({config.batch_size}): each step enqueues the whole global batch of keys",
     )

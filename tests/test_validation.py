@@ -9,8 +9,9 @@ from moco_jax.algorithms import moco
 from moco_jax.validation import validate_run_config
 from tiny import tiny_config
 
+V3 = {"algorithm": "moco_v3", "model.head": "v3_resnet", "model.bn_mode": "sync"}
 BAD_VALUES = [
-    ({"algorithm": "byol"}, 1, r"algorithm must be one of \['linear', 'moco'\], got 'byol'"),
+    ({"algorithm": "byol"}, 1, r"algorithm must be one of \['linear', 'moco', 'moco_v3'\], got"),
     ({"moco.queue_size": 32}, 1, r"queue_size \(K=32\) must be >= the global batch_size \(64\)"),
     ({"batch_size": 60}, 8, "batch_size 60 is not divisible by the 8 devices"),
     (
@@ -100,6 +101,28 @@ BAD_VALUES = [
     ({"seed": 2**70}, 1, r"seed must be < 2\*\*31, got 1180591620717411303424"),
     ({"dataset.name": "../../etc/passwd"}, 1, "dataset.name must be a TFDS dataset name, got '../"),
     ({"init_from": "/etc/passwd"}, 1, "init_from must be another run's workdir, .* got the file"),
+    # MoCo v3's fields, and which algorithm each belongs to.
+    (
+        {"optim.name": "adam"},
+        1,
+        r"optim.name must be one of \['sgd', 'lars', 'adamw'\], got 'adam'",
+    ),
+    ({"optim.name": "lars"}, 1, "optim.name 'lars' is MoCo v3's: algorithm 'moco' trains with"),
+    ({"optim.betas": (0.9, 1.0)}, 1, r"optim.betas must be two numbers in \[0, 1\)"),
+    ({"optim.warmup_epochs": -1}, 1, "optim.warmup_epochs must be an integer >= 0, got -1"),
+    (
+        {"optim.schedule": "warmup_cosine", "optim.warmup_epochs": 1},
+        1,
+        r"optim.warmup_epochs \(1\) must be < epochs \(1\)",
+    ),
+    ({"moco.momentum_cosine": None}, 1, "moco.momentum_cosine must be True or False, got None"),
+    ({"moco.momentum_cosine": True}, 1, "moco.momentum_cosine is MoCo v3's: algorithm 'moco'"),
+    ({"model.mlp_dim": 0}, 1, "model.mlp_dim must be a positive integer, got 0"),
+    ({"model.zero_init_residual": None}, 1, "model.zero_init_residual must be True or False"),
+    ({"model.stop_grad_conv1": None}, 1, "model.stop_grad_conv1 must be True or False"),
+    ({"model.head": "v3_vit"}, 1, "model.head 'v3_vit' is MoCo v3's projector: algorithm 'moco'"),
+    ({**V3, "model.head": "mlp"}, 1, "algorithm 'moco_v3' needs a v3 projector: model.head"),
+    ({**V3, "model.bn_mode": "shuffle"}, 1, "algorithm 'moco_v3' has no Shuffle-BN"),
 ]
 
 

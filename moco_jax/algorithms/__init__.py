@@ -79,4 +79,5 @@ def build_algorithm(config: Any, mesh: jax.sharding.Mesh, steps_per_epoch: int) 
     return _ALGORITHMS[config.algorithm](config, mesh, steps_per_epoch)
 
 
-from moco_jax.algorithms import linear, moco  # noqa: E402,F401  (register "linear", "moco")
+# register "linear", "moco" (v1/v2) and "moco_v3"
+from moco_jax.algorithms import linear, moco, moco_v3  # noqa: E402,F401
