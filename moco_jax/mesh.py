@@ -37,6 +37,32 @@ def gather_replicated(local: jax.Array, axis_name: str = DATA_AXIS) -> jax.Array
     return jax.lax.psum(full, axis_name)
 
 
+def ordered_sum(tree, axis_name: str = DATA_AXIS):
+    """Inside ``shard_map``: the sum over ``axis_name`` of every device's ``tree``, added in
+    float32 in device order and returned in each leaf's dtype, as a device-invariant value: the
+    same bits however the devices are split into processes. (``psum``'s all-reduce adds in an
+    order of its own: one host of 8 devices and two hosts of 4 differ in the last bits.) An
+    all-to-all hands each device every device's copy of its 1/n of the leaves, it adds them in
+    device order, and ``gather_replicated`` (exact: the other devices add zeros) reassembles the
+    sums; about 1.5x the bytes of an all-reduce."""
+    leaves, treedef = jax.tree.flatten(tree)
+    flat = jax.numpy.concatenate([jax.numpy.ravel(leaf).astype(np.float32) for leaf in leaves])
+    n = jax.lax.axis_size(axis_name)
+    chunk = -(-flat.size // n)
+    parts = jax.numpy.pad(flat, (0, chunk * n - flat.size)).reshape(n, chunk)
+    parts = jax.lax.all_to_all(parts, axis_name, 0, 0)  # row i: device i's copy of my chunk
+    total, _ = jax.lax.scan(lambda acc, part: (acc + part, None), parts[0], parts[1:])
+    sums = gather_replicated(total, axis_name)[: flat.size]
+    offsets = np.cumsum([0] + [leaf.size for leaf in leaves])
+    return jax.tree.unflatten(
+        treedef,
+        [
+            s.reshape(x.shape).astype(x.dtype)
+            for s, x in zip(jax.numpy.split(sums, offsets[1:-1]), leaves, strict=True)
+        ],
+    )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a batch split along its first axis over the ``data`` axis."""
     return NamedSharding(mesh, P(DATA_AXIS))

@@ -197,6 +197,7 @@ def validate_run_config(config: Any, visible_devices: int) -> None:
 
 def _validate_devices(config: Any, visible_devices: int) -> None:
     _int_at_least("num_devices", config.num_devices, 0)
+    _flag("ordered_reductions", config.get("ordered_reductions", False))
     _require(
         config.num_devices <= visible_devices,
         f"num_devices is {config.num_devices} but only {visible_devices} device(s) are visible "

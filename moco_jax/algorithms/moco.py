@@ -28,7 +28,7 @@ from moco_jax.algorithms.info_nce import info_nce, l2_normalize, moco_logits
 from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.queue import enqueue, init_queue
 from moco_jax.algorithms.shuffle_bn import shuffle_batch
-from moco_jax.mesh import DATA_AXIS, gather_replicated
+from moco_jax.mesh import DATA_AXIS, gather_replicated, ordered_sum
 from moco_jax.models import bn_axis_name, build_encoder
 from moco_jax.optim import make_lr_schedule, make_optimizer
 
@@ -96,13 +96,23 @@ def load_encoder(state: MoCoState, variables: dict[str, Any]) -> MoCoState:
     )
 
 
-def make_train_step(model, optimizer, schedule, mesh: Mesh, *, momentum, temperature, bn_mode):
+def make_train_step(
+    model, optimizer, schedule, mesh: Mesh, *, momentum, temperature, bn_mode, ordered=False
+):
     """The jitted step ``(state, images_q, images_k) -> (state, metrics)``; donates ``state``.
 
     ``model`` must have been built with ``bn_axis_name(bn_mode)``. Images are global arrays
     ``[global_batch, H, W, C]`` sharded over the mesh's ``data`` axis (already augmented).
+    ``ordered``: means over devices (gradients, loss, BN statistics, metrics) add in device
+    order (``mesh.ordered_sum``): the same bits for any split of the devices into processes.
     """
     num_devices = mesh.shape[DATA_AXIS]
+    if ordered:
+        device_mean = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: x / num_devices, ordered_sum(tree, DATA_AXIS)
+        )
+    else:
+        device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)  # noqa: E731
 
     def per_device(state: MoCoState, images_q: jax.Array, images_k: jax.Array):
         rng, shuffle_rng = jax.random.split(state.rng)
@@ -123,14 +133,19 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, momentum, tempera
             variables = {"params": params, "batch_stats": state.batch_stats}
             (_, q), query_vars = model.apply(variables, images_q, train=True, mutable="batch_stats")
             logits = moco_logits(l2_normalize(q), k, state.queue, temperature)
-            # pmean of the loss (not of the gradients): grad w.r.t. replicated params sums over
-            # devices, so this yields the gradient of the global-batch mean.
-            loss = jax.lax.pmean(jnp.mean(info_nce(logits)), DATA_AXIS)
+            loss = jnp.mean(info_nce(logits))
+            if not ordered:
+                # pmean of the loss (not of the gradients): grad w.r.t. replicated params sums
+                # over devices, so this yields the gradient of the global-batch mean.
+                loss = jax.lax.pmean(loss, DATA_AXIS)
             return loss, (query_vars["batch_stats"], logits)
 
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        params = state.params
+        if ordered:  # this device's gradient of its own mean: averaged below, in device order
+            params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if ordered:
+            loss, grads = device_mean((loss, grads))
 
         # 4. Optimizer update.
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -140,7 +155,6 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, momentum, tempera
         queue, queue_ptr = enqueue(state.queue, state.queue_ptr, gather_replicated(k, DATA_AXIS))
 
         # BN running statistics differ per device unless synced: keep their mean.
-        device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)  # noqa: E731
         ema_batch_stats = key_vars["batch_stats"]
         if bn_mode != "sync":
             batch_stats, ema_batch_stats = device_mean(batch_stats), device_mean(ema_batch_stats)
@@ -148,7 +162,7 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, momentum, tempera
             state.step + 1, params, batch_stats, ema_params, ema_batch_stats, opt_state,
             queue, queue_ptr, rng,
         )  # fmt: skip
-        metrics = _metrics(loss, logits * temperature, ema_params, params, queue_ptr)
+        metrics = _metrics(loss, logits * temperature, ema_params, params, queue_ptr, device_mean)
         return new_state, {**metrics, "learning_rate": jnp.float32(schedule(state.step))}
 
     sharded = jax.shard_map(
@@ -160,9 +174,9 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, momentum, tempera
     return jax.jit(sharded, donate_argnums=0)
 
 
-def _metrics(loss, similarities, ema_params, params, queue_ptr) -> dict[str, jax.Array]:
+def _metrics(loss, similarities, ema_params, params, queue_ptr, device_mean):
     """Replicated scalars of one step; ``similarities`` are the logits times T (cosines)."""
-    mean = lambda x: jax.lax.pmean(jnp.mean(x), DATA_AXIS)  # noqa: E731
+    mean = lambda x: device_mean(jnp.mean(x))  # noqa: E731
     squares = jax.tree.map(lambda x, y: jnp.sum(jnp.square(x - y)), ema_params, params)
     return {
         "loss": loss,
@@ -188,6 +202,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         momentum=config.moco.momentum,
         temperature=config.moco.temperature,
         bn_mode=config.model.bn_mode,
+        ordered=config.get("ordered_reductions", False),
     )
     return Algorithm(
         name="moco",
