@@ -33,8 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
     dataset.image_size = 224  # training images are [S, S, C] ...
     dataset.num_channels = 3  # ... with C channels
     dataset.download = True  # let TFDS download/prepare a missing dataset (Fashion-MNIST: offline)
-    dataset.max_train_examples = 0  # first N training examples per process (0: all)
-    dataset.max_test_examples = 0  # first N test examples per process (0: all)
+    # First N examples (0: all) of the split, each process reading its share, for datasets kept
+    # on the devices; for streamed ones, the kNN monitor's first N of each process's share.
+    dataset.max_train_examples = 0
+    dataset.max_test_examples = 0
     dataset.mean = (0.485, 0.456, 0.406)  # per-channel normalisation of images in [0, 1]
     dataset.std = (0.229, 0.224, 0.225)
 
