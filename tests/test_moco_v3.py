@@ -468,3 +468,34 @@ def test_v3_head_layouts():
         assert set(shapes["batch_stats"]) == predictor_bns
         kernels = [v["kernel"].shape for v in shapes["params"].values() if "kernel" in v]
         assert kernels == [(4, 12), (12, 4)]
+
+
+@pytest.mark.parametrize(
+    "name,algorithm_fields",
+    [
+        ("moco_v3_resnet50_imagenet", ("lars", "v3_resnet", 4096, 1.0, (0.2, 1.0))),
+        ("moco_v3_vit_small_imagenet", ("adamw", "v3_vit", 4096, 0.2, (0.08, 1.0))),
+        ("moco_v3_vit_base_imagenet", ("adamw", "v3_vit", 4096, 0.2, (0.08, 1.0))),
+        ("moco_v3_resnet_fashion_mnist", ("lars", "v3_resnet", 256, 1.0, (0.2, 1.0))),
+        ("moco_v3_vit_fashion_mnist", ("adamw", "v3_vit", 256, 0.2, (0.08, 1.0))),
+    ],
+)
+def test_v3_configs_validate(name, algorithm_fields):
+    """Each MoCo v3 config passes validation with moco-v3's settings and BYOL's views."""
+    import importlib
+
+    from moco_jax import validate_config
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    validate_config(config, 8)
+    optimizer, head, batch, temperature, crop = algorithm_fields
+    assert (config.algorithm, config.optim.name, config.model.head) == ("moco_v3", optimizer, head)
+    assert (config.batch_size, config.moco.temperature) == (batch, temperature)
+    assert tuple(config.augment.crop_scale) == crop
+    assert (config.moco.momentum, config.moco.momentum_cosine) == (0.99, True)
+    assert (config.model.bn_mode, config.optim.schedule) == ("sync", "warmup_cosine")
+    assert tuple(config.augment.blur_prob) == (1.0, 0.1)
+    assert tuple(config.augment.solarize_prob) == (0.0, 0.2)
+    assert tuple(config.augment.jitter) == (0.4, 0.4, 0.2, 0.1)
+    assert config.model.stop_grad_conv1 == (head == "v3_vit")
+    assert config.model.zero_init_residual == (head == "v3_resnet")

@@ -1,0 +1,37 @@
+"""MoCo v3 on Fashion-MNIST with the tiny ViT (``vit_tiny``: 192 wide, 12 blocks, 3 heads,
+patch 4, so 7x7 tokens and the CLS token at 28x28); see "Cost" for the time it takes:
+
+    python train.py --config configs/moco_v3_vit_fashion_mnist.py \
+        --workdir workdirs/moco_v3_vit_fashion_mnist
+
+moco-v3's ViT recipe (``moco_v3_vit_small_imagenet.py``: AdamW lr 1.5e-4 per 256, wd 0.1,
+T 0.2, m 0.99 with the cosine, frozen random patch projection, projector with a last BN in 3
+layers, predictor with a last BN, BYOL's asymmetric views with crop (0.08, 1)) at batch 256 for
+10 epochs with 1 warm-up epoch, heads 192-1024-1024-128 and 128-1024-128, kNN (k=200, t=0.1)
+every epoch. Cost: vit_tiny is about 0.55 GFLOPs per 28x28 image forward, so a v3 step (two
+views through the online network forward and backward, and through the momentum encoder) is
+about 4.4 GFLOPs per image, some 20x the reference ResNet's: hours per epoch on a 2-core CPU
+(a 1024-image smoke run here: 6.7 images/s, compilation included, under load), minutes on an
+accelerator; ``--config.model.backbone=vit_test`` (64 wide, 2 blocks) is the CPU-sized ViT.
+Expected result: not yet measured.
+"""
+
+from configs import moco_v3_resnet_fashion_mnist
+from configs.moco_v3_resnet50_imagenet import set_v3_augmentation
+
+
+def get_config():
+    config = moco_v3_resnet_fashion_mnist.get_config()  # data, batch 256, epochs, m, kNN
+    config.model.backbone = "vit_tiny"
+    config.model.width_multiplier = 1.0
+    config.model.cifar_stem = False  # not a ResNet: no stem
+    config.model.zero_init_residual = False
+    config.model.stop_grad_conv1 = True
+    config.model.head = "v3_vit"
+    config.moco.temperature = 0.2
+    config.optim.name = "adamw"
+    config.optim.base_lr = 1.5e-4
+    config.optim.weight_decay = 0.1
+    config.optim.betas = (0.9, 0.999)
+    set_v3_augmentation(config, crop_min=0.08)
+    return config
