@@ -136,20 +136,21 @@ def step_table(reports: list[dict]) -> list[str]:
 
 
 def scaling_table(reports: list[dict]) -> list[str]:
-    """(3) Per-chip bytes of the kNN accuracy functions and the step's collective bytes on 16
-    and 256 chips, as a fraction of their 8-chip value (1/n scaling: 0.5 and 0.031)."""
+    """(3) Per-chip bytes and collective bytes of the kNN accuracy functions and the step's
+    collective bytes on 16 and 256 chips, as a fraction of their 8-chip value (1/n: 0.5, 0.031)."""
     lines = []
     for (config, dtype), slices in groups(reports).items():
         if BASE not in slices:
             continue
         present = [t for t in SCALED if t in slices]
         base = by_name(slices[BASE])
+        sent = ("collective bytes sent", "collective_bytes_sent_per_chip")
         metrics = [
             (f"{n}: {label}", n, key)
             for n in base
             if n.startswith("knn accuracy")
-            for label, key in (("total", "bytes_per_chip"), ("without alongside", None))
-        ] + [("train_step: collective bytes sent", "train_step", "collective_bytes_sent_per_chip")]
+            for label, key in (("total", "bytes_per_chip"), ("without alongside", None), sent)
+        ] + [(f"train_step: {sent[0]}", "train_step", sent[1])]
         header = ["MiB per chip", f"{BASE} (8)"] + [
             f"{t} ({slices[t]['chips']}) [x of 8-chip; 1/n: {8 / slices[t]['chips']:.3f}]"
             for t in present
