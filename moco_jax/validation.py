@@ -303,7 +303,6 @@ def _validate_model_fields(config: Any) -> None:
         optim.schedule in SCHEDULES,
         f"optim.schedule must be one of {list(SCHEDULES)}, got {optim.schedule!r}",
     )
-
     _validate_v3_fields(config)
 
 
@@ -361,6 +360,7 @@ def _validate_v3_fields(config: Any) -> None:
         f"model.head {m.head!r} is MoCo v3's projector: algorithm {algorithm!r} takes "
         f"{[h for h in HEAD_NAMES if h not in V3_HEADS]}",
     )
+
 
 def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
     """Rules that tie fields together, and the devices to the batch."""
