@@ -9,9 +9,9 @@ import numpy as np
 
 from moco_jax.compiled_stats import (  # noqa: F401  (re-exported for the benchmarks)
     PEAK_BF16_FLOPS,
-    moved_fraction,
     cost_report,
     memory_report,
+    moved_fraction,
     parse_collectives,
     peak_flops,
 )
