@@ -197,7 +197,6 @@ def validate_run_config(config: Any, visible_devices: int) -> None:
 
 def _validate_devices(config: Any, visible_devices: int) -> None:
     _int_at_least("num_devices", config.num_devices, 0)
-    _flag("ordered_reductions", config.get("ordered_reductions", False))
     _require(
         config.num_devices <= visible_devices,
         f"num_devices is {config.num_devices} but only {visible_devices} device(s) are visible "
@@ -364,6 +363,14 @@ def _validate_v3_fields(config: Any) -> None:
 
 def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
     """Rules that tie fields together, and the devices to the batch."""
+    ordered = config.get("ordered_reductions", False)
+    _flag("ordered_reductions", ordered)
+    _require(
+        not ordered or (config.algorithm == "moco" and config.model.bn_mode != "sync"),
+        f"ordered_reductions is for MoCo v1/v2 (algorithm 'moco') with bn_mode 'shuffle' or "
+        f"'local', got algorithm {config.algorithm!r} with bn_mode {config.model.bn_mode!r} "
+        f"(synchronised BN and the other steps all-reduce inside the model)",
+    )
     m, moco = config.model, config.moco
     _require(num_devices >= 1, f"need at least one device, got {num_devices}")
     _require(

@@ -42,6 +42,12 @@ BAD_VALUES = [
     ({"seed": -1}, 1, "seed must be an integer >= 0, got -1"),
     ({"seed": True}, 1, "seed must be an integer >= 0, got True"),
     ({"num_devices": -2}, 1, "num_devices must be an integer >= 0, got -2"),
+    ({"ordered_reductions": None}, 1, "ordered_reductions must be True or False, got None"),
+    (
+        {"ordered_reductions": True, "model.bn_mode": "sync"},
+        1,
+        "ordered_reductions is for MoCo v1/v2 .* with bn_mode 'sync'",
+    ),
     ({"batch_size": None}, 1, "batch_size must be a positive integer, got None"),
     ({"moco.queue_size": None}, 1, "moco.queue_size must be a positive integer, got None"),
     ({"dataset.name": ""}, 1, "dataset.name must be a TFDS dataset name, got ''"),
