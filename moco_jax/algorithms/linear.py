@@ -61,7 +61,8 @@ class NoHead(nn.Module):
     """The projection head is dropped: the "embedding" is the pooled feature itself."""
 
     @nn.compact
-    def __call__(self, features: jax.Array) -> jax.Array:
+    def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
+        del train
         return features
 
 
@@ -125,11 +126,13 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, fine_tune, cached
             features, batch_stats = features_of(params, state.batch_stats, inputs)
             logits = classify(params["classifier"], features)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            # pmean of the loss: the gradient of the global-batch mean (see algorithms.moco).
-            return jax.lax.pmean(jnp.mean(losses), DATA_AXIS), (batch_stats, logits)
+            return jnp.mean(losses), (batch_stats, logits)
 
         trained = state.params if fine_tune else state.params["classifier"]
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        # Per-device gradients, averaged in float32 (see algorithms.moco).
+        varying = jax.lax.pcast(trained, DATA_AXIS, to="varying")
+        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
+        loss, grads = jax.lax.pmean((loss, grads), DATA_AXIS)
         updates, opt_state = optimizer.update(grads, state.opt_state, trained)
         trained = optax.apply_updates(trained, updates)
         params = trained if fine_tune else {**state.params, "classifier": trained}

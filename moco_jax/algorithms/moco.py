@@ -133,19 +133,14 @@ def make_train_step(
             variables = {"params": params, "batch_stats": state.batch_stats}
             (_, q), query_vars = model.apply(variables, images_q, train=True, mutable="batch_stats")
             logits = moco_logits(l2_normalize(q), k, state.queue, temperature)
-            loss = jnp.mean(info_nce(logits))
-            if not ordered:
-                # pmean of the loss (not of the gradients): grad w.r.t. replicated params sums
-                # over devices, so this yields the gradient of the global-batch mean.
-                loss = jax.lax.pmean(loss, DATA_AXIS)
-            return loss, (query_vars["batch_stats"], logits)
+            return jnp.mean(info_nce(logits)), (query_vars["batch_stats"], logits)
 
-        params = state.params
-        if ordered:  # this device's gradient of its own mean: averaged below, in device order
-            params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+        # This device's gradient of its own mean loss, then their mean over devices in float32.
+        # (Differentiating the replicated params directly would sum the cotangents where they
+        # meet the batch: after a bfloat16 model's cast, i.e. an all-reduce in bfloat16.)
+        params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
         (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        if ordered:
-            loss, grads = device_mean((loss, grads))
+        loss, grads = device_mean((loss, grads))
 
         # 4. Optimizer update.
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -163,14 +163,16 @@ def make_train_step(
                 queries.append(q)
             loss_1, logits_1, labels = contrastive_loss(queries[0], k2_all, temperature, DATA_AXIS)
             loss_2, logits_2, _ = contrastive_loss(queries[1], k1_all, temperature, DATA_AXIS)
-            # pmean of the loss (not of the gradients): grad w.r.t. replicated params sums over
-            # devices, so this yields the gradient of the global-batch mean.
-            loss = jax.lax.pmean(loss_1 + loss_2, DATA_AXIS)
-            return loss, (stats, logits_1, logits_2, labels)
+            return loss_1 + loss_2, (stats, logits_1, logits_2, labels)
 
+        # This device's gradient of its own loss, then their mean over devices in float32.
+        # (Differentiating the replicated params directly would sum the cotangents where they
+        # meet the batch: after a bfloat16 model's cast, i.e. an all-reduce in bfloat16.)
+        varying = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
         (loss, (batch_stats, logits_1, logits_2, labels)), grads = jax.value_and_grad(
             loss_fn, has_aux=True
-        )(state.params)
+        )(varying)
+        loss, grads = jax.lax.pmean((loss, grads), DATA_AXIS)
 
         # 4. Optimizer update.
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
