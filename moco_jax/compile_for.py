@@ -15,9 +15,11 @@ step fits (found by compiling).
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
+import jax
 from absl import logging
 
 from moco_jax import compiled_stats
@@ -28,10 +30,34 @@ from moco_jax.validation import ConfigError, validate_config
 MAX_BATCH_DOUBLINGS = 6  # --compile_search_batch tries up to 64x the config's per-chip batch
 
 
+# The TPU compiler's refusal of a program larger than the chip's HBM, e.g. "RESOURCE_EXHAUSTED:
+# Ran out of memory on HBM, the total memory required for HLO temporaries (16.00G) exceeds
+# available HBM (15.75G)."
+_REFUSED = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?\((\d+(?:\.\d+)?)G\)")
+
+
 def compile_target(target: Target, topology: Topology) -> dict[str, Any]:
-    """Compile ``target`` and read its per-chip memory, FLOPs and collectives."""
+    """Compile ``target`` and read its per-chip memory, FLOPs and collectives; a program the
+    compiler refuses for lack of HBM is an entry that does not fit (``compile_error``, and the
+    bytes the compiler named as ``bytes_per_chip``)."""
     start = time.perf_counter()
-    compiled = target.fn.lower(*target.args).compile()
+    try:
+        compiled = target.fn.lower(*target.args).compile()
+    except jax.errors.JaxRuntimeError as err:
+        refused = _REFUSED.search(str(err))
+        if refused is None:
+            raise
+        return {
+            "name": target.name,
+            "compile_seconds": round(time.perf_counter() - start, 1),
+            "compile_error": str(err).splitlines()[0],
+            "bytes_per_chip": int(float(refused.group(1)) * GIB),
+            "hbm_bytes_per_chip": topology.hbm_per_chip,
+            "flops_per_chip": None,
+            "collectives": {},
+            "collective_bytes_sent_per_chip": 0,
+            "fits": False,
+        }
     seconds = time.perf_counter() - start
     memory = compiled_stats.memory_report(compiled)
     cost = compiled_stats.cost_report(compiled)
@@ -54,6 +80,9 @@ def compile_target(target: Target, topology: Topology) -> dict[str, Any]:
         * chip,
     }
     entry["fits"] = entry["bytes_per_chip"] <= topology.hbm_per_chip
+    if max(compiled_stats.executions(compiled.as_text()).values(), default=1) > 1:
+        # XLA's cost analysis counts a loop's body once (the kNN functions walk test chunks).
+        entry["flops_note"] = "a loop's body counted once (XLA cost analysis): per iteration"
     if target.images_per_call and entry["flops_per_chip"]:
         entry.update(_throughput_bound(target.images_per_call * chip, entry, topology))
     return entry
@@ -160,7 +189,7 @@ def _row(entry: dict) -> str:
         f"{mib('temp_bytes')} {mib('generated_code_bytes')} {mib('alongside_bytes')} "
         f"{mib('bytes_per_chip')} / {entry['hbm_bytes_per_chip'] / 2**20:.0f} "
         f"{'fits' if entry['fits'] else 'DOES NOT FIT':12s} {flops:>10s} {sent:10.1f}  "
-        f"{_collectives(entry)}"
+        f"{_collectives(entry)}{entry.get('compile_error', '')}"
     )
 
 

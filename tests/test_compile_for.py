@@ -131,3 +131,28 @@ def test_missing_libtpu_is_named(monkeypatch):
     monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="requirements-tpu.txt"):
         topology.topology_devices("v5e:2x2")
+
+
+def test_a_program_the_compiler_refuses_does_not_fit():
+    """libtpu refuses to compile a program larger than the chip's HBM: that is an entry that
+    does not fit, with the compiler's figure, not a crash (the batch search meets it first)."""
+    import jax
+
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (16.00G) exceeds available HBM (15.75G)."
+    )
+
+    class Refused:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message)
+
+    slice_ = topology.topology_devices("v5e:2x2")
+    target = compile_for.Target("train_step", Refused(), ())
+    entry = compile_for.compile_target(target, slice_)
+    assert entry["fits"] is False and entry["bytes_per_chip"] == 16 * 2**30
+    assert entry["compile_error"].startswith("RESOURCE_EXHAUSTED")
+    assert "DOES NOT FIT" in compile_for._row(entry)
