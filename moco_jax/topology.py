@@ -60,19 +60,32 @@ def hbm_per_chip(device_kind: str) -> int | None:
     return None
 
 
+# libtpu reads these when it loads (also beside the CUDA plugin); without them it asks a
+# metadata server and prints warnings. Set only while the devices are made (a real TPU VM's own
+# values win): left in the environment, TPU_WORKER_HOSTNAMES would make a later train.py in a
+# child process look for a TPU cluster.
+LIBTPU_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_WORKER_ID": "0",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # compile-only: no chip to guard with the lock
+}
+
+
 def topology_devices(name: str) -> Topology:
     """The compile-only devices of the TPU slice ``name`` (``generation:AxB[xC]``), or of
     ``h100[:N]`` (N H100 GPUs, 8 a host; default 8; ``moco_jax.gpu_target``)."""
-    # libtpu reads these when it loads (also beside the CUDA plugin); without them it asks a
-    # metadata server and prints warnings. A real TPU VM's own values win.
-    for key, value in (
-        ("TPU_SKIP_MDS_QUERY", "1"),
-        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
-        ("TPU_WORKER_HOSTNAMES", "localhost"),
-        ("TPU_WORKER_ID", "0"),
-        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),  # compile-only: no chip to guard with the lock
-    ):
-        os.environ.setdefault(key, value)
+    added = {key: value for key, value in LIBTPU_ENV.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        return _devices(name)
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _devices(name: str) -> Topology:
     generation, _, shape = name.partition(":")
     if generation == "h100":
         from moco_jax.gpu_target import PER_HOST, gpu_topology_devices

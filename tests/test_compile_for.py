@@ -156,3 +156,14 @@ def test_a_program_the_compiler_refuses_does_not_fit():
     assert entry["fits"] is False and entry["bytes_per_chip"] == 16 * 2**30
     assert entry["compile_error"].startswith("RESOURCE_EXHAUSTED")
     assert "DOES NOT FIT" in compile_for._row(entry)
+
+
+def test_the_environment_is_left_as_it_was(monkeypatch):
+    """libtpu's variables are set only while the devices are made: TPU_WORKER_HOSTNAMES left
+    behind would make a later train.py (a child process) look for a TPU cluster."""
+    import os
+
+    for key in topology.LIBTPU_ENV:
+        monkeypatch.delenv(key, raising=False)
+    topology.topology_devices("v5e:2x2")
+    assert not set(topology.LIBTPU_ENV) & set(os.environ)
