@@ -21,13 +21,13 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from data_fixtures import fashion_mnist_data_dir
-from test_multiprocess import _free_port
 from test_resume import _checkpoint, _records, _steps_on_disk
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,6 +51,12 @@ FIELDS = {
 # process 0's only (the CPU topology in the cache key names the process). LLVM without its
 # optimisation passes compiles them faster; every run compared bit for bit uses this flag.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def _start(workdir, leg, faults=({}, {}), nice=0):
