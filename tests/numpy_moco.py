@@ -42,6 +42,23 @@ def tree_items(tree, prefix=""):
         yield prefix, tree
 
 
+def finite_difference_check(params, loss_and_grads, eps=1e-6, atol=1e-7, rtol=1e-5):
+    """Every leaf of ``loss_and_grads(params)[1]`` against central differences of its loss."""
+    _, grads = loss_and_grads(params)
+    analytic = dict(tree_items(grads))
+    for path, leaf in tree_items(params):
+        expected = np.zeros_like(leaf)
+        for index in np.ndindex(leaf.shape):
+            original = leaf[index]
+            leaf[index] = original + eps
+            plus, _ = loss_and_grads(params)
+            leaf[index] = original - eps
+            minus, _ = loss_and_grads(params)
+            leaf[index] = original
+            expected[index] = (plus - minus) / (2 * eps)
+        np.testing.assert_allclose(analytic[path], expected, atol=atol, rtol=rtol, err_msg=path)
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks with hand-written backward passes.
 

@@ -27,7 +27,6 @@ from numpy_moco import (
     l2_normalize,
     l2_normalize_backward,
     relu,
-    tree_items,
     tree_map,
 )
 
@@ -35,23 +34,6 @@ from numpy_moco import (
 # MoCo_ResNet and MoCo_ViT.
 LAYOUTS = {"v3_resnet": (2, True, 2, False), "v3_vit": (3, True, 2, True)}
 ADAM_EPS = 1e-8
-
-
-def finite_difference_check(params, loss_and_grads, eps=1e-6, atol=1e-7, rtol=1e-5):
-    """Every leaf of ``loss_and_grads(params)[1]`` against central differences of its loss."""
-    _, grads = loss_and_grads(params)
-    analytic = dict(tree_items(grads))
-    for path, leaf in tree_items(params):
-        expected = np.zeros_like(leaf)
-        for index in np.ndindex(leaf.shape):
-            original = leaf[index]
-            leaf[index] = original + eps
-            plus, _ = loss_and_grads(params)
-            leaf[index] = original - eps
-            minus, _ = loss_and_grads(params)
-            leaf[index] = original
-            expected[index] = (plus - minus) / (2 * eps)
-        np.testing.assert_allclose(analytic[path], expected, atol=atol, rtol=rtol, err_msg=path)
 
 
 def warmup_cosine_lr(peak: float, step: int, steps_per_epoch: int, epochs: int, warmup: int):

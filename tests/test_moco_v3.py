@@ -214,7 +214,7 @@ def test_reference_gradients_match_finite_differences():
         grads["head"], _ = ref.mlp_backward(p["head"], head_cache, dz)
         return loss, grads
 
-    ref.finite_difference_check(params, loss_and_grads)
+    ref_v2.finite_difference_check(params, loss_and_grads)
 
 
 def test_sync_bn_on_8_devices_equals_1_device_with_the_same_global_batch():

@@ -300,20 +300,7 @@ def test_reference_gradients_match_finite_differences(head):
         loss, _, _, dq = ref.info_nce(q, k, queue, temperature)
         return loss, ref.encoder_backward(p, cache, ref.l2_normalize_backward(dq, q, norm))
 
-    _, grads = loss_and_grads(params)
-    eps = 1e-6
-    for path, leaf in ref.tree_items(params):
-        expected = np.zeros_like(leaf)
-        for index in np.ndindex(leaf.shape):
-            original = leaf[index]
-            leaf[index] = original + eps
-            plus, _ = loss_and_grads(params)
-            leaf[index] = original - eps
-            minus, _ = loss_and_grads(params)
-            leaf[index] = original
-            expected[index] = (plus - minus) / (2 * eps)
-        actual = dict(ref.tree_items(grads))[path]
-        np.testing.assert_allclose(actual, expected, atol=1e-7, rtol=1e-5, err_msg=path)
+    ref.finite_difference_check(params, loss_and_grads)
 
 
 def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
