@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
+from moco_jax.algorithms.data_parallel import jit_step, mean_value_and_grad
 from moco_jax.mesh import DATA_AXIS
 from moco_jax.models import Encoder, bn_axis_name, build_encoder
 from moco_jax.optim import make_lr_schedule, make_optimizer
@@ -129,10 +129,7 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, fine_tune, cached
             return jnp.mean(losses), (batch_stats, logits)
 
         trained = state.params if fine_tune else state.params["classifier"]
-        # Per-device gradients, averaged in float32 (see algorithms.moco).
-        varying = jax.lax.pcast(trained, DATA_AXIS, to="varying")
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
-        loss, grads = jax.lax.pmean((loss, grads), DATA_AXIS)
+        (loss, (batch_stats, logits)), grads = mean_value_and_grad(loss_fn, trained)
         updates, opt_state = optimizer.update(grads, state.opt_state, trained)
         trained = optax.apply_updates(trained, updates)
         params = trained if fine_tune else {**state.params, "classifier": trained}
@@ -142,10 +139,7 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, fine_tune, cached
         metrics = {"loss": loss, "top1": top1, "learning_rate": jnp.float32(schedule(state.step))}
         return LinearState(state.step + 1, params, batch_stats, opt_state), metrics
 
-    sharded = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P())
-    )
-    return jax.jit(sharded, donate_argnums=0)
+    return jit_step(per_device, mesh)
 
 
 def make_linear_optimizer(config: Any, steps_per_epoch: int):

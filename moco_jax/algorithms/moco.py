@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
+from moco_jax.algorithms.data_parallel import jit_step, mean_value_and_grad
 from moco_jax.algorithms.info_nce import info_nce, l2_normalize, moco_logits
 from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.queue import enqueue, init_queue
@@ -135,12 +135,9 @@ def make_train_step(
             logits = moco_logits(l2_normalize(q), k, state.queue, temperature)
             return jnp.mean(info_nce(logits)), (query_vars["batch_stats"], logits)
 
-        # This device's gradient of its own mean loss, then their mean over devices in float32.
-        # (Differentiating the replicated params directly would sum the cotangents where they
-        # meet the batch: after a bfloat16 model's cast, i.e. an all-reduce in bfloat16.)
-        params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
-        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        loss, grads = device_mean((loss, grads))
+        (loss, (batch_stats, logits)), grads = mean_value_and_grad(
+            loss_fn, state.params, device_mean
+        )
 
         # 4. Optimizer update.
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -160,13 +157,7 @@ def make_train_step(
         metrics = _metrics(loss, logits * temperature, ema_params, params, queue_ptr, device_mean)
         return new_state, {**metrics, "learning_rate": jnp.float32(schedule(state.step))}
 
-    sharded = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
-        out_specs=(P(), P()),
-    )
-    return jax.jit(sharded, donate_argnums=0)
+    return jit_step(per_device, mesh)
 
 
 def _metrics(loss, similarities, ema_params, params, queue_ptr, device_mean):

@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
 from moco_jax.algorithms.contrastive import contrastive_loss, gathered_keys
+from moco_jax.algorithms.data_parallel import jit_step, mean_value_and_grad
 from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.momentum_schedule import momentum_schedule
 from moco_jax.mesh import DATA_AXIS
@@ -165,14 +165,9 @@ def make_train_step(
             loss_2, logits_2, _ = contrastive_loss(queries[1], k1_all, temperature, DATA_AXIS)
             return loss_1 + loss_2, (stats, logits_1, logits_2, labels)
 
-        # This device's gradient of its own loss, then their mean over devices in float32.
-        # (Differentiating the replicated params directly would sum the cotangents where they
-        # meet the batch: after a bfloat16 model's cast, i.e. an all-reduce in bfloat16.)
-        varying = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
-        (loss, (batch_stats, logits_1, logits_2, labels)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(varying)
-        loss, grads = jax.lax.pmean((loss, grads), DATA_AXIS)
+        (loss, (batch_stats, logits_1, logits_2, labels)), grads = mean_value_and_grad(
+            loss_fn, state.params
+        )
 
         # 4. Optimizer update.
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -189,13 +184,7 @@ def make_train_step(
         metrics["moco_momentum"] = m
         return new_state, metrics
 
-    sharded = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
-        out_specs=(P(), P()),
-    )
-    return jax.jit(sharded, donate_argnums=0)
+    return jit_step(per_device, mesh)
 
 
 def _metrics(loss, logits, labels, temperature, ema_params, params) -> dict[str, jax.Array]:
