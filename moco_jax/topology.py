@@ -24,7 +24,7 @@ HBM_PER_CHIP = (
     ("TPU v5", 95 * GIB),  # v5p
     ("TPU v6 lite", 32 * GIB),  # v6e (Trillium)
 )
-GENERATIONS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+GENERATIONS = ("v4", "v5e", "v5p", "v6e")  # libtpu topology names, as HBM_PER_CHIP above
 EXAMPLES = "v4:2x2x1, v5e:4x4, v5e:16x16, v5p:2x2x1, v6e:2x2, h100:8"
 # Chips with two TensorCores show as one JAX device each ("megacore"), as on a real slice.
 MEGACORE = ("v4", "v5p")
