@@ -22,7 +22,7 @@ from configs.moco_v3_resnet50_imagenet import set_v3_augmentation
 
 def get_config():
     config = moco_v3_resnet_fashion_mnist.get_config()  # data, batch 256, epochs, m, kNN
-    config.model.backbone = "vit_tiny"
+    config.model.backbone = "vit_mini"
     config.model.width_multiplier = 1.0
     config.model.cifar_stem = False  # not a ResNet: no stem
     config.model.zero_init_residual = False

@@ -211,6 +211,7 @@ VIT_SPECS = {
     "vit_small": (16, 384, 12, 12),  # moco-v3's vit_small (ViT-S/16)
     "vit_base": (16, 768, 12, 12),  # moco-v3's vit_base (ViT-B/16)
     "vit_tiny": (4, 192, 12, 3),  # timm's ViT-Ti/DeiT-Ti shape, patch 4 for 28x28/32x32 images
+    "vit_mini": (4, 64, 4, 2),  # CPU-sized, for 28x28/32x32 images: minutes per epoch on a CPU
     "vit_test": (4, 64, 2, 2),  # for tests: compiles in about a second
 }
 
