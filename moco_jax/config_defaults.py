@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     moco.queue_size = 65536  # K, negatives in the queue (>= the global batch)
     moco.momentum = 0.999  # m of the key encoder's moving average
     moco.temperature = 0.07  # T of InfoNCE
+    # v1/v2: the official colab's symmetric loss ctr(q1, k2) + ctr(q2, k1), both views' keys
+    # enqueued (2 x batch per step; needs queue_size >= 2 x batch). MoCo v3 is always symmetric.
+    moco.symmetric = False
     # MoCo v3 (--moco-m-cos): m rises per step from moco.momentum to 1 with a half-cycle cosine,
     # 1 - 0.5 (1 + cos(pi e / epochs)) (1 - m), e the fractional epoch
     moco.momentum_cosine = False

@@ -377,10 +377,12 @@ def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
         config.batch_size % num_devices == 0,
         f"batch_size {config.batch_size} is not divisible by the {num_devices} devices",
     )
+    symmetric = moco.get("symmetric", False)
+    enqueued = config.batch_size * (2 if symmetric else 1)
     _require(
-        config.get("algorithm", "moco") == "moco_v3" or moco.queue_size >= config.batch_size,
-        f"moco.queue_size (K={moco.queue_size}) must be >= the global batch_size "
-        f"({config.batch_size}): each step enqueues the whole global batch of keys",
+        config.get("algorithm", "moco") == "moco_v3" or moco.queue_size >= enqueued,
+        f"moco.queue_size (K={moco.queue_size}) must be >= the {enqueued} keys each step "
+        f"enqueues ({'both views of ' if symmetric else ''}the global batch_size)",
     )
     per_device = config.batch_size // num_devices
     if m.bn_mode == "shuffle":

@@ -256,30 +256,56 @@ class MoCoReference:
 
         Returns a dict with the loss and the (unshuffled) keys and queries.
         """
-        images_q = np.asarray(images_q, np.float64)
-        images_k = np.asarray(images_k, np.float64)
+        self._momentum_update()
+        k = self._keys(images_k, key_perm, key_groups)
+        loss, per_example, logits, q, grads = self._queries(images_q, k, query_groups)
+        self._sgd(grads, lr)
+        self._enqueue(k)
+        return {"loss": loss, "per_example": per_example, "logits": logits, "q": q, "k": k}
 
-        # 1. Momentum update of the key encoder, before the query encoder's update.
+    def symmetric_step(self, images_1, images_2, lr, query_groups, key_perms, key_groups):
+        """The official colab's symmetric step: ``ctr(q1, k2) + ctr(q2, k1)`` against the old
+        queue, then ``[k1; k2]`` enqueued. ``key_perms``: the key encoder's order of view 2, then
+        of view 1 (it sees them in that order). Returns the loss and both terms' logits.
+        """
+        self._momentum_update()
+        k2 = self._keys(images_2, key_perms[0], key_groups)
+        k1 = self._keys(images_1, key_perms[1], key_groups)
+        loss_12, _, logits_12, _, grads_12 = self._queries(images_1, k2, query_groups)
+        loss_21, _, logits_21, _, grads_21 = self._queries(images_2, k1, query_groups)
+        self._sgd(tree_map(np.add, grads_12, grads_21), lr)
+        self._enqueue(np.concatenate([k1, k2]))
+        return {"loss": loss_12 + loss_21, "logits": np.concatenate([logits_12, logits_21])}
+
+    def _momentum_update(self):
+        """1. Momentum update of the key encoder, before the query encoder's update."""
         self.ema_params = tree_map(
             lambda e, p: self.m * e + (1 - self.m) * p, self.ema_params, self.params
         )
 
-        # 2. Keys: shuffled batch through the key encoder, normalised, un-shuffled. The key
-        #    encoder's BN running statistics come from this forward pass.
-        z_k, _, mean_k, var_k = encoder_forward(self.ema_params, images_k[key_perm], key_groups)
+    def _keys(self, images, perm, groups):
+        """2. Keys: shuffled batch through the key encoder, normalised, un-shuffled. The key
+        encoder's BN running statistics come from this forward pass."""
+        images = np.asarray(images, np.float64)
+        z_k, _, mean_k, var_k = encoder_forward(self.ema_params, images[perm], groups)
         k_shuffled, _ = l2_normalize(z_k)
         k = np.empty_like(k_shuffled)
-        k[key_perm] = k_shuffled
+        k[perm] = k_shuffled
         self._update_running(self.ema_batch_stats, mean_k, var_k)
+        return k
 
-        # 3. Queries and InfoNCE against the queue as it was before this step.
-        z_q, cache, mean_q, var_q = encoder_forward(self.params, images_q, query_groups)
+    def _queries(self, images, k, groups):
+        """3. Queries and InfoNCE against the queue as it was before this step; gradients."""
+        images = np.asarray(images, np.float64)
+        z_q, cache, mean_q, var_q = encoder_forward(self.params, images, groups)
         q, norm = l2_normalize(z_q)
         loss, per_example, logits, dq = info_nce(q, k, self.queue, self.t)
         self._update_running(self.batch_stats, mean_q, var_q)
         grads = encoder_backward(self.params, cache, l2_normalize_backward(dq, q, norm))
+        return loss, per_example, logits, q, grads
 
-        # 4. torch.optim.SGD: g += wd * p; buf = mom * buf + g (buf = g at first); p -= lr * buf.
+    def _sgd(self, grads, lr):
+        """4. torch.optim.SGD: g += wd p; buf = mom buf + g (buf = g at first); p -= lr buf."""
         grads = tree_map(lambda g, p: g + self.wd * p, grads, self.params)
         if self.buf is None:
             self.buf = tree_map(np.copy, grads)
@@ -287,9 +313,9 @@ class MoCoReference:
             self.buf = tree_map(lambda b, g: self.sgd_momentum * b + g, self.buf, grads)
         self.params = tree_map(lambda p, b: p - lr * b, self.params, self.buf)
 
-        # 5. Dequeue and enqueue, wrapping past the end of the queue.
+    def _enqueue(self, k):
+        """5. Dequeue and enqueue, wrapping past the end of the queue."""
         size = self.queue.shape[0]
         rows = (self.queue_ptr + np.arange(k.shape[0])) % size
         self.queue[rows] = k
         self.queue_ptr = (self.queue_ptr + k.shape[0]) % size
-        return {"loss": loss, "per_example": per_example, "logits": logits, "q": q, "k": k}

@@ -40,7 +40,15 @@ CASES = {
     "sync-8dev": (8, "sync", 0, 16, 40, (4, 4, 1)),
     "local-8dev": (8, "local", 0, 32, 72, (4, 4, 1)),
     "shuffle-8dev-2groups": (8, "shuffle", 4, 64, 100, (4, 4, 1)),
+    # moco.symmetric (the colab's symmetric loss): 2 x 64 keys per step into K = 200
+    "symmetric-shuffle-8dev-2groups": (8, "shuffle", 4, 64, 200, (4, 4, 1)),
 }
+HEADS = ("linear", "mlp")
+# Every case with both heads, but the symmetric loss with the MLP head only (the heads do not
+# change what the symmetric step adds).
+CASE_HEADS = [(c, h) for c in CASES if not c.startswith("symmetric") for h in HEADS] + [
+    (c, "mlp") for c in CASES if c.startswith("symmetric")
+]
 
 MAX_DIFFS: dict[str, tuple[float, float]] = {}
 
@@ -112,8 +120,7 @@ def _reference_lr(step: int) -> float:
     return PEAK_LR * 0.5 * (1.0 + math.cos(math.pi * epoch / EPOCHS))
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,head", CASE_HEADS)
 def test_train_step_matches_numpy_reference(case, head):
     """Three steps of moco_jax == three steps of the NumPy MoCo, quantity by quantity.
 
@@ -121,11 +128,14 @@ def test_train_step_matches_numpy_reference(case, head):
     un-permutation, across devices and within ``SplitBatchNorm``-style groups), synchronised and
     per-device BN (statistics, running statistics and their gradients), InfoNCE against the
     pre-enqueue queue, SGD with coupled weight decay and momentum under a changing lr, and the
-    wrapping enqueue of all devices' keys in device order.
+    wrapping enqueue of all devices' keys in device order; and the symmetric loss (both views
+    as queries and keys, each key view with its own shuffle, both views' keys enqueued).
     """
     num_devices, bn_mode, group_size, batch, queue_size, image_shape = CASES[case]
     per_device = batch // num_devices
+    symmetric = case.startswith("symmetric")
     config = _config(num_devices, bn_mode, group_size, batch, queue_size, image_shape, head)
+    config.moco.symmetric = symmetric
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
     mesh = built.mesh
     state = built.initial_state(seed=7)
@@ -159,21 +169,15 @@ def test_train_step_matches_numpy_reference(case, head):
 
         # The random draw of Shuffle-BN is the only thing taken from jax.
         rng, shuffle_rng = jax.random.split(rng)
-        if bn_mode == "shuffle":
-            perms = [shuffle_permutations(shuffle_rng, d, per_device) for d in range(num_devices)]
-            key_perm = ref.shuffle_bn_permutation(
-                [np.asarray(s) for s, _ in perms], [np.asarray(r) for _, r in perms]
-            )
-            assert sorted(key_perm) == list(range(batch))
-            if num_devices > 1:  # every device's BN batch mixes images from all devices
-                for d in range(num_devices):
-                    sources = key_perm[d * per_device : (d + 1) * per_device] // per_device
-                    assert sorted(set(sources.tolist())) == list(range(num_devices))
-        else:
-            key_perm = np.arange(batch)
+        # symmetric: the key encoder sees view 2, then view 1, each shuffled with its own key
+        shuffle_rngs = jax.random.split(shuffle_rng) if symmetric else [shuffle_rng]
+        key_perms = [_key_permutation(r, bn_mode, num_devices, per_device) for r in shuffle_rngs]
 
         lr = _reference_lr(step)
-        out = model.step(images_q, images_k, lr, query_groups, key_perm, key_groups)
+        if symmetric:
+            out = model.symmetric_step(images_q, images_k, lr, query_groups, key_perms, key_groups)
+        else:
+            out = model.step(images_q, images_k, lr, query_groups, key_perms[0], key_groups)
         state, metrics = built.algorithm.train_step(
             state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
         )
@@ -212,10 +216,28 @@ def test_train_step_matches_numpy_reference(case, head):
         np.testing.assert_array_equal(
             jax.random.key_data(state.rng), jax.random.key_data(rng), err_msg="rng"
         )
-    # Three steps of `batch` keys into a queue of K rows that is not a multiple of the batch: the
-    # last enqueue wrapped past the end.
-    assert model.queue_ptr == (NUM_STEPS * batch) % queue_size
-    assert NUM_STEPS * batch > queue_size
+    # Three steps of `batch` keys (twice that if symmetric) into a queue of K rows that is not a
+    # multiple of them: the last enqueue wrapped past the end.
+    enqueued = NUM_STEPS * batch * (2 if symmetric else 1)
+    assert model.queue_ptr == enqueued % queue_size
+    assert enqueued > queue_size
+
+
+def _key_permutation(shuffle_rng, bn_mode, num_devices, per_device):
+    """The global rows in the order the key encoder sees them (Shuffle-BN's draw from jax)."""
+    batch = num_devices * per_device
+    if bn_mode != "shuffle":
+        return np.arange(batch)
+    perms = [shuffle_permutations(shuffle_rng, d, per_device) for d in range(num_devices)]
+    key_perm = ref.shuffle_bn_permutation(
+        [np.asarray(s) for s, _ in perms], [np.asarray(r) for _, r in perms]
+    )
+    assert sorted(key_perm) == list(range(batch))
+    if num_devices > 1:  # every device's BN batch mixes images from all devices
+        for d in range(num_devices):
+            sources = key_perm[d * per_device : (d + 1) * per_device] // per_device
+            assert sorted(set(sources.tolist())) == list(range(num_devices))
+    return key_perm
 
 
 def test_info_nce_matches_numpy_formula():

@@ -12,7 +12,12 @@ from tiny import tiny_config
 V3 = {"algorithm": "moco_v3", "model.head": "v3_resnet", "model.bn_mode": "sync"}
 BAD_VALUES = [
     ({"algorithm": "byol"}, 1, r"algorithm must be one of \['linear', 'moco', 'moco_v3'\], got"),
-    ({"moco.queue_size": 32}, 1, r"queue_size \(K=32\) must be >= the global batch_size \(64\)"),
+    ({"moco.queue_size": 32}, 1, r"queue_size \(K=32\) must be >= the 64 keys each step enqueues"),
+    (
+        {"moco.queue_size": 96, "moco.symmetric": True},
+        1,
+        r"queue_size \(K=96\) must be >= the 128 keys each step enqueues \(both views",
+    ),
     ({"batch_size": 60}, 8, "batch_size 60 is not divisible by the 8 devices"),
     (
         {"model.backbone": "resnet9000"},

@@ -10,6 +10,13 @@ reference's order:
 
 v1 and v2 differ only in config (head, temperature, augmentation, lr schedule). State is
 replicated in and out; images are sharded along the batch.
+
+``symmetric`` (``moco.symmetric``) is the official CIFAR-10 colab's symmetric loss
+(facebookresearch/moco ``colab/moco_cifar10_demo.ipynb``, ``ModelMoCo.forward``): after the
+momentum update, ``ctr(q1, k2) + ctr(q2, k1)``, both against the queue as it was before the
+step, and the keys of both views enqueued (``[k1; k2]`` of the global batch: 2N per step). The
+query encoder sees view 1, then view 2; the key encoder view 2, then view 1 (each with its own
+Shuffle-BN permutation), as in the colab's two ``contrastive_loss`` calls.
 """
 
 from __future__ import annotations
@@ -97,8 +104,9 @@ def load_encoder(state: MoCoState, variables: dict[str, Any]) -> MoCoState:
 
 
 def make_train_step(
-    model, optimizer, schedule, mesh: Mesh, *, momentum, temperature, bn_mode, ordered=False
-):
+    model, optimizer, schedule, mesh: Mesh, *, momentum, temperature, bn_mode, ordered=False,
+    symmetric=False,
+):  # fmt: skip
     """The jitted step ``(state, images_q, images_k) -> (state, metrics)``; donates ``state``.
 
     ``model`` must have been built with ``bn_axis_name(bn_mode)``. Images are global arrays
@@ -120,20 +128,36 @@ def make_train_step(
         ema_params = momentum_update(state.params, state.ema_params, momentum)
 
         # 2. Keys, from a batch shuffled across devices (Shuffle-BN) or as it is.
-        if bn_mode == "shuffle":
-            key_input, unshuffle = shuffle_batch(images_k, shuffle_rng, DATA_AXIS, num_devices)
+        def keys(images, rng, stats):
+            if bn_mode == "shuffle":
+                key_input, unshuffle = shuffle_batch(images, rng, DATA_AXIS, num_devices)
+            else:
+                key_input, unshuffle = images, lambda x: x
+            key_vars = {"params": ema_params, "batch_stats": stats}
+            (_, k), key_vars = model.apply(key_vars, key_input, train=True, mutable="batch_stats")
+            return jax.lax.stop_gradient(unshuffle(l2_normalize(k))), key_vars["batch_stats"]
+
+        if symmetric:  # k2, then k1, each with its own shuffle
+            rng_2, rng_1 = jax.random.split(shuffle_rng)
+            k2, ema_batch_stats = keys(images_k, rng_2, state.ema_batch_stats)
+            k1, ema_batch_stats = keys(images_q, rng_1, ema_batch_stats)
+            pairs, new_keys = [(images_q, k2), (images_k, k1)], [k1, k2]
         else:
-            key_input, unshuffle = images_k, lambda x: x
-        key_vars = {"params": ema_params, "batch_stats": state.ema_batch_stats}
-        (_, k), key_vars = model.apply(key_vars, key_input, train=True, mutable="batch_stats")
-        k = jax.lax.stop_gradient(unshuffle(l2_normalize(k)))
+            k, ema_batch_stats = keys(images_k, shuffle_rng, state.ema_batch_stats)
+            pairs, new_keys = [(images_q, k)], [k]
 
         # 3. Queries and InfoNCE against the queue as it was before this step.
         def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            (_, q), query_vars = model.apply(variables, images_q, train=True, mutable="batch_stats")
-            logits = moco_logits(l2_normalize(q), k, state.queue, temperature)
-            return jnp.mean(info_nce(logits)), (query_vars["batch_stats"], logits)
+            batch_stats, losses, logits = state.batch_stats, [], []
+            for images, k in pairs:
+                variables = {"params": params, "batch_stats": batch_stats}
+                (_, q), variables = model.apply(
+                    variables, images, train=True, mutable="batch_stats"
+                )
+                batch_stats = variables["batch_stats"]
+                logits.append(moco_logits(l2_normalize(q), k, state.queue, temperature))
+                losses.append(jnp.mean(info_nce(logits[-1])))
+            return sum(losses[1:], losses[0]), (batch_stats, jnp.concatenate(logits))
 
         (loss, (batch_stats, logits)), grads = mean_value_and_grad(
             loss_fn, state.params, device_mean
@@ -143,11 +167,11 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        # 5. Enqueue every device's keys, in device order.
-        queue, queue_ptr = enqueue(state.queue, state.queue_ptr, gather_replicated(k, DATA_AXIS))
+        # 5. Enqueue every device's keys, in device order (symmetric: all k1, then all k2).
+        gathered = [gather_replicated(k, DATA_AXIS) for k in new_keys]
+        queue, queue_ptr = enqueue(state.queue, state.queue_ptr, jnp.concatenate(gathered))
 
         # BN running statistics differ per device unless synced: keep their mean.
-        ema_batch_stats = key_vars["batch_stats"]
         if bn_mode != "sync":
             batch_stats, ema_batch_stats = device_mean(batch_stats), device_mean(ema_batch_stats)
         new_state = MoCoState(
@@ -189,6 +213,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         temperature=config.moco.temperature,
         bn_mode=config.model.bn_mode,
         ordered=config.get("ordered_reductions", False),
+        symmetric=config.moco.get("symmetric", False),
     )
     return Algorithm(
         name="moco",
