@@ -10,11 +10,17 @@ Formats (``torch_formats.py``):
 - ``detectron2``: the ``.pkl`` the official ``detection/convert-pretrain-to-detectron2.py``
   writes, from the query encoder;
 - ``moco``: the official ``main_moco.py`` checkpoint (both encoders, the queue, ``epoch`` and
-  ``arch``), for the official ``main_lincls.py`` and detection converter (MoCo runs only).
+  ``arch``), for the official ``main_lincls.py`` and detection converter (MoCo runs only); of a
+  MoCo v3 run, moco-v3's (base and momentum encoders, predictor; no queue), for moco-v3's
+  ``main_lincls.py`` and ``convert_to_deit.py``;
+- ``deit``: what moco-v3's ``convert_to_deit.py`` writes from that, ``{"model": ...}`` with
+  timm's ViT names (ViT runs only).
 
-``torchvision`` and ``moco`` need PyTorch at that moment (an optional extra); ``detectron2``
-does not. torchvision's ResNets have the 7x7 stem and width 64: a run with ``cifar_stem`` or
-another ``width_multiplier`` exports with the same names, for a model built like it.
+``torchvision`` and ``detectron2`` are ResNet layouts; a ViT exports as ``deit`` or ``moco``.
+All but ``detectron2`` need PyTorch at that moment (an optional extra). torchvision's ResNets
+have the 7x7 stem and width 64: a run with ``cifar_stem`` or another ``width_multiplier``
+exports with the same names, for a model built like it; likewise a ViT other than moco-v3's
+``vit_small``/``vit_base`` exports timm's names for a ``VisionTransformer`` of its shape.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ def define_flags() -> None:
         "format",
         None,
         list(FORMATS),
-        "torchvision: backbone .pth; detectron2: the official converter's .pkl; moco: the official "
-        "MoCo checkpoint (.pth.tar, both encoders and the queue).",
+        "torchvision: ResNet backbone .pth; detectron2: the official converter's .pkl; moco: the "
+        "official MoCo (v1/v2: both encoders and the queue; v3: base and momentum encoders and "
+        "predictor) .pth.tar; deit: a ViT backbone as moco-v3's convert_to_deit.py writes it.",
     )
     flags.DEFINE_string("output", None, "The file to write (replaced whole if it exists).")
 
@@ -96,17 +103,27 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
     from moco_jax import torch_formats
 
     encoder = jax.device_get(setup.algorithm.encoder_variables(state))
-    if fmt == "torchvision":
+    image_size = setup.config.dataset.image_size
+    if fmt in ("torchvision", "deit"):
         params = getattr(state, "params", None)
         classifier = params.get("classifier") if isinstance(params, Mapping) else None
-        return torch_formats.torchvision_state_dict(encoder, jax.device_get(classifier))
+        classifier = jax.device_get(classifier)
+        if fmt == "deit":
+            return torch_formats.deit_model(encoder, image_size, classifier)
+        return torch_formats.torchvision_state_dict(encoder, classifier)
     if fmt == "detectron2":
         return torch_formats.detectron2_model(encoder)
     key = jax.device_get({"params": state.ema_params, "batch_stats": state.ema_batch_stats})
     steps_per_epoch = extra.get("steps_per_epoch")
     epoch = step // steps_per_epoch if steps_per_epoch else 0  # completed epochs
-    queue, queue_ptr = jax.device_get(state.queue), int(state.queue_ptr)
     backbone = setup.config.model.backbone
+    if setup.config.get("algorithm", "moco") == "moco_v3":
+        predictor = {k: getattr(state, k)["predictor"] for k in ("params", "batch_stats")}
+        predictor = jax.device_get(predictor)
+        return torch_formats.moco_v3_checkpoint(
+            encoder, key, predictor, image_size, backbone, epoch
+        )
+    queue, queue_ptr = jax.device_get(state.queue), int(state.queue_ptr)
     return torch_formats.moco_checkpoint(encoder, key, queue, queue_ptr, backbone, epoch)
 
 
@@ -119,12 +136,7 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
         raise ConfigError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     workdir_path, output_path = epath.Path(workdir), epath.Path(output)
     config = load_run_config(workdir_path)
-    algorithm = config.get("algorithm", "moco")
-    if fmt == "moco" and algorithm != "moco":
-        raise ConfigError(
-            f"--format=moco holds MoCo's key encoder and queue, but {workdir} is a run of "
-            f"algorithm {algorithm!r}: export its encoder with --format=torchvision or detectron2"
-        )
+    _refuse_what_does_not_apply(fmt, config, workdir)
     if fmt != "detectron2":
         torch_bridge.require_torch(f"--format={fmt}")
     _check_output(output_path)
@@ -137,6 +149,30 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
     _write_whole(output_path, data)
     tensors = payload.get("model") or payload.get("state_dict") or payload
     return {"output": str(output_path), "format": fmt, "step": step, "tensors": len(tensors)}
+
+
+def _refuse_what_does_not_apply(fmt: str, config: Any, workdir: str) -> None:
+    """``ConfigError`` for a format that does not hold this run's model or algorithm."""
+    from moco_jax.models.vit import VIT_SPECS
+
+    algorithm, backbone = config.get("algorithm", "moco"), config.model.backbone
+    vit = backbone in VIT_SPECS
+    instead = "--format=deit" if vit else "--format=torchvision or detectron2"
+    if fmt == "moco" and algorithm not in ("moco", "moco_v3"):
+        raise ConfigError(
+            f"--format=moco holds MoCo's momentum encoder, but {workdir} is a run of algorithm "
+            f"{algorithm!r}: export its encoder with {instead}"
+        )
+    if fmt == "deit" and not vit:
+        raise ConfigError(
+            f"--format=deit is timm's ViT layout, but {workdir}'s backbone is {backbone}: "
+            f"export it with --format=torchvision, detectron2 or moco"
+        )
+    if fmt in ("torchvision", "detectron2") and vit:
+        raise ConfigError(
+            f"--format={fmt} is a ResNet layout, but {workdir}'s backbone is the ViT {backbone}: "
+            f"export it with --format=deit (timm's names) or --format=moco"
+        )
 
 
 def _check_output(output: epath.Path) -> None:
@@ -161,7 +197,21 @@ def _write_whole(path: epath.Path, data: bytes) -> None:
 
 
 def _notes(config: Any) -> list[str]:
+    from moco_jax.models.vit import VIT_SPECS
+
     model = config.model
+    if model.backbone in VIT_SPECS:
+        patch, width, depth, heads = VIT_SPECS[model.backbone]
+        width = int(round(width * model.width_multiplier))
+        if model.backbone in ("vit_small", "vit_base") and model.width_multiplier == 1:
+            return []
+        return [
+            f"{model.backbone} is not one of moco-v3's vits.py models: timm's VisionTransformer "
+            f"with img_size={config.dataset.image_size}, patch_size={patch}, "
+            f"in_chans={config.dataset.num_channels}, embed_dim={width}, depth={depth}, "
+            f"num_heads={heads}, mlp_ratio=4, qkv_bias=True, LayerNorm eps 1e-6 (and MoCo v3's "
+            f"sin-cos pos_embed)"
+        ]
     notes = []
     if model.cifar_stem:
         notes.append("the CIFAR stem (3x3 conv1, no max-pool): torchvision's resnet has 7x7")

@@ -1,12 +1,14 @@
 """``config.init_from``: start a run from another run's encoder weights, or from PyTorch's.
 
 From a moco_jax workdir only the encoder's ``params`` and ``batch_stats`` are read (orbax partial
-restore). From a file (an official MoCo ``.pth.tar``, a torchvision state dict, the detectron2
-converter's ``.pkl``) the encoder's tensors are read without running the file's code
-(``torch_formats``). Either way the backbone must have the same shapes (else ``ConfigError``
-naming what differs), the head is taken too when the run has one of the same shapes and stays
-freshly initialised otherwise. Step, optimizer state, queue and RNG stay fresh. How fine-tuning
-and linear evaluation start from pretraining, and how a run with another K or dim reuses one.
+restore). From a file (an official MoCo v1/v2 or moco-v3 ``.pth.tar``, a torchvision ResNet or
+timm ViT state dict, moco-v3's DeiT-format export, the detectron2 converter's ``.pkl``) the
+(query / base) encoder's tensors are read without running the file's code (``torch_formats``);
+a moco-v3 file's momentum encoder and predictor are not used. Either way the backbone must have
+the same shapes (else ``ConfigError`` naming what differs), the head is taken too when the run
+has one of the same shapes and stays freshly initialised otherwise. Step, optimizer state, queue
+and RNG stay fresh. How fine-tuning and linear evaluation start from pretraining, and how a run
+with another K or dim reuses one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from moco_jax import fingerprint, torch_bridge, torch_formats
+from moco_jax import fingerprint, torch_bridge, torch_encoders, torch_formats, vit_names
 from moco_jax.checkpoint_format import LEGACY_ITEM, STATE_ITEM, open_manager, read_meta
 from moco_jax.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
 from moco_jax.validation import ConfigError
@@ -48,8 +50,9 @@ def load_encoder_weights(path: str, template: Any, setup: Any, what: str = "init
     """``template`` (a fresh state of ``setup``) with the encoder saved at ``path``.
 
     ``path``: a moco_jax workdir, checkpoints directory or step directory; or a file: an official
-    MoCo v1/v2 ``.pth.tar`` (its query encoder), a torchvision ResNet state dict (bare, under
-    ``state_dict`` or with DataParallel's ``module.``) or the detectron2 converter's ``.pkl``.
+    MoCo v1/v2 ``.pth.tar`` (its query encoder) or moco-v3 ``.pth.tar`` (its base encoder), a
+    torchvision ResNet or timm ViT state dict (bare, under ``state_dict`` or DeiT's ``model``,
+    or with DataParallel's ``module.``) or the detectron2 converter's ``.pkl``.
     The backbone must match this config's (else a ``ConfigError`` of one line naming the first
     tensor that differs); the projection head is taken when the template has one of the same
     shapes, and stays fresh otherwise. ``what`` names the setting in messages
@@ -106,7 +109,7 @@ def _take(part: str, saved: dict, current: dict, loaded: dict) -> None:
     """``loaded[collection][part]`` = ``saved``'s, placed like ``current``'s."""
     for name in ENCODER_COLLECTIONS:
         like = current.get(name, {}).get(part)
-        if like is not None:
+        if like:  # None or {} (no BatchNorm, as a ViT backbone): nothing to take
             loaded[name][part] = jax.tree.map(_placed_like, saved[name][part], like)
 
 
@@ -120,12 +123,13 @@ def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
         said = str(err) if path in str(err) else f"{path}: {err}"
         raise type(err)(f"{what} {said}") from err
     current = setup.algorithm.encoder_variables(template)
-    _check_backbone(named, current, where, setup.config.model)
+    vit = _check_backbone(named, current, where, setup.config)
     loaded = {name: dict(current.get(name, {})) for name in ENCODER_COLLECTIONS}
     _take("backbone", variables, current, loaded)
     taken = ["backbone"]
     file_head = variables["params"].get("head")
-    fc = ", ".join(f"{n} {list(np.shape(v))}" for n, v in named.items() if n.startswith("fc"))
+    head_names = [n for n in named if torch_encoders.is_head_name(n, vit)]
+    fc = ", ".join(f"{n} {list(np.shape(named[n]))}" for n in head_names)
     if "head" not in current.get("params", {}):
         if file_head is not None:
             logging.info("%s: not using the file's %s (this run has no projection head)", what, fc)
@@ -135,7 +139,8 @@ def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
         head = {k: {"head": variables[k].get("head")} for k in ENCODER_COLLECTIONS}
         like = {k: {"head": current.get(k, {}).get("head")} for k in ENCODER_COLLECTIONS}
         if fingerprint.shape_problems(fingerprint.shapes(head), fingerprint.shapes(like)):
-            log = logging.warning if kind == "an official MoCo checkpoint" else logging.info
+            official = (torch_formats.V1_V2_CHECKPOINT, torch_formats.V3_CHECKPOINT)
+            log = logging.warning if kind in official else logging.info
             log("%s: the file's %s is not this config's projection head; it starts fresh", what, fc)
         else:
             _take("head", head, current, loaded)
@@ -144,20 +149,29 @@ def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
     return setup.algorithm.load_encoder(template, loaded)
 
 
-def _check_backbone(named: dict, current: dict, where: str, model: Any) -> None:
-    """``WeightBridgeError`` naming the first backbone tensor (torchvision name) that the file
-    lacks, has with another shape, or has beyond this config's backbone."""
+def _check_backbone(named: dict, current: dict, where: str, config: Any) -> bool:
+    """``WeightBridgeError`` naming the first backbone tensor (official name) that the file
+    lacks, has with another shape, or has beyond this config's backbone, or saying that the
+    file holds the other architecture (ViT / ResNet); whether the backbone is a ViT."""
+    model = config.model
+    vit = vit_names.is_vit(current["params"]["backbone"])
+    file_vit = vit_names.has_vit_names(named)
+    if vit != file_vit:
+        kinds = ("a ResNet (torchvision's names)", "a ViT (timm's names)")
+        raise torch_bridge.WeightBridgeError(
+            f"{where} holds {kinds[file_vit]}, but this config's backbone {model.backbone} is "
+            f"{kinds[vit].split(' (')[0]}"
+        )
     backbone = {k: {"backbone": v["backbone"]} for k, v in current.items() if "backbone" in v}
     zeros = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), np.float32), x.shape), backbone)
-    expected = {
-        name: value.shape
-        for name, value in torch_bridge.flax_to_torch(zeros).items()
-        if not name.endswith("num_batches_tracked")
-    }
+    image_size = config.dataset.image_size
+    state_dict = torch_encoders.encoder_to_torch(zeros, image_size, head=False)
+    skip = lambda name: name.endswith("num_batches_tracked")  # noqa: E731
+    expected = {name: value.shape for name, value in state_dict.items() if not skip(name)}
     got = {
         name: tuple(np.shape(value))
         for name, value in named.items()
-        if not name.startswith("fc") and not name.endswith("num_batches_tracked")
+        if not torch_encoders.is_head_name(name, vit) and not skip(name)
     }
     problems = []
     for name, shape in expected.items():
@@ -168,12 +182,19 @@ def _check_backbone(named: dict, current: dict, where: str, model: Any) -> None:
     problems += [f"the file's {n} {list(s)} is not a tensor of it" for n, s in got.items()
                  if n not in expected]  # fmt: skip
     if problems:
-        stem = "CIFAR 3x3" if model.cifar_stem else "7x7"
+        if vit:
+            params = current["params"]["backbone"]
+            dim, patch = params["cls_token"].shape[-1], vit_names.patch_size(params)
+            what = f"width {dim}, patch {patch}, image size {image_size}"
+        else:
+            stem = "CIFAR 3x3" if model.cifar_stem else "7x7"
+            what = f"width_multiplier {model.width_multiplier}, {stem} stem"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise torch_bridge.WeightBridgeError(
-            f"{where} does not fit this config's backbone ({model.backbone}, width_multiplier "
-            f"{model.width_multiplier}, {stem} stem): {problems[0]}{more}"
+            f"{where} does not fit this config's backbone ({model.backbone}, {what}): "
+            f"{problems[0]}{more}"
         )
+    return vit
 
 
 def _placed_like(saved: np.ndarray, like: jax.Array) -> jax.Array:

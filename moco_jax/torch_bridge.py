@@ -4,7 +4,8 @@ State dicts here are plain ``{name: numpy array}`` mappings, so converting needs
 reading or writing a ``.pth``/``.pth.tar`` file does (``load_torch_file``, ``save_torch_file``).
 Reading never runs a file's code: torch files load with ``weights_only=True`` and plain pickles
 (detectron2's ``.pkl``) with an unpickler that builds numpy arrays and nothing else.
-The layouts of whole files (torchvision, detectron2, official MoCo) are ``torch_formats.py``.
+The layouts of whole files (torchvision, detectron2, official MoCo, DeiT) are ``torch_formats.py``;
+timm's ViT names are ``vit_names.py``, MoCo v3's heads and checkpoint ``torch_encoders.py``.
 
 Name mapping (Flax path <-> torch name):
   ``backbone/conv1/kernel [H,W,I,O]``          <-> ``conv1.weight [O,I,H,W]``
@@ -120,7 +121,7 @@ _RESNET_MODULE = re.compile(
 )
 
 
-def _checked_array(name: Any, tensor: Any, leaf: str) -> np.ndarray:
+def checked_array(name: Any, tensor: Any, leaf: str) -> np.ndarray:
     """``tensor`` as a numpy array, or ``WeightBridgeError`` naming what is wrong with it."""
     if not hasattr(tensor, "shape") or not hasattr(tensor, "dtype"):
         raise WeightBridgeError(f"{name!r} holds a {type(tensor).__name__}, not a tensor")
@@ -149,7 +150,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, 
         *module_parts, leaf = parts
         if not module_parts or not _RESNET_MODULE.fullmatch(".".join(module_parts)):
             raise WeightBridgeError(f"{name!r} is not a tensor of a torchvision ResNet")
-        value = _checked_array(name, tensor, leaf)
+        value = checked_array(name, tensor, leaf)
         if leaf == "num_batches_tracked":
             continue
         module = _torch_module_to_flax(module_parts)
@@ -268,7 +269,8 @@ def flax_to_moco_checkpoint(
 def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a ``.pth``/``.pth.tar`` file's state dict as numpy arrays, without running its code.
 
-    Accepts a bare state dict or a training checkpoint holding one under ``'state_dict'``.
+    Accepts a bare state dict, a training checkpoint holding one under ``'state_dict'`` or a
+    DeiT-format file holding one under ``'model'``.
     Needs torch (the optional extra) at this moment only.
     """
     torch = require_torch("reading .pth files")
@@ -290,6 +292,8 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from err
     if isinstance(payload, Mapping) and "state_dict" in payload:
         payload = payload["state_dict"]
+    elif isinstance(payload, Mapping) and isinstance(payload.get("model"), Mapping):
+        payload = payload["model"]  # DeiT's layout (moco-v3's convert_to_deit.py writes it)
     if not isinstance(payload, Mapping):
         raise WeightBridgeError(f"{path}: expected a state dict, found {type(payload).__name__}")
     arrays = {}

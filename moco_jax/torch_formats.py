@@ -14,11 +14,19 @@ it), renamed by the script's rules: a name without ``layer`` gets ``stem.``; ``l
 
 ``moco``: the checkpoint of the official ``main_moco.py``: ``{"epoch", "arch", "state_dict"}``
 with ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue`` ``[dim, K]`` and
-``module.queue_ptr``, which the official ``main_lincls.py`` and detection converter accept.
+``module.queue_ptr``, which the official ``main_lincls.py`` and detection converter accept. For
+MoCo v3, moco-v3's ``main_moco.py`` checkpoint: ``module.base_encoder.*`` (backbone with the
+projector as ``fc`` of a ResNet, ``head`` of a ViT), ``module.momentum_encoder.*``,
+``module.predictor.*``, no queue (``torch_encoders.py``), for moco-v3's ``main_lincls.py`` and
+``convert_to_deit.py``.
 
-Reading: ``read_state_dict`` takes any of the three, a torchvision state dict (bare, under
-``state_dict``, or with DataParallel's ``module.`` prefix) or an official MoCo ``.pth.tar``, and
-gives torchvision-named tensors; ``encoder_variables`` picks the encoder out of them.
+``deit``: what moco-v3's ``convert_to_deit.py`` writes for a ViT: ``{"model": state dict}`` of
+the base encoder with timm's names (``vit_names.py``, ``pos_embed`` included) and no ``head``;
+a linear evaluation's classifier, when given, becomes that ``head``.
+
+Reading: ``read_state_dict`` takes any of these, a torchvision state dict or a timm ViT's (bare,
+under ``state_dict`` or ``model``, or with DataParallel's ``module.`` prefix) or an official MoCo
+v1/v2/v3 ``.pth.tar``; ``encoder_variables`` picks the (query / base) encoder out of them.
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax import torch_bridge
+from moco_jax import torch_bridge, torch_encoders, vit_names
 from moco_jax.torch_bridge import MOCO_PREFIX, WeightBridgeError
+from moco_jax.torch_encoders import BASE_PREFIX
 
-FORMATS = ("torchvision", "detectron2", "moco")
+FORMATS = ("torchvision", "detectron2", "moco", "deit")
 QUERY_PREFIX = f"{MOCO_PREFIX}encoder_q."
+V1_V2_CHECKPOINT, V3_CHECKPOINT = "an official MoCo checkpoint", "an official MoCo v3 checkpoint"
 DETECTRON2_AUTHOR = "MOCO"
 
 
@@ -42,20 +52,25 @@ DETECTRON2_AUTHOR = "MOCO"
 
 
 def torchvision_state_dict(
-    encoder: Mapping[str, Any], classifier: Mapping[str, Any] | None = None
+    encoder: Mapping[str, Any], classifier: Mapping[str, Any] | None = None, image_size: Any = None
 ) -> dict[str, np.ndarray]:
-    """torchvision's names for the backbone of ``encoder`` (``{'params', 'batch_stats'}``), and
-    ``fc`` from a linear classifier (``{'kernel': [F, classes], 'bias': [classes]}``) if given."""
-    backbone = {
-        collection: {"backbone": encoder[collection]["backbone"]}
-        for collection in ("params", "batch_stats")
-        if "backbone" in encoder.get(collection, {})
-    }
-    state_dict = torch_bridge.flax_to_torch(backbone)
+    """The official names for the backbone of ``encoder`` (``{'params', 'batch_stats'}``):
+    torchvision's of a ResNet, timm's of a ViT (``pos_embed`` of ``image_size``), and the
+    classifier's place (``fc`` / ``head``) from a linear classifier (``{'kernel': [F, classes],
+    'bias': [classes]}``) if given."""
+    state_dict = torch_encoders.encoder_to_torch(encoder, image_size, head=False)
     if classifier is not None:
-        state_dict["fc.weight"] = np.ascontiguousarray(np.asarray(classifier["kernel"]).T)
-        state_dict["fc.bias"] = np.asarray(classifier["bias"])
+        key = torch_encoders.head_key(vit_names.is_vit(encoder["params"]["backbone"]))
+        state_dict[f"{key}.weight"] = np.ascontiguousarray(np.asarray(classifier["kernel"]).T)
+        state_dict[f"{key}.bias"] = np.asarray(classifier["bias"])
     return state_dict
+
+
+def deit_model(
+    encoder: Mapping[str, Any], image_size: Any, classifier: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """convert_to_deit.py's ``{'model': ...}`` of a ViT encoder (the classifier as ``head``)."""
+    return {"model": torchvision_state_dict(encoder, classifier, image_size)}
 
 
 def moco_checkpoint(
@@ -68,6 +83,19 @@ def moco_checkpoint(
 ) -> dict[str, Any]:
     """The official ``main_moco.py`` checkpoint (without its optimizer state)."""
     state_dict = torch_bridge.flax_to_moco_checkpoint(query, key, np.asarray(queue), queue_ptr)
+    return {"epoch": int(epoch), "arch": arch, "state_dict": state_dict}
+
+
+def moco_v3_checkpoint(
+    base: Mapping[str, Any],
+    momentum: Mapping[str, Any],
+    predictor: Mapping[str, Any],
+    image_size: Any,
+    arch: str,
+    epoch: int,
+) -> dict[str, Any]:
+    """moco-v3's ``main_moco.py`` checkpoint (without its optimizer and scaler state)."""
+    state_dict = torch_encoders.flax_to_moco_v3(base, momentum, predictor, image_size)
     return {"epoch": int(epoch), "arch": arch, "state_dict": state_dict}
 
 
@@ -85,7 +113,7 @@ def detectron2_name(torch_name: str) -> str:
 
 def detectron2_model(encoder: Mapping[str, Any]) -> dict[str, Any]:
     """The converter's pickle of the query encoder ``encoder`` (``{'params', 'batch_stats'}``)."""
-    state_dict = torch_bridge.flax_to_torch(encoder)
+    state_dict = torch_encoders.encoder_to_torch(encoder)
     model = {detectron2_name(name): value for name, value in state_dict.items()}
     return {"model": model, "__author__": DETECTRON2_AUTHOR, "matching_heuristics": True}
 
@@ -117,8 +145,12 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     ``weights_only=True``) or of the detectron2 converter's ``.pkl`` (numpy arrays only)."""
     if torch_bridge.is_torch_file(path):
         state_dict = torch_bridge.load_torch_file(path)
-        if any(isinstance(k, str) and k.startswith(QUERY_PREFIX) for k in state_dict):
-            return state_dict, "an official MoCo checkpoint"
+        prefix = encoder_prefix(state_dict)
+        if prefix in (QUERY_PREFIX, BASE_PREFIX):
+            return state_dict, V1_V2_CHECKPOINT if prefix == QUERY_PREFIX else V3_CHECKPOINT
+        names = (name[len(prefix) :] for name in state_dict if isinstance(name, str))
+        if vit_names.has_vit_names(names):
+            return state_dict, "a ViT state dict (timm's names)"
         return state_dict, "a torchvision state dict"
     payload = torch_bridge.load_pickle_file(path)
     if not isinstance(payload, Mapping):
@@ -134,21 +166,23 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
 
 
 def encoder_prefix(state_dict: Mapping[str, Any]) -> str:
-    """Where the encoder's tensors are: ``module.encoder_q.`` (official MoCo), ``module.``
-    (DataParallel) or nothing (torchvision)."""
+    """Where the encoder's tensors are: ``module.encoder_q.`` (official MoCo v1/v2),
+    ``module.base_encoder.`` (moco-v3), ``module.`` (DataParallel) or nothing."""
     names = [name for name in state_dict if isinstance(name, str)]
-    if any(name.startswith(QUERY_PREFIX) for name in names):
-        return QUERY_PREFIX
+    for prefix in (QUERY_PREFIX, BASE_PREFIX):
+        if any(name.startswith(prefix) for name in names):
+            return prefix
     if names and all(name.startswith(MOCO_PREFIX) for name in names):
         return MOCO_PREFIX
     return ""
 
 
 def encoder_variables(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
-    """``({'params', 'batch_stats'}, {torchvision name: tensor})`` of the encoder in
-    ``state_dict``: the query encoder of a MoCo checkpoint; every tensor is checked."""
+    """``({'params', 'batch_stats'}, {official name: tensor})`` of the encoder in
+    ``state_dict``: the query (v1/v2) or base (v3) encoder of a MoCo checkpoint, with its
+    projection head where it has one; every tensor is checked."""
     prefix = encoder_prefix(state_dict)
-    variables = torch_bridge.torch_to_flax(state_dict, prefix)
+    variables = torch_encoders.torch_to_encoder(state_dict, prefix)
     named = {
         name[len(prefix) :]: value
         for name, value in state_dict.items()
