@@ -18,9 +18,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from data_fixtures import fashion_mnist_data_dir
+from workdirs import assert_same_final_state, records
 
 import moco_jax
 from configs import linear_fashion_mnist
@@ -159,34 +159,11 @@ def runs(tmp_path_factory):
     return {"root": root, "reference": reference, "resumed": resumed, "data_dir": data_dir}
 
 
-def _final_arrays(workdir):
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)
-    )
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-    manager.close()
-    return step, {
-        jax.tree_util.keystr(p): np.asarray(x)
-        for p, x in jax.tree.leaves_with_path(restored["state"])
-    }
-
-
-def _epochs(workdir):
-    records = [json.loads(line) for line in (workdir / "epochs.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
-
-
 def test_a_killed_linear_run_resumes_to_the_uninterrupted_result(runs):
     root = runs["root"]
     assert runs["resumed"] == runs["reference"]
-    step, arrays = _final_arrays(root / "interrupted")
-    expected_step, expected = _final_arrays(root / "reference")
-    assert step == expected_step == EPOCHS * STEPS_PER_EPOCH
-    assert arrays.keys() == expected.keys()
-    for name in arrays:
-        np.testing.assert_array_equal(arrays[name], expected[name], err_msg=name)
-    assert _epochs(root / "interrupted") == _epochs(root / "reference")
+    steps = EPOCHS * STEPS_PER_EPOCH
+    assert_same_final_state(root / "interrupted", root / "reference", steps)
 
 
 def test_the_linear_run_reports_like_the_official_script(runs):
@@ -194,9 +171,9 @@ def test_the_linear_run_reports_like_the_official_script(runs):
     assert json.loads((workdir / "summary.json").read_text()) == summary
     assert summary["backbone_unchanged"] is True  # the official sanity check
     assert summary["protocol"] == "linear" and summary["epochs"] == EPOCHS
-    records = _epochs(workdir)
-    assert [r["epoch"] for r in records] == [1, 2]
-    assert summary["test_top1"] == records[-1]["test_top1"]
+    epochs = records(workdir)
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert summary["test_top1"] == epochs[-1]["test_top1"]
     assert summary["test_top5"] >= summary["test_top1"] > 10  # better than chance on 10 classes
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["model"]["backbone"] == "mlp"  # the pretrained run's architecture

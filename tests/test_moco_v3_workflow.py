@@ -1,0 +1,92 @@
+"""MoCo v3 through the whole workflow on real Fashion-MNIST: pretraining with the kNN monitor,
+exact resume, linear evaluation of the pretrained workdir.
+
+One tiny run (``configs/moco_v3_vit_fashion_mnist.py`` with ``vit_test``, 512 images, 2 epochs
+of 8 steps, a checkpoint every 4 steps) goes through ``train_and_evaluate`` in this process. A
+copy of its workdir that lost every checkpoint after step 4 (a run killed there) is rerun with
+the same config: it must end bit-for-bit on the uninterrupted run's state (online network,
+momentum encoder, AdamW moments, step) and records, so the momentum and lr schedules, the
+optimizer state and the data order all resume from the step. The linear protocol then reads
+that workdir (a ViT backbone without BatchNorm, the v3 state's ``{backbone, head, predictor}``).
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from data_fixtures import fashion_mnist_data_dir
+from workdirs import assert_same_final_state, records
+
+from configs import linear_fashion_mnist, moco_v3_vit_fashion_mnist
+
+KILLED_AFTER = 4  # the copy keeps this step's checkpoint and loses the later ones
+STEPS = 16  # 2 epochs of 512 images / batch 64
+
+
+def _config(data_dir):
+    config = moco_v3_vit_fashion_mnist.get_config()
+    config.dataset.data_dir = data_dir
+    config.dataset.max_train_examples = 512
+    config.dataset.max_test_examples = 256
+    config.batch_size = 64
+    config.epochs = 2
+    config.optim.warmup_epochs = 1
+    config.model.backbone = "vit_test"
+    config.model.mlp_dim = 64
+    config.model.dim = 32
+    config.checkpoint.every_steps = KILLED_AFTER
+    config.checkpoint.keep = 10
+    config.log_every_steps = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from moco_jax.trainer import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("v3_workflow")
+    config = _config(fashion_mnist_data_dir())
+    summary = train_and_evaluate(config, str(root / "reference"))
+    shutil.copytree(root / "reference", root / "resumed")
+    for step_dir in (root / "resumed" / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > KILLED_AFTER:
+            shutil.rmtree(step_dir)
+    resumed_summary = train_and_evaluate(config, str(root / "resumed"))
+    return root, summary, resumed_summary
+
+
+def test_v3_pretraining_reports_knn_every_epoch(runs):
+    root, summary, _ = runs
+    epochs = records(root / "reference")
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for record in epochs:
+        assert np.isfinite(record["loss"]) and 0 <= record["knn_head"] <= 100
+    for key in ("final_knn_head", "final_knn_backbone", "random_init_knn_head", "knn_pixels"):
+        assert key in summary, key
+    metrics = records(root / "reference", "metrics.jsonl")
+    momentum = [r["moco_momentum"] for r in metrics if "moco_momentum" in r]
+    assert momentum[0] == pytest.approx(0.99, abs=1e-3) and momentum[-1] > momentum[0]
+
+
+def test_a_killed_v3_run_resumes_bit_for_bit(runs):
+    root, summary, resumed_summary = runs
+    assert_same_final_state(root / "resumed", root / "reference", STEPS)
+    metrics = "metrics.jsonl"
+    assert records(root / "resumed", metrics) == records(root / "reference", metrics)
+    assert resumed_summary == summary
+
+
+def test_linear_evaluation_of_a_v3_vit_workdir(runs, tmp_path):
+    from moco_jax.linear_eval import evaluate_linear
+
+    root, _, _ = runs
+    config = linear_fashion_mnist.get_config()
+    config.dataset = _config(fashion_mnist_data_dir()).dataset  # the pretraining's 512 images
+    config.batch_size = 64
+    config.epochs = 1
+    summary = evaluate_linear(config, str(tmp_path / "linear"), pretrained=str(root / "reference"))
+    assert summary["backbone_unchanged"] is True
+    assert 0 <= summary["test_top1"] <= 100
+    saved = json.loads((tmp_path / "linear" / "config.json").read_text())
+    assert saved["model"]["backbone"] == "vit_test"  # taken from the pretrained run
