@@ -31,8 +31,9 @@ RESNET_FORMATS = ("torchvision", "detectron2", "moco")  # deit is a ViT's (test_
 
 
 def _random_state(setup, seed):
-    """A state of ``setup`` with random encoders, BN statistics, queue and pointer, built from
-    its shapes (no initialisation to compile): every array distinct, so a misplaced one shows."""
+    """A state of ``setup`` with random encoders, BN statistics, queue and pointer (v1/v2), built
+    from its shapes (no initialisation to compile): every array distinct, so a misplaced one
+    shows."""
     rng = np.random.default_rng(seed)
 
     def fill(path, x):
@@ -48,27 +49,33 @@ def _random_state(setup, seed):
         return jax.device_put(values.astype(x.dtype), x.sharding)
 
     state = jax.tree_util.tree_map_with_path(fill, setup.abstract_state())
-    return state.replace(step=state.step + STEP, queue_ptr=state.queue_ptr + 7)
+    state = state.replace(step=state.step + STEP)
+    return state.replace(queue_ptr=state.queue_ptr + 7) if hasattr(state, "queue_ptr") else state
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """``(workdir, setup, saved state, {format: exported file})`` of a saved tiny run."""
-    config = tiny_config()
+def saved_run(workdir, config, formats):
+    """``(setup, saved state, {format: exported file})`` of a run of ``config`` saved (random
+    state, step ``STEP``) in ``workdir`` and exported in each of ``formats``."""
     setup = moco_jax.build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
     state = _random_state(setup, seed=0)
-    workdir = tmp_path_factory.mktemp("run")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", config)
     extra = {"epoch_loss_sum": 0.0, "steps_per_epoch": STEPS_PER_EPOCH}
     checkpointer.save(STEP, state, force=True, extra=extra)
     checkpointer.close()
     files = {}
-    for fmt in RESNET_FORMATS:
+    for fmt in formats:
         files[fmt] = workdir.parent / f"{workdir.name}_{fmt}.weights"
         result = export.export_weights(str(workdir), fmt, str(files[fmt]))
         assert result["step"] == STEP
-    return workdir, setup, state, files
+    return setup, state, files
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """``(workdir, setup, saved state, {format: exported file})`` of a saved tiny run."""
+    workdir = tmp_path_factory.mktemp("run")
+    return (workdir, *saved_run(workdir, tiny_config(), RESNET_FORMATS))
 
 
 def _fresh(setup):

@@ -1,0 +1,399 @@
+"""Weights of MoCo v3 and the ViT across the PyTorch border: timm's ViT names, moco-v3's heads,
+checkpoint and DeiT-format export, both ways, and the errors.
+
+The expected side is written out here in torch, independently of moco_jax's mapping: a
+restatement of timm's ``VisionTransformer`` as moco-v3's ``vits.py`` builds it (module order,
+so ``state_dict()`` gives timm's names in timm's order; forward) and moco-v3's ``_build_mlp``
+(``nn.Sequential`` of Linear without bias, BatchNorm1d, ReLU, ..., last BatchNorm1d without
+affine). Tiny models: ``vit_test`` at half width (32), 16x16 one-channel images (4x4 patches).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from moco_jax import export, torch_bridge, torch_encoders, torch_formats, vit_names
+from moco_jax.init_from import load_encoder_weights
+from moco_jax.validation import ConfigError
+from tests.test_export import _assert_equal, _random_state, saved_run
+from tiny import tiny_config
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+DIM, DEPTH, HEADS, PATCH, IMAGE, MLP_DIM, OUT_DIM = 32, 2, 2, 4, 16, 24, 8
+V3 = {"algorithm": "moco_v3", "model.bn_mode": "sync", "model.mlp_dim": MLP_DIM}
+V3 |= {"model.dim": OUT_DIM}
+VIT = {**V3, "model.backbone": "vit_test", "model.width_multiplier": 0.5}
+VIT |= {"model.head": "v3_vit", "model.cifar_stem": False, "optim.name": "adamw"}
+RESNET = {**V3, "model.head": "v3_resnet", "optim.name": "lars"}
+
+
+# --- The official models, restated in torch. ---
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, channels, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, stride=patch)
+
+
+class VisionTransformer(nn.Module):
+    """timm's ViT (qkv_bias, mlp_ratio 4, LayerNorm eps 1e-6) with moco-v3's projector as
+    ``head``; ``forward`` returns ``(CLS feature, projector output)``."""
+
+    def __init__(self, channels=1, dim=DIM, depth=DEPTH, heads=HEADS, patch=PATCH, image=IMAGE):
+        super().__init__()
+        self.patch_embed = PatchEmbed(channels, dim, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_table(image // patch, dim), requires_grad=False)
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = build_mlp(3, dim, MLP_DIM, OUT_DIM, last_bn=True)
+
+    def forward(self, images):
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        features = self.norm(self.blocks(x))[:, 0]
+        return features, self.head(features)
+
+
+def sincos_table(grid, dim, temperature=10000.0):
+    """vits.py's build_2d_sincos_position_embedding of a square grid, CLS row zero."""
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32),
+        torch.arange(grid, dtype=torch.float32),
+        indexing="ij",  # torch's default, which vits.py used
+    )
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
+    return torch.cat([torch.zeros(1, 1, dim), table], dim=1)
+
+
+def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn):
+    """moco-v3's ``_build_mlp``: per layer a bias-free Linear; BN and ReLU after each but the
+    last; after the last a BN without affine when ``last_bn``."""
+    widths = [input_dim] + [mlp_dim] * (num_layers - 1) + [output_dim]
+    layers = []
+    for layer, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        layers.append(nn.Linear(fan_in, fan_out, bias=False))
+        if layer < num_layers - 1:
+            layers += [nn.BatchNorm1d(fan_out), nn.ReLU()]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(fan_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def official_v3_state_dict(base, momentum, predictor):
+    """moco-v3's MoCo module's state dict (base encoder, momentum encoder, predictor)."""
+    state_dict = {}
+    for name, module in [("base_encoder", base), ("momentum_encoder", momentum)]:
+        state_dict |= {f"module.{name}.{k}": v for k, v in module.state_dict().items()}
+    return state_dict | {f"module.predictor.{k}": v for k, v in predictor.state_dict().items()}
+
+
+def randomised(module, seed):
+    """``module`` with every float tensor random (BN statistics positive), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and name != "pos_embed":
+                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+                if "running_var" in name:
+                    tensor.abs_().add_(0.5)
+    return module.eval()
+
+
+# --- Fixtures: the Flax side. ---
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    """``(workdir, setup, saved state, files)`` of a saved tiny v3 ViT run (moco, deit)."""
+    workdir = tmp_path_factory.mktemp("vit")
+    return (workdir, *saved_run(workdir, tiny_config(**VIT), ("moco", "deit")))
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    """The same of a v3 ResNet-18 (width 4): moco, torchvision, detectron2."""
+    workdir = tmp_path_factory.mktemp("resnet")
+    formats = ("moco", "torchvision", "detectron2")
+    return (workdir, *saved_run(workdir, tiny_config(**RESNET), formats))
+
+
+def _encoder(state):
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _base(state):
+    return {k: {p: getattr(state, k)[p] for p in ("backbone", "head") if p in getattr(state, k)}
+            for k in ("params", "batch_stats")}  # fmt: skip
+
+
+def _shapes(state_dict):
+    return {name: tuple(value.shape) for name, value in state_dict.items()}
+
+
+# --- Names, shapes, order; round trips. ---
+
+
+def test_vit_small_has_timms_names_shapes_and_order():
+    """moco-v3's vit_small at 224x224 (abstract: no weights computed) with the v3_vit projector."""
+    from moco_jax.models import build_encoder
+
+    config = tiny_config(**{**VIT, "model.backbone": "vit_small", "model.width_multiplier": 1})
+    abstract = jax.eval_shape(
+        lambda: build_encoder(config.model).init(
+            jax.random.key(0), np.zeros((1, 224, 224, 3)), train=False
+        )
+    )
+    variables = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
+    state_dict = torch_encoders.encoder_to_torch(variables, 224)
+    with torch.device("meta"):
+        expected = VisionTransformer(3, 384, 12, 12, 16, 224).state_dict()
+    assert list(state_dict) == list(expected)
+    assert _shapes(state_dict) == _shapes(expected)
+    assert state_dict["head.7.num_batches_tracked"].dtype == np.int64
+    assert "head.7.weight" not in state_dict  # the last BN has no affine
+
+
+def test_vit_round_trip_is_exact_both_ways(vit_run):
+    _, _, saved, _ = vit_run
+    encoder = jax.device_get(_base(saved))
+    state_dict = torch_encoders.encoder_to_torch(encoder, IMAGE)
+    _assert_equal(torch_encoders.torch_to_encoder(state_dict), encoder)
+    again = torch_encoders.encoder_to_torch(torch_encoders.torch_to_encoder(state_dict), IMAGE)
+    assert list(again) == list(state_dict)
+    for name, value in state_dict.items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)
+    kernel = encoder["params"]["backbone"]["patch_embed"]["proj"]["kernel"]  # [p, p, C, D]
+    np.testing.assert_array_equal(
+        state_dict["patch_embed.proj.weight"][5, 0, 1, 3], kernel[1, 3, 0, 5]
+    )
+    table = sincos_table(IMAGE // PATCH, DIM).numpy()  # numpy's and torch's sin: 1 ulp apart
+    np.testing.assert_allclose(state_dict["pos_embed"], table, rtol=0, atol=1e-6)
+
+
+def test_exported_vit_computes_what_the_torch_model_computes(vit_run):
+    """The exported state dict loads strictly into the torch restatement; same features and
+    projections (BN in eval mode) as the Flax encoder."""
+    _, setup, saved, _ = vit_run
+    encoder = jax.device_get(_base(saved))
+    model = VisionTransformer().eval()
+    state_dict = torch_encoders.encoder_to_torch(encoder, IMAGE)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
+    images = np.random.default_rng(0).standard_normal((3, IMAGE, IMAGE, 1)).astype(np.float32)
+    ours = setup.algorithm.model.apply(encoder, images, train=False)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_official_v3_checkpoint_loads_with_the_same_features(vit_run, tmp_path):
+    """A moco-v3 checkpoint made in torch (optimizer and scaler state included) -> init_from:
+    the base encoder computes what the torch model does; the predictor names map both ways."""
+    _, setup, _, _ = vit_run
+    base, momentum = randomised(VisionTransformer(), 1), randomised(VisionTransformer(), 2)
+    predictor = randomised(build_mlp(2, OUT_DIM, MLP_DIM, OUT_DIM, last_bn=True), 3)
+    state_dict = official_v3_state_dict(base, momentum, predictor)
+    path = tmp_path / "checkpoint_0099.pth.tar"
+    optimizer = torch.optim.AdamW(base.parameters()).state_dict()
+    payload = {"epoch": 100, "arch": "vit_test", "state_dict": state_dict}
+    torch.save(payload | {"optimizer": optimizer, "scaler": {"scale": 2.0**16}}, path)
+    loaded = load_encoder_weights(str(path), _random_state(setup, 5), setup)
+    images = np.random.default_rng(1).standard_normal((3, IMAGE, IMAGE, 1)).astype(np.float32)
+    ours = setup.algorithm.model.apply(_base(loaded), images, train=False)
+    with torch.no_grad():
+        theirs = base(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-4)
+    _assert_equal(loaded.ema_params, _base(loaded)["params"])  # the file's momentum: unused
+    arrays = {k: v.numpy() for k, v in state_dict.items()}
+    converted = torch_encoders.moco_v3_to_flax(arrays)
+    back = torch_formats.moco_v3_checkpoint(
+        converted["base_encoder"], converted["momentum_encoder"], converted["predictor"],
+        IMAGE, "vit_test", 100,
+    )["state_dict"]  # fmt: skip
+    assert list(back) == list(arrays)
+    for name, value in arrays.items():
+        ulp = 1e-6 if name.endswith("pos_embed") else 0  # written from numpy's sin and cos
+        np.testing.assert_allclose(back[name], value, rtol=0, atol=ulp, err_msg=name)
+
+
+# --- Export of v3 workdirs and re-import. ---
+
+
+def _official_layout(checkpoint, saved, arch):
+    assert set(checkpoint) == {"epoch", "arch", "state_dict"}
+    assert checkpoint["arch"] == arch and checkpoint["epoch"] == 1  # 6 steps at 4 per epoch
+    arrays = {k: v.numpy() for k, v in checkpoint["state_dict"].items()}
+    converted = torch_encoders.moco_v3_to_flax(arrays)
+    _assert_equal(converted["base_encoder"], _base(saved))
+    momentum = {"params": saved.ema_params, "batch_stats": saved.ema_batch_stats}
+    _assert_equal(converted["momentum_encoder"], momentum)
+    predictor = {k: getattr(saved, k)["predictor"] for k in ("params", "batch_stats")}
+    _assert_equal(converted["predictor"], predictor)
+    return arrays
+
+
+def test_vit_moco_and_deit_exports_have_the_official_layouts(vit_run):
+    _, _, saved, files = vit_run
+    arrays = _official_layout(torch.load(files["moco"], weights_only=True), saved, "vit_test")
+    expected = {}
+    with torch.device("meta"):
+        for encoder in ("base_encoder", "momentum_encoder"):
+            model = VisionTransformer()
+            expected |= {f"module.{encoder}.{k}": v for k, v in model.state_dict().items()}
+        predictor = build_mlp(2, OUT_DIM, MLP_DIM, OUT_DIM, last_bn=True).state_dict()
+    expected |= {f"module.predictor.{k}": v for k, v in predictor.items()}
+    assert list(arrays) == list(expected) and _shapes(arrays) == _shapes(expected)
+    # convert_to_deit.py's rule: the base encoder without its head, under 'model'.
+    deit = torch.load(files["deit"], weights_only=True)
+    prefix = "module.base_encoder."
+    rule = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+    rule = {k: v for k, v in rule.items() if not k.startswith("head")}
+    assert set(deit) == {"model"} and list(deit["model"]) == list(rule)
+    for name, value in rule.items():
+        np.testing.assert_array_equal(deit["model"][name].numpy(), value, err_msg=name)
+
+
+def test_resnet_moco_export_has_the_official_layout(resnet_run):
+    _, _, saved, files = resnet_run
+    arrays = _official_layout(torch.load(files["moco"], weights_only=True), saved, "resnet18")
+    head = {k: v.shape for k, v in build_mlp(2, 32, MLP_DIM, OUT_DIM, True).state_dict().items()}
+    predictor = build_mlp(2, OUT_DIM, MLP_DIM, OUT_DIM, last_bn=False).state_dict()
+    under = lambda prefix: {k[len(prefix) :]: v.shape for k, v in arrays.items()
+                            if k.startswith(prefix)}  # fmt: skip
+    assert under("module.base_encoder.fc.") == head
+    assert under("module.predictor.") == {k: v.shape for k, v in predictor.items()}
+    # main_lincls.py's rule: base_encoder without fc is the torchvision export.
+    lincls = {k for k in arrays if k.startswith("module.base_encoder.") and ".fc." not in k}
+    torchvision = torch.load(files["torchvision"], weights_only=True)
+    assert {k[len("module.base_encoder.") :] for k in lincls} == set(torchvision)
+
+
+@pytest.mark.parametrize(
+    "which,source", [("vit", "moco"), ("vit", "deit"), ("vit", "bare"), ("vit", "workdir"),
+                     ("resnet", "moco"), ("resnet", "torchvision"), ("resnet", "detectron2")],
+)  # fmt: skip
+def test_export_then_import_is_exact(vit_run, resnet_run, tmp_path, which, source):
+    workdir, setup, saved, files = vit_run if which == "vit" else resnet_run
+    path = workdir if source == "workdir" else files.get(source)
+    if source == "bare":  # a timm state dict saved from DataParallel
+        model = torch.load(files["deit"], weights_only=True)["model"]
+        path = tmp_path / "bare.pth"
+        torch.save({f"module.{k}": v for k, v in model.items()}, path)
+    fresh = _random_state(setup, seed=1)
+    loaded = load_encoder_weights(str(path), fresh, setup)
+    with_head = source in ("moco", "workdir", "detectron2")
+    expected = _base(saved if with_head else fresh)
+    expected["params"]["backbone"] = saved.params["backbone"]
+    if "backbone" in saved.batch_stats:
+        expected["batch_stats"]["backbone"] = saved.batch_stats["backbone"]
+    _assert_equal(_base(loaded), expected)
+    _assert_equal(loaded.params["predictor"], fresh.params["predictor"])
+
+
+# --- Errors. ---
+
+
+@pytest.mark.parametrize(
+    "fmt,which,message",
+    [
+        ("deit", "resnet", r"--format=deit is timm's ViT layout, but .*'s backbone is resnet18"),
+        ("torchvision", "vit", r"--format=torchvision is a ResNet layout, but .* ViT vit_test"),
+        ("detectron2", "vit", r"--format=detectron2 is a ResNet layout, but .* ViT vit_test"),
+    ],
+)
+def test_formats_that_do_not_apply_are_refused(vit_run, resnet_run, tmp_path, fmt, which, message):
+    workdir = (vit_run if which == "vit" else resnet_run)[0]
+    with pytest.raises(ConfigError, match=message) as error:
+        export.export_weights(str(workdir), fmt, str(tmp_path / "x.pth"))
+    assert "\n" not in str(error.value) and not (tmp_path / "x.pth").exists()
+
+
+def _deit_edited(vit_run, tmp_path, edit):
+    state_dict = torch.load(vit_run[3]["deit"], weights_only=True)["model"]
+    edit(state_dict)
+    path = tmp_path / "edited.pth"
+    torch.save({"model": state_dict}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda sd: sd.update(cls_token=torch.zeros(1, 1, 64)),
+         r"cls_token is \[1, 1, 64\] in the file, \[1, 1, 32\] here$"),
+        (lambda sd: sd.update({"patch_embed.proj.weight": torch.zeros(32, 1, 8, 8)}),
+         r"\(vit_test, width 32, patch 4, image size 16\): patch_embed\.proj\.weight is "
+         r"\[32, 1, 8, 8\] in the file, \[32, 1, 4, 4\] here"),
+        (lambda sd: sd.update(pos_embed=sincos_table(8, 32)),
+         r"pos_embed is \[1, 65, 32\] in the file, \[1, 17, 32\] here"),
+        (lambda sd: sd.update(pos_embed=0.02 * torch.randn(1, 17, 32)),
+         r"'pos_embed' is not MoCo v3's fixed 2-D sin-cos position embedding of a 4x4 grid"),
+        (lambda sd: sd.update({"blocks.2.norm1.weight": torch.ones(32)}),
+         r"the file's blocks\.2\.norm1\.weight \[32\] is not a tensor of it"),
+        (lambda sd: sd.update({"blocks.0.attn.q.weight": torch.ones(32, 32)}),
+         r"'blocks\.0\.attn\.q\.weight' is not a tensor of MoCo v3's \(timm's\) ViT"),
+    ],
+    ids=["width", "patch", "image-size", "learned-pos-embed", "depth", "unknown-name"],
+)  # fmt: skip
+def test_a_vit_file_that_does_not_fit_is_one_line(vit_run, tmp_path, edit, message):
+    _, setup, _, _ = vit_run
+    path = _deit_edited(vit_run, tmp_path, edit)
+    with pytest.raises(torch_bridge.WeightBridgeError, match=message) as error:
+        load_encoder_weights(str(path), _random_state(setup, 1), setup)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_the_other_architecture_is_named(vit_run, resnet_run):
+    (_, vit_setup, _, vit_files), (_, resnet_setup, _, resnet_files) = vit_run, resnet_run
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"holds a ViT \(timm's names\), but "
+                       r"this config's backbone resnet18 is a ResNet$"):  # fmt: skip
+        load_encoder_weights(str(vit_files["deit"]), _random_state(resnet_setup, 1), resnet_setup)
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"holds a ResNet \(torchvision's "
+                       r"names\), but this config's backbone vit_test is a ViT$"):  # fmt: skip
+        load_encoder_weights(str(resnet_files["moco"]), _random_state(vit_setup, 1), vit_setup)
+
+
+def test_a_learned_pos_embed_is_refused_by_the_converter():
+    with pytest.raises(torch_bridge.WeightBridgeError, match=r"has 15 patch rows: not a square"):
+        vit_names.check_pos_embed("pos_embed", np.zeros((1, 16, 8), np.float32))
+    vit_names.check_pos_embed("pos_embed", sincos_table(3, 8).numpy())  # the table passes
