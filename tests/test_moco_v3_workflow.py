@@ -1,13 +1,14 @@
-"""MoCo v3 through the whole workflow on real Fashion-MNIST: pretraining with the kNN monitor,
-exact resume, linear evaluation of the pretrained workdir.
+"""MoCo v3 through the whole workflow on real Fashion-MNIST: pretraining in bfloat16 with the
+kNN monitor, exact resume, linear evaluation of the pretrained workdir.
 
-One tiny run (``configs/moco_v3_vit_fashion_mnist.py`` with ``vit_test``, 512 images, 2 epochs
-of 8 steps, a checkpoint every 4 steps) goes through ``train_and_evaluate`` in this process. A
-copy of its workdir that lost every checkpoint after step 4 (a run killed there) is rerun with
-the same config: it must end bit-for-bit on the uninterrupted run's state (online network,
-momentum encoder, AdamW moments, step) and records, so the momentum and lr schedules, the
-optimizer state and the data order all resume from the step. The linear protocol then reads
-that workdir (a ViT backbone without BatchNorm, the v3 state's ``{backbone, head, predictor}``).
+One tiny run (``configs/moco_v3_vit_fashion_mnist.py`` with ``vit_test`` computing in bfloat16,
+512 images, 2 epochs of 8 steps, a checkpoint every 4 steps) goes through
+``train_and_evaluate`` in this process. A copy of its workdir that lost every checkpoint after
+step 4 (a run killed there) is rerun with the same config: it must end bit-for-bit on the
+uninterrupted run's state (online network, momentum encoder, AdamW moments, step) and records,
+so the momentum and lr schedules, the optimizer state and the data order all resume from the
+step. The linear protocol then reads that workdir (a ViT backbone without BatchNorm, the v3
+state's ``{backbone, head, predictor}``).
 """
 
 import json
@@ -16,7 +17,7 @@ import shutil
 import numpy as np
 import pytest
 from data_fixtures import fashion_mnist_data_dir
-from workdirs import assert_same_final_state, records
+from workdirs import assert_same_final_state, final_arrays, records
 
 from configs import linear_fashion_mnist, moco_v3_vit_fashion_mnist
 
@@ -35,6 +36,7 @@ def _config(data_dir):
     config.model.backbone = "vit_test"
     config.model.mlp_dim = 64
     config.model.dim = 32
+    config.model.dtype = "bfloat16"  # mixed precision end to end (float32 state and gradients)
     config.checkpoint.every_steps = KILLED_AFTER
     config.checkpoint.keep = 10
     config.log_every_steps = 1
@@ -75,6 +77,9 @@ def test_a_killed_v3_run_resumes_bit_for_bit(runs):
     metrics = "metrics.jsonl"
     assert records(root / "resumed", metrics) == records(root / "reference", metrics)
     assert resumed_summary == summary
+    _, arrays = final_arrays(root / "reference")
+    floats = {str(a.dtype) for a in arrays.values() if np.issubdtype(a.dtype, np.floating)}
+    assert floats == {"float32"}  # bfloat16 compute, float32 state
 
 
 def test_linear_evaluation_of_a_v3_vit_workdir(runs, tmp_path):
