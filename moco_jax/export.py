@@ -142,13 +142,16 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
     _check_output(output_path)
     setup, state, step, extra = restore(workdir_path, config, step)
     payload = layout(fmt, setup, state, step, extra)
-    if fmt == "detectron2":
-        data = pickle.dumps(payload)
-    else:
-        data = torch_bridge.save_torch_file(payload)
-    _write_whole(output_path, data)
+    _write_whole(output_path, encode(fmt, payload))
     tensors = payload.get("model") or payload.get("state_dict") or payload
     return {"output": str(output_path), "format": fmt, "step": step, "tensors": len(tensors)}
+
+
+def encode(fmt: str, payload: dict[str, Any]) -> bytes:
+    """The file's bytes: a plain pickle for ``detectron2``, ``torch.save``'s format otherwise."""
+    from moco_jax import torch_bridge
+
+    return pickle.dumps(payload) if fmt == "detectron2" else torch_bridge.save_torch_file(payload)
 
 
 def _refuse_what_does_not_apply(fmt: str, config: Any, workdir: str) -> None:

@@ -53,9 +53,10 @@ def _random_state(setup, seed):
     return state.replace(queue_ptr=state.queue_ptr + 7) if hasattr(state, "queue_ptr") else state
 
 
-def saved_run(workdir, config, formats):
+def saved_run(workdir, config, formats, in_memory=()):
     """``(setup, saved state, {format: exported file})`` of a run of ``config`` saved (random
-    state, step ``STEP``) in ``workdir`` and exported in each of ``formats``."""
+    state, step ``STEP``) in ``workdir`` and exported in each of ``formats``, and in each of
+    ``in_memory`` from the state as saved (``export.layout``, without restoring it)."""
     setup = moco_jax.build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
     state = _random_state(setup, seed=0)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -68,6 +69,10 @@ def saved_run(workdir, config, formats):
         files[fmt] = workdir.parent / f"{workdir.name}_{fmt}.weights"
         result = export.export_weights(str(workdir), fmt, str(files[fmt]))
         assert result["step"] == STEP
+    for fmt in in_memory:
+        files[fmt] = workdir.parent / f"{workdir.name}_{fmt}.weights"
+        payload = export.layout(fmt, setup, state, STEP, extra)
+        files[fmt].write_bytes(export.encode(fmt, payload))
     return setup, state, files
 
 
