@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import pytest
 
+import moco_jax
 from moco_jax import export, torch_bridge, torch_encoders, torch_formats, vit_names
+from moco_jax.config_defaults import linear_config
 from moco_jax.init_from import load_encoder_weights
 from moco_jax.validation import ConfigError
-from tests.test_export import _assert_equal, _random_state, saved_run
+from tests.test_export import STEP, _assert_equal, _random_state, saved_run
 from tiny import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -405,3 +407,25 @@ def test_a_learned_pos_embed_is_refused_by_the_converter():
     with pytest.raises(torch_bridge.WeightBridgeError, match=r"has 15 patch rows: not a square"):
         vit_names.check_pos_embed("pos_embed", np.zeros((1, 16, 8), np.float32))
     vit_names.check_pos_embed("pos_embed", sincos_table(3, 8).numpy())  # the table passes
+
+
+@pytest.mark.parametrize("which,source", [("vit", "moco"), ("vit", "deit"), ("resnet", "moco")])
+def test_linear_evaluation_takes_the_backbone_and_exports_its_classifier(
+    vit_run, resnet_run, which, source
+):
+    """``linear.pretrained`` of a moco-v3 or DeiT file: the backbone, bit for bit; the linear
+    run's deit / torchvision export has its classifier as ``head`` / ``fc``."""
+    _, _, saved, files = vit_run if which == "vit" else resnet_run
+    config, pretraining = linear_config(), tiny_config(**(VIT if which == "vit" else RESNET))
+    config.dataset, config.model = pretraining.dataset, pretraining.model
+    config.model.head, config.linear.num_classes, config.batch_size = "mlp", 10, 16
+    setup = moco_jax.build(config, 4, devices=jax.devices()[:1])
+    path = str(files[source])
+    loaded = load_encoder_weights(path, _random_state(setup, 1), setup, "linear.pretrained")
+    _assert_equal(loaded.params["backbone"], saved.params["backbone"])
+    fmt, key = ("deit", "head") if which == "vit" else ("torchvision", "fc")
+    payload = export.layout(fmt, setup, loaded, STEP, {})
+    state_dict = payload["model"] if fmt == "deit" else payload
+    classifier = loaded.params["classifier"]
+    np.testing.assert_array_equal(state_dict[f"{key}.weight"], np.asarray(classifier["kernel"]).T)
+    np.testing.assert_array_equal(state_dict[f"{key}.bias"], classifier["bias"])
