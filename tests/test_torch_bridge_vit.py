@@ -1,11 +1,12 @@
 """Weights of MoCo v3 and the ViT across the PyTorch border: timm's ViT names, moco-v3's heads,
 checkpoint and DeiT-format export, both ways, and the errors.
 
-The expected side is written out here in torch, independently of moco_jax's mapping: a
-restatement of timm's ``VisionTransformer`` as moco-v3's ``vits.py`` builds it (module order,
-so ``state_dict()`` gives timm's names in timm's order; forward) and moco-v3's ``_build_mlp``
-(``nn.Sequential`` of Linear without bias, BatchNorm1d, ReLU, ..., last BatchNorm1d without
-affine). Tiny models: ``vit_test`` at half width (32), 16x16 one-channel images (4x4 patches).
+The expected side is the torch restatement of moco-v3 in ``tests/torch_moco_v3.py``
+(independent of moco_jax's mapping): its ``MoCoV3ViT`` / ``MoCoV3ResNet`` modules register
+their submodules as timm's ViT, torchvision's ResNet and moco-v3's ``_build_mlp`` do, so their
+``state_dict()`` gives the official names in the official order, and their forward is the
+official computation. Tiny models: ``vit_test`` at half width (32) and ResNet-18 at width 4,
+16x16 one-channel images (4x4 patches).
 """
 
 import jax
@@ -21,7 +22,7 @@ from tests.test_export import STEP, _assert_equal, _random_state, saved_run
 from tiny import tiny_config
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
+import torch_moco_v3 as ref  # noqa: E402
 
 DIM, DEPTH, HEADS, PATCH, IMAGE, MLP_DIM, OUT_DIM = 32, 2, 2, 4, 16, 24, 8
 V3 = {"algorithm": "moco_v3", "model.bn_mode": "sync", "model.mlp_dim": MLP_DIM}
@@ -31,109 +32,39 @@ VIT |= {"model.head": "v3_vit", "model.cifar_stem": False, "optim.name": "adamw"
 RESNET = {**V3, "model.head": "v3_resnet", "optim.name": "lars"}
 
 
-# --- The official models, restated in torch. ---
+def official_vit(image=IMAGE, channels=1, dim=DIM, depth=DEPTH, heads=HEADS, patch=PATCH):
+    """moco-v3's ``MoCo_ViT`` on ``vits.py``'s ViT."""
+    backbone = ref.VisionTransformer(image, patch, channels, dim, depth, heads, False)
+    return ref.MoCoV3ViT(backbone, OUT_DIM, MLP_DIM, 1.0, 1)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        weights = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(n, t, d))
+def official_resnet():
+    """moco-v3's ``MoCo_ResNet`` on ResNet-18 at width 4 with the CIFAR stem."""
+    return ref.MoCoV3ResNet(ref.CifarResNet((2, 2, 2, 2), 1, 4), OUT_DIM, MLP_DIM, 1.0, 1)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+def official_state_dict(model):
+    """``model.state_dict()`` as main_moco.py saves it (DistributedDataParallel's ``module.``)."""
+    return {f"module.{name}": value for name, value in model.state_dict().items()}
 
 
-class Block(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, channels, dim, patch):
-        super().__init__()
-        self.proj = nn.Conv2d(channels, dim, patch, stride=patch)
-
-
-class VisionTransformer(nn.Module):
-    """timm's ViT (qkv_bias, mlp_ratio 4, LayerNorm eps 1e-6) with moco-v3's projector as
-    ``head``; ``forward`` returns ``(CLS feature, projector output)``."""
-
-    def __init__(self, channels=1, dim=DIM, depth=DEPTH, heads=HEADS, patch=PATCH, image=IMAGE):
-        super().__init__()
-        self.patch_embed = PatchEmbed(channels, dim, patch)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(sincos_table(image // patch, dim), requires_grad=False)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = build_mlp(3, dim, MLP_DIM, OUT_DIM, last_bn=True)
-
-    def forward(self, images):
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
-        features = self.norm(self.blocks(x))[:, 0]
-        return features, self.head(features)
-
-
-def sincos_table(grid, dim, temperature=10000.0):
-    """vits.py's build_2d_sincos_position_embedding of a square grid, CLS row zero."""
-    grid_w, grid_h = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float32),
-        torch.arange(grid, dtype=torch.float32),
-        indexing="ij",  # torch's default, which vits.py used
-    )
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
-    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
-    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
-    return torch.cat([torch.zeros(1, 1, dim), table], dim=1)
-
-
-def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn):
-    """moco-v3's ``_build_mlp``: per layer a bias-free Linear; BN and ReLU after each but the
-    last; after the last a BN without affine when ``last_bn``."""
-    widths = [input_dim] + [mlp_dim] * (num_layers - 1) + [output_dim]
-    layers = []
-    for layer, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
-        layers.append(nn.Linear(fan_in, fan_out, bias=False))
-        if layer < num_layers - 1:
-            layers += [nn.BatchNorm1d(fan_out), nn.ReLU()]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(fan_out, affine=False))
-    return nn.Sequential(*layers)
-
-
-def official_v3_state_dict(base, momentum, predictor):
-    """moco-v3's MoCo module's state dict (base encoder, momentum encoder, predictor)."""
-    state_dict = {}
-    for name, module in [("base_encoder", base), ("momentum_encoder", momentum)]:
-        state_dict |= {f"module.{name}.{k}": v for k, v in module.state_dict().items()}
-    return state_dict | {f"module.predictor.{k}": v for k, v in predictor.state_dict().items()}
+def features_and_projection(encoder, images):
+    """A torch ViT base encoder's CLS feature (the projector's input) and projection."""
+    seen = []
+    hook = encoder.head.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0]))
+    with torch.no_grad():
+        projection = encoder(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    hook.remove()
+    return seen[0], projection
 
 
 def randomised(module, seed):
-    """``module`` with every float tensor random (BN statistics positive), in eval mode."""
+    """``module`` with every float tensor random (BN variances positive; pos_embed kept), in
+    eval mode."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and name != "pos_embed":
+            if tensor.is_floating_point() and not name.endswith("pos_embed"):
                 tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
                 if "running_var" in name:
                     tensor.abs_().add_(0.5)
@@ -195,7 +126,7 @@ def test_vit_small_has_timms_names_shapes_and_order():
     variables = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
     state_dict = torch_encoders.encoder_to_torch(variables, 224)
     with torch.device("meta"):
-        expected = VisionTransformer(3, 384, 12, 12, 16, 224).state_dict()
+        expected = official_vit(224, 3, 384, 12, 12, 16).base_encoder.state_dict()
     assert list(state_dict) == list(expected)
     assert _shapes(state_dict) == _shapes(expected)
     assert state_dict["head.7.num_batches_tracked"].dtype == np.int64
@@ -215,23 +146,21 @@ def test_vit_round_trip_is_exact_both_ways(vit_run):
     np.testing.assert_array_equal(
         state_dict["patch_embed.proj.weight"][5, 0, 1, 3], kernel[1, 3, 0, 5]
     )
-    table = sincos_table(IMAGE // PATCH, DIM).numpy()  # numpy's and torch's sin: 1 ulp apart
+    table = ref.sincos_table(IMAGE // PATCH, DIM).numpy()  # numpy's and torch's sin: 1 ulp apart
     np.testing.assert_allclose(state_dict["pos_embed"], table, rtol=0, atol=1e-6)
 
 
 def test_exported_vit_computes_what_the_torch_model_computes(vit_run, apply):
-    """The exported state dict loads strictly into the torch restatement; same features and
+    """The exported state dict loads strictly into the torch base encoder; same features and
     projections (BN in eval mode) as the Flax encoder."""
-    _, setup, saved, _ = vit_run
+    _, _, saved, _ = vit_run
     encoder = jax.device_get(_base(saved))
-    model = VisionTransformer().eval()
+    model = official_vit().base_encoder.eval()
     state_dict = torch_encoders.encoder_to_torch(encoder, IMAGE)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
     images = np.random.default_rng(0).standard_normal((3, IMAGE, IMAGE, 1)).astype(np.float32)
     ours = apply(encoder, images, train=False)
-    with torch.no_grad():
-        theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2)))
-    for a, b in zip(ours, theirs, strict=True):
+    for a, b in zip(ours, features_and_projection(model, images), strict=True):
         np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -239,18 +168,16 @@ def test_official_v3_checkpoint_loads_with_the_same_features(vit_run, apply, tmp
     """A moco-v3 checkpoint made in torch (optimizer and scaler state included) -> init_from:
     the base encoder computes what the torch model does; the predictor names map both ways."""
     _, setup, _, _ = vit_run
-    base, momentum = randomised(VisionTransformer(), 1), randomised(VisionTransformer(), 2)
-    predictor = randomised(build_mlp(2, OUT_DIM, MLP_DIM, OUT_DIM, last_bn=True), 3)
-    state_dict = official_v3_state_dict(base, momentum, predictor)
+    model = randomised(official_vit(), 1)  # base and momentum encoders differ
+    state_dict = official_state_dict(model)
     path = tmp_path / "checkpoint_0099.pth.tar"
-    optimizer = torch.optim.AdamW(base.parameters()).state_dict()
+    optimizer = torch.optim.AdamW(model.parameters()).state_dict()
     payload = {"epoch": 100, "arch": "vit_test", "state_dict": state_dict}
     torch.save(payload | {"optimizer": optimizer, "scaler": {"scale": 2.0**16}}, path)
     loaded = load_encoder_weights(str(path), _random_state(setup, 5), setup)
     images = np.random.default_rng(1).standard_normal((3, IMAGE, IMAGE, 1)).astype(np.float32)
     ours = apply(jax.device_get(_base(loaded)), images, train=False)  # compiled for numpy
-    with torch.no_grad():
-        theirs = base(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    theirs = features_and_projection(model.base_encoder, images)
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-4)
     _assert_equal(loaded.ema_params, _base(loaded)["params"])  # the file's momentum: unused
@@ -285,13 +212,8 @@ def _official_layout(checkpoint, saved, arch):
 def test_vit_moco_and_deit_exports_have_the_official_layouts(vit_run):
     _, _, saved, files = vit_run
     arrays = _official_layout(torch.load(files["moco"], weights_only=True), saved, "vit_test")
-    expected = {}
     with torch.device("meta"):
-        for encoder in ("base_encoder", "momentum_encoder"):
-            model = VisionTransformer()
-            expected |= {f"module.{encoder}.{k}": v for k, v in model.state_dict().items()}
-        predictor = build_mlp(2, OUT_DIM, MLP_DIM, OUT_DIM, last_bn=True).state_dict()
-    expected |= {f"module.predictor.{k}": v for k, v in predictor.items()}
+        expected = official_state_dict(official_vit())
     assert list(arrays) == list(expected) and _shapes(arrays) == _shapes(expected)
     # convert_to_deit.py's rule: the base encoder without its head, under 'model'.
     deit = torch.load(files["deit"], weights_only=True)
@@ -306,12 +228,9 @@ def test_vit_moco_and_deit_exports_have_the_official_layouts(vit_run):
 def test_resnet_moco_export_has_the_official_layout(resnet_run):
     _, _, saved, files = resnet_run
     arrays = _official_layout(torch.load(files["moco"], weights_only=True), saved, "resnet18")
-    head = {k: v.shape for k, v in build_mlp(2, 32, MLP_DIM, OUT_DIM, True).state_dict().items()}
-    predictor = build_mlp(2, OUT_DIM, MLP_DIM, OUT_DIM, last_bn=False).state_dict()
-    under = lambda prefix: {k[len(prefix) :]: v.shape for k, v in arrays.items()
-                            if k.startswith(prefix)}  # fmt: skip
-    assert under("module.base_encoder.fc.") == head
-    assert under("module.predictor.") == {k: v.shape for k, v in predictor.items()}
+    with torch.device("meta"):
+        expected = official_state_dict(official_resnet())
+    assert list(arrays) == list(expected) and _shapes(arrays) == _shapes(expected)
     # main_lincls.py's rule: base_encoder without fc is the torchvision export.
     lincls = {k for k in arrays if k.startswith("module.base_encoder.") and ".fc." not in k}
     torchvision = torch.load(files["torchvision"], weights_only=True)
@@ -374,7 +293,7 @@ def _deit_edited(vit_run, tmp_path, edit):
         (lambda sd: sd.update({"patch_embed.proj.weight": torch.zeros(32, 1, 8, 8)}),
          r"\(vit_test, width 32, patch 4, image size 16\): patch_embed\.proj\.weight is "
          r"\[32, 1, 8, 8\] in the file, \[32, 1, 4, 4\] here"),
-        (lambda sd: sd.update(pos_embed=sincos_table(8, 32)),
+        (lambda sd: sd.update(pos_embed=ref.sincos_table(8, 32)),
          r"pos_embed is \[1, 65, 32\] in the file, \[1, 17, 32\] here"),
         (lambda sd: sd.update(pos_embed=0.02 * torch.randn(1, 17, 32)),
          r"'pos_embed' is not MoCo v3's fixed 2-D sin-cos position embedding of a 4x4 grid"),
@@ -406,7 +325,7 @@ def test_the_other_architecture_is_named(vit_run, resnet_run):
 def test_a_learned_pos_embed_is_refused_by_the_converter():
     with pytest.raises(torch_bridge.WeightBridgeError, match=r"has 15 patch rows: not a square"):
         vit_names.check_pos_embed("pos_embed", np.zeros((1, 16, 8), np.float32))
-    vit_names.check_pos_embed("pos_embed", sincos_table(3, 8).numpy())  # the table passes
+    vit_names.check_pos_embed("pos_embed", ref.sincos_table(3, 8).numpy())  # the table passes
 
 
 @pytest.mark.parametrize("which,source", [("vit", "moco"), ("vit", "deit"), ("resnet", "moco")])
