@@ -124,7 +124,9 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
             encoder, key, predictor, image_size, backbone, epoch
         )
     queue, queue_ptr = jax.device_get(state.queue), int(state.queue_ptr)
-    return torch_formats.moco_checkpoint(encoder, key, queue, queue_ptr, backbone, epoch)
+    return torch_formats.moco_checkpoint(
+        encoder, key, queue, queue_ptr, backbone, epoch, image_size
+    )
 
 
 def export_weights(workdir: str, fmt: str, output: str, step: int | None = None) -> dict:

@@ -80,9 +80,16 @@ def moco_checkpoint(
     queue_ptr: int,
     arch: str,
     epoch: int,
+    image_size: Any = None,
 ) -> dict[str, Any]:
-    """The official ``main_moco.py`` checkpoint (without its optimizer state)."""
-    state_dict = torch_bridge.flax_to_moco_checkpoint(query, key, np.asarray(queue), queue_ptr)
+    """The official ``main_moco.py`` checkpoint (without its optimizer state); a ViT's encoders
+    (``image_size`` for their ``pos_embed``) have timm's names with the head as ``head``."""
+    state_dict = {}
+    for name, encoder in (("encoder_q", query), ("encoder_k", key)):
+        prefix = f"{MOCO_PREFIX}{name}."
+        state_dict.update(torch_encoders.encoder_to_torch(encoder, image_size, prefix))
+    state_dict[f"{MOCO_PREFIX}queue"] = np.ascontiguousarray(np.asarray(queue).T)  # [dim, K]
+    state_dict[f"{MOCO_PREFIX}queue_ptr"] = np.asarray([queue_ptr], np.int64)
     return {"epoch": int(epoch), "arch": arch, "state_dict": state_dict}
 
 

@@ -348,3 +348,23 @@ def test_linear_evaluation_takes_the_backbone_and_exports_its_classifier(
     classifier = loaded.params["classifier"]
     np.testing.assert_array_equal(state_dict[f"{key}.weight"], np.asarray(classifier["kernel"]).T)
     np.testing.assert_array_equal(state_dict[f"{key}.bias"], classifier["bias"])
+
+
+def test_a_moco_v2_vit_exports_and_loads_with_timms_names(tmp_path):
+    """A v1/v2 run on a ViT: the moco layout holds both encoders with timm's names, the MLP
+    head as ``head.0`` / ``head.2``; init_from of it gives back the query encoder."""
+    config = tiny_config(**{"model.backbone": "vit_test", "model.cifar_stem": False})
+    config.model.head, config.model.width_multiplier = "mlp", 0.5
+    setup = moco_jax.build(config, 4, devices=jax.devices()[:1])
+    saved = _random_state(setup, 0)
+    payload = export.layout("moco", setup, saved, STEP, {})
+    names = list(payload["state_dict"])
+    assert names[:2] == ["module.encoder_q.cls_token", "module.encoder_q.pos_embed"]
+    assert "module.encoder_k.head.2.bias" in names and names[-2:] == [
+        "module.queue",
+        "module.queue_ptr",
+    ]
+    path = tmp_path / "v2_vit.pth.tar"
+    path.write_bytes(export.encode("moco", payload))
+    loaded = load_encoder_weights(str(path), _random_state(setup, 1), setup)
+    _assert_equal(_base(loaded), _base(saved))
