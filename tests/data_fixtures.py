@@ -1,5 +1,6 @@
 """The real Fashion-MNIST, prepared once per machine into a repo-local TFDS directory."""
 
+import fcntl
 import pathlib
 
 import pytest
@@ -17,5 +18,8 @@ def fashion_mnist_data_dir() -> str:
         )
     from moco_jax.data.tfds_source import prepared_builder
 
-    prepared_builder("fashion_mnist", str(DATA_DIR))
+    # pytest-xdist workers may get here at once: one prepares, the others wait and reuse it.
+    with open(DATA_DIR.parent / ".tfds_cache.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prepared_builder("fashion_mnist", str(DATA_DIR))
     return str(DATA_DIR)
