@@ -24,3 +24,29 @@ import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+# The slowest test files (cold, quiet 2-core machine, pytest -n 2 --dist loadfile), first: each
+# file runs whole on one worker, so starting the long ones first lets the two workers end
+# together instead of one finishing a long file alone at the end.
+SLOW_FIRST = (
+    "test_multiprocess_train.py",
+    "test_resume.py",
+    "test_step.py",
+    "test_streaming.py",
+    "test_bad_input.py",
+    "test_torch_moco_v3.py",
+    "test_train.py",
+    "test_benchmark.py",
+    "test_torch_reference.py",
+    "test_moco_v3_workflow.py",
+    "test_linear.py",
+    "test_compile_for.py",
+    "test_disk_full.py",
+    "test_moco_v3_parts.py",
+    "test_moco_v3.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
