@@ -1,18 +1,33 @@
-"""moco_jax: MoCo v1/v2 (Momentum Contrast) in JAX/Flax for TPU, GPU and CPU."""
+"""moco_jax: MoCo v1/v2/v3 (Momentum Contrast) in JAX/Flax for TPU, GPU and CPU.
 
-from moco_jax.algorithms import Algorithm, available_algorithms, register_algorithm
-from moco_jax.algorithms.moco import MoCoState
-from moco_jax.setup import Setup, build, mesh_for
-from moco_jax.validation import ConfigError, validate_config
+The names below load their modules on first use (PEP 562), so that reading a config file or a
+command line (``moco_jax.config_defaults``, ``moco_jax.cli_errors``) does not import JAX and
+Flax: a bad command line fails in a fraction of a second.
+"""
 
-__all__ = [
-    "Algorithm",
-    "ConfigError",
-    "MoCoState",
-    "Setup",
-    "available_algorithms",
-    "build",
-    "mesh_for",
-    "register_algorithm",
-    "validate_config",
-]
+import importlib
+
+_EXPORTS = {
+    "Algorithm": "moco_jax.algorithms",
+    "available_algorithms": "moco_jax.algorithms",
+    "register_algorithm": "moco_jax.algorithms",
+    "MoCoState": "moco_jax.algorithms.moco",
+    "Setup": "moco_jax.setup",
+    "build": "moco_jax.setup",
+    "mesh_for": "moco_jax.setup",
+    "ConfigError": "moco_jax.config_checks",
+    "validate_config": "moco_jax.validation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moco_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -27,8 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from moco_jax.config_checks import ConfigError
 from moco_jax.data.tfds_source import DatasetError
-from moco_jax.validation import ConfigError
 
 EXPECTED_ERRORS = (ConfigError, DatasetError, OSError)
 EXIT_USAGE = 2
