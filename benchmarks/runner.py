@@ -22,6 +22,7 @@ from benchmarks.loss_check import loss_curves
 from benchmarks.presets import STEPS_PER_EPOCH, Options, resolve_config
 from benchmarks.timing import Phases, device_peak_bytes, summarize, timed_loop
 from moco_jax.models import build_encoder
+from moco_jax.models.encoder import build_predictor
 
 SCHEMA_VERSION = 1
 
@@ -88,7 +89,7 @@ def _flops_report(setup, state, cost, peak, peak_source) -> dict[str, Any]:
     per_device = jax.ShapeDtypeStruct((per_device_batch, *setup.image_shape), jnp.float32)
     variables = setup.algorithm.encoder_variables(state)
     forward = forward_matmul_flops(flop_model, variables, per_device)
-    dim, queue = config.model.dim, config.moco.queue_size
+    model_flops = _model_flops(setup, state, forward / per_device_batch, per_device)
     xla_flops = cost["flops"]
     return {
         "xla_flops_per_step_per_device": xla_flops,
@@ -97,11 +98,32 @@ def _flops_report(setup, state, cost, peak, peak_source) -> dict[str, Any]:
         ),
         "xla_bytes_accessed_per_step_per_device": cost["bytes_accessed"],
         "encoder_forward_flops_per_image": forward / per_device_batch,
-        "model_flops_per_image": 4 * forward / per_device_batch + 4 * dim * (queue + 1),
+        "model_flops_per_image": model_flops,
         "peak_flops_per_device": peak,
         "peak_flops_dtype": "bfloat16 dense" if peak else None,
         "peak_flops_source": peak_source,
     }
+
+
+def _model_flops(setup, state, encoder_forward: float, per_device: jax.ShapeDtypeStruct) -> float:
+    """Matmul FLOPs per image of one step, forward and backward (backward = 2x forward).
+
+    v1/v2: the query encoder forward and backward (3x), the key encoder forward (1x), and the
+    logits against the positive and the queue (forward and the gradient to q). v3: per view, the
+    base encoder (3x) and predictor (3x) and the momentum encoder (1x), and the logits against
+    the global batch of keys.
+    """
+    config = setup.config
+    dim = config.model.dim
+    if config.get("algorithm", "moco") != "moco_v3":
+        return 4 * encoder_forward + 4 * dim * (config.moco.queue_size + 1)
+    predictor = build_predictor(config.model, None)
+    variables = {"params": state.params["predictor"]}
+    if state.batch_stats.get("predictor"):
+        variables["batch_stats"] = state.batch_stats["predictor"]
+    embeddings = jax.ShapeDtypeStruct((per_device.shape[0], dim), jnp.float32)
+    predictor_forward = forward_matmul_flops(predictor, variables, embeddings) / per_device.shape[0]
+    return 2 * (4 * encoder_forward + 3 * predictor_forward + 4 * dim * config.batch_size)
 
 
 def _torch_first(config, options, per_device_batch, run, phases) -> tuple[Any, Any]:
