@@ -196,7 +196,10 @@ def test_official_v3_checkpoint_loads_with_the_same_features(vit_run, apply, tmp
 # --- Export of v3 workdirs and re-import. ---
 
 
-def _official_layout(checkpoint, saved, arch):
+def _official_layout(path, saved, arch, official_model):
+    """The moco-v3 checkpoint at ``path``: its layout, names and shapes those of
+    ``official_model()``'s state dict, its arrays those of the saved run; returns them."""
+    checkpoint = torch.load(path, weights_only=True)
     assert set(checkpoint) == {"epoch", "arch", "state_dict"}
     assert checkpoint["arch"] == arch and checkpoint["epoch"] == 1  # 6 steps at 4 per epoch
     arrays = {k: v.numpy() for k, v in checkpoint["state_dict"].items()}
@@ -206,15 +209,15 @@ def _official_layout(checkpoint, saved, arch):
     _assert_equal(converted["momentum_encoder"], momentum)
     predictor = {k: getattr(saved, k)["predictor"] for k in ("params", "batch_stats")}
     _assert_equal(converted["predictor"], predictor)
+    with torch.device("meta"):
+        expected = official_state_dict(official_model())
+    assert list(arrays) == list(expected) and _shapes(arrays) == _shapes(expected)
     return arrays
 
 
 def test_vit_moco_and_deit_exports_have_the_official_layouts(vit_run):
     _, _, saved, files = vit_run
-    arrays = _official_layout(torch.load(files["moco"], weights_only=True), saved, "vit_test")
-    with torch.device("meta"):
-        expected = official_state_dict(official_vit())
-    assert list(arrays) == list(expected) and _shapes(arrays) == _shapes(expected)
+    arrays = _official_layout(files["moco"], saved, "vit_test", official_vit)
     # convert_to_deit.py's rule: the base encoder without its head, under 'model'.
     deit = torch.load(files["deit"], weights_only=True)
     prefix = "module.base_encoder."
@@ -227,10 +230,7 @@ def test_vit_moco_and_deit_exports_have_the_official_layouts(vit_run):
 
 def test_resnet_moco_export_has_the_official_layout(resnet_run):
     _, _, saved, files = resnet_run
-    arrays = _official_layout(torch.load(files["moco"], weights_only=True), saved, "resnet18")
-    with torch.device("meta"):
-        expected = official_state_dict(official_resnet())
-    assert list(arrays) == list(expected) and _shapes(arrays) == _shapes(expected)
+    arrays = _official_layout(files["moco"], saved, "resnet18", official_resnet)
     # main_lincls.py's rule: base_encoder without fc is the torchvision export.
     lincls = {k for k in arrays if k.startswith("module.base_encoder.") and ".fc." not in k}
     torchvision = torch.load(files["torchvision"], weights_only=True)
