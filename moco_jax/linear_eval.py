@@ -20,6 +20,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import PartitionSpec as P
 
+from moco_jax import torch_architecture, torch_formats
 from moco_jax.algorithms.linear import classify
 from moco_jax.data.resident import ResidentViews, make_eval_transform
 from moco_jax.knn import largest_divisor_at_most, make_feature_fn
@@ -29,16 +30,17 @@ from moco_jax.monitor import collect
 from moco_jax.run_setup import Run, setup_run
 from moco_jax.saved_run import load_run_config
 from moco_jax.setup import Setup
+from moco_jax.torch_bridge import WeightBridgeError
 from moco_jax.validation import ConfigError
 
-# Architecture fields a pretraining workdir's config.json decides for the linear run.
+# Architecture fields a pretraining workdir's config.json (or a torch file) decides for the run.
 ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "cifar_stem")
 TEST_CURVES = [("test_top1", "test top-1"), ("test_top5", "test top-5")]
 
 
 def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     """``config`` with ``linear.pretrained`` (from ``pretrained`` if given) as its ``init_from``,
-    and, for a pretraining workdir, that run's backbone architecture (logged)."""
+    and the backbone architecture (logged) of a pretraining workdir's run or of a PyTorch file."""
     config = config.copy_and_resolve_references()
     if pretrained is not None:
         config.linear.pretrained = pretrained
@@ -50,12 +52,30 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
         raise ConfigError(f"linear.pretrained: {source} does not exist")
     saved = _workdir_config(epath.Path(source))
     if saved is not None:
-        for field in ARCHITECTURE_FIELDS:
-            value = saved.get("model", {}).get(field)
-            if value is not None and value != config.model[field]:
-                logging.info("model.%s = %r, as the pretrained run's", field, value)
-                config.model[field] = value
+        fields, whose = saved.get("model", {}), "the pretrained run's"
+    else:
+        fields, whose = _file_backbone(epath.Path(source), config.model.backbone), "the file's"
+    for field in ARCHITECTURE_FIELDS:
+        value = fields.get(field)
+        if value is not None and value != config.model[field]:
+            logging.info("model.%s = %r, as %s", field, value, whose)
+            config.model[field] = value
     return config
+
+
+def _file_backbone(path: epath.Path, backbone: str) -> dict[str, Any]:
+    """The architecture fields of the backbone in the PyTorch/detectron2 file ``path``
+    (``torch_architecture``); empty when it is not such a file or holds no backbone we know:
+    loading it then names the problem, with the setting and the file."""
+    if not path.is_file():
+        return {}
+    try:
+        state_dict, _ = torch_formats.read_state_dict(path)
+    except WeightBridgeError:
+        return {}
+    prefix = torch_formats.encoder_prefix(state_dict)
+    named = {k[len(prefix) :]: v for k, v in state_dict.items() if str(k).startswith(prefix)}
+    return torch_architecture.backbone_fields(named, backbone)
 
 
 def _workdir_config(path: epath.Path) -> Any | None:
