@@ -114,6 +114,7 @@ def step_table(reports: list[dict]) -> list[str]:
     for r in reports:
         s = by_name(r)["train_step"]
         bound = s.get("bound_images_per_sec_per_chip")
+        refused = "compile_error" in s  # the compiler's out-of-memory: its total, nothing else
         rows.append(
             [
                 r["config"],
@@ -122,13 +123,13 @@ def step_table(reports: list[dict]) -> list[str]:
                 str(r["chips"]),
                 str(r["hosts"]),
                 str(r["global_batch"]),
-                gib(s["argument_bytes"]),
-                gib(s["temp_bytes"]),
+                "-" if refused else gib(s["argument_bytes"]),
+                "-" if refused else gib(s["temp_bytes"]),
                 f"{gib(s['bytes_per_chip'])} / {s['hbm_bytes_per_chip'] // GIB}"
                 + ("" if s["fits"] else " ✗"),
                 largest_batch(r),
-                *[mib_sent(s, k) for k in (*KINDS, *others)],
-                f"{s['flops_per_chip'] / 1e9:.0f}",
+                *["-" if refused else mib_sent(s, k) for k in (*KINDS, *others)],
+                "-" if refused else f"{s['flops_per_chip'] / 1e9:.0f}",
                 "-" if bound is None else f"≤ {bound:.0f}",
             ]
         )
@@ -140,9 +141,9 @@ def scaling_table(reports: list[dict]) -> list[str]:
     collective bytes on 16 and 256 chips, as a fraction of their 8-chip value (1/n: 0.5, 0.031)."""
     lines = []
     for (config, dtype), slices in groups(reports).items():
-        if BASE not in slices:
-            continue
         present = [t for t in SCALED if t in slices]
+        if BASE not in slices or not present:
+            continue
         base = by_name(slices[BASE])
         sent = ("collective bytes sent", "collective_bytes_sent_per_chip")
         metrics = [

@@ -94,13 +94,8 @@ def test_hosts_read_their_share(monkeypatch):
     assert step.alongside["test images"] == 16 * 28 * 28  # 62 a host: 16 a device, padded
 
 
-def test_not_fitting_is_one_line_with_the_largest_batch(report, tmp_path, monkeypatch, capsys):
-    """A chip with less HBM than the step needs at 8 images (the tiny step's bytes, minus one):
-    exit 2 and one line naming the function, the shortfall and the largest per-chip batch that
-    fits (4, found by compiling); the JSON report is written first."""
-    needs = report["functions"][0]["bytes_per_chip"]
-    monkeypatch.setattr(topology, "HBM_PER_CHIP", (("TPU v5 lite", needs - 1),))
-    # Only the step this time (the fixture compiled the rest): the same failure path, faster.
+def _step_only(monkeypatch):
+    """compile_for compiles the training step only."""
     every = compile_for.run_targets
 
     def step_only(*args):
@@ -108,6 +103,15 @@ def test_not_fitting_is_one_line_with_the_largest_batch(report, tmp_path, monkey
         return setup, targets[:1]
 
     monkeypatch.setattr(compile_for, "run_targets", step_only)
+
+
+def test_not_fitting_is_one_line_with_the_largest_batch(report, tmp_path, monkeypatch, capsys):
+    """A chip with less HBM than the step needs at 8 images (the tiny step's bytes, minus one):
+    exit 2 and one line naming the function, the shortfall and the largest per-chip batch that
+    fits (4, found by compiling); the JSON report is written first."""
+    needs = report["functions"][0]["bytes_per_chip"]
+    monkeypatch.setattr(topology, "HBM_PER_CHIP", (("TPU v5 lite", needs - 1),))
+    _step_only(monkeypatch)  # the fixture compiled the rest: the same failure path, faster
     path = tmp_path / "report.json"
     with pytest.raises(SystemExit) as stop:
         cli_errors.run_with_clear_errors(compile_for.main, tiny_config(), "v5e:2x2", str(path))
@@ -120,6 +124,24 @@ def test_not_fitting_is_one_line_with_the_largest_batch(report, tmp_path, monkey
     assert saved["functions"][0]["fits"] is False
     assert saved["training_step_batch"]["largest_per_chip_batch"] == 4
     assert saved["training_step_batch"]["bytes_per_chip_by_batch"]["4"] < needs
+
+
+def test_a_moco_v3_step_compiles_with_gathered_keys_and_no_shuffle(tmp_path, monkeypatch):
+    """MoCo v3 for a slice (the step only, as above): no Shuffle-BN all-to-all; the keys
+    all-gathered, sync BN's statistics and the gradients all-reduced. (The TPU compiler turns
+    some of these tiny all-reduces into all-gathers: 6 all-gathers here, where ViT-S's step at
+    512 images per chip has exactly the 2 of k1 and k2, docs/pod_readiness.md.)"""
+    _step_only(monkeypatch)
+    v3 = {"algorithm": "moco_v3", "model.head": "v3_resnet", "model.bn_mode": "sync"}
+    v3 |= {"model.mlp_dim": 16, "optim.name": "lars", "moco.momentum_cosine": True}
+    path = tmp_path / "report.json"
+    compile_for.main(tiny_config(**v3), "v5e:2x2", str(path))
+    (step,) = json.loads(path.read_text())["functions"]
+    assert step["name"] == "train_step" and step["fits"] is True
+    assert step["collectives"]["all-gather"]["count"] >= 2  # k1 and k2 of every chip
+    assert step["collectives"]["all-reduce"]["count"] >= 1  # sync BN, gradients
+    assert "all-to-all" not in step["collectives"]
+    assert step["flops_per_chip"] > 0
 
 
 @pytest.mark.parametrize(
