@@ -181,10 +181,11 @@ def render(reports: list[dict]) -> str:
         "divided by the time the compiler's FLOPs would take at the chip's dense bf16 peak "
         "(100% MFU).",
         "",
-        f"### From 8 chips ({BASE}) to 16 and 256",
-        "",
     ]
-    return "\n".join(lines + scaling_table(reports)).rstrip() + "\n"
+    scaling = scaling_table(reports)
+    if scaling:
+        lines += [f"### From 8 chips ({BASE}) to 16 and 256", "", *scaling]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> None:
