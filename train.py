@@ -15,12 +15,7 @@ from moco_jax import cli_errors
 FLAGS = flags.FLAGS
 cli_errors.define_config_file("config", "Config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    ["auto", "on", "off"],
-    "Call jax.distributed.initialize(): 'auto' does when a cluster environment is detected.",
-)
+cli_errors.define_distributed_flag()
 
 flags.DEFINE_string(
     "compile_for",
@@ -37,13 +32,6 @@ flags.DEFINE_bool(
     "--compile_for: also find the largest per-chip batch whose training step fits (compiles more).",
 )
 
-CLUSTER_ENV_VARS = (
-    "JAX_COORDINATOR_ADDRESS",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_SIZE",
-    "TPU_WORKER_HOSTNAMES",
-)
-
 
 def main(argv):
     del argv
@@ -52,7 +40,7 @@ def main(argv):
         return compile_only()
     import jax
 
-    cli_errors.initialize_distributed(FLAGS.distributed, CLUSTER_ENV_VARS)
+    cli_errors.initialize_distributed(FLAGS.distributed)
     logging.info(
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )

@@ -257,12 +257,31 @@ def flags_parser(
 
 
 # What jax.distributed.initialize() cannot detect on a cluster without SLURM, Open MPI, Cloud
+# Set in a cluster's processes: ``--distributed=auto`` initialises jax.distributed when one is.
+CLUSTER_ENV_VARS = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+)
+
+
+def define_distributed_flag() -> None:
+    """``--distributed`` (auto/on/off), for every command that runs on all hosts of a pod."""
+    flags.DEFINE_enum(
+        "distributed",
+        "auto",
+        ["auto", "on", "off"],
+        "Call jax.distributed.initialize(): 'auto' does when a cluster environment is detected.",
+    )
+
+
 # TPU or Kubernetes: the process count and this process's id (jax reads the coordinator's
 # address itself from JAX_COORDINATOR_ADDRESS).
 PROCESS_ENV_VARS = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 
 
-def initialize_distributed(mode: str, cluster_env_vars: Sequence[str]) -> None:
+def initialize_distributed(mode: str, cluster_env_vars: Sequence[str] = CLUSTER_ENV_VARS) -> None:
     """``jax.distributed.initialize()`` if ``mode`` is ``on``, or ``auto`` and one of
     ``cluster_env_vars`` is set, with ``num_processes`` and ``process_id`` from
     ``PROCESS_ENV_VARS`` where they are set. jax finds no cluster at once (it raises before

@@ -9,7 +9,8 @@ from pretraining is visible. The result is printed and written to ``DIR/knn_eval
 --workdir OUT``: the paper's linear classification protocol on frozen features (or fine-tuning,
 ``--config.linear.train_backbone=True``), from a pretraining workdir or a ``.pth`` file ``P``;
 ``OUT/summary.json`` holds ``test_top1`` and ``test_top5`` (see ``moco_jax.linear_eval``).
-Rerunning the same command resumes.
+Rerunning the same command resumes. On a pod every host runs the same command, as ``train.py``
+(``--distributed``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 from absl import app, flags
 from etils import epath
 
-from moco_jax.cli_errors import define_config_file
+from moco_jax.cli_errors import define_config_file, define_distributed_flag
 from moco_jax.saved_run import load_run_config, saved_steps
 
 FLAGS = flags.FLAGS
@@ -32,6 +33,7 @@ def define_flags() -> None:
         "workdir", None, "knn: a pretraining run's workdir; linear: the evaluation's own workdir."
     )
     define_config_file("config", "linear: a linear-evaluation config (configs/linear_*.py).")
+    define_distributed_flag()  # every host of a pod runs the same command, as train.py
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.DEFINE_string("data_dir", None, "Override dataset.data_dir of the saved config.")
     flags.DEFINE_string(
@@ -77,12 +79,20 @@ def _check_saved(workdir: epath.Path, step: int | None, steps: list[int]) -> Non
 
 
 def main(argv):
-    from moco_jax.cli_errors import fail, quiet_library_logs, run_with_clear_errors
+    from moco_jax.cli_errors import (
+        fail,
+        initialize_distributed,
+        quiet_library_logs,
+        run_with_clear_errors,
+    )
 
     quiet_library_logs()
+    if argv[1] == "linear" and FLAGS.config is None:
+        fail("linear needs --config (e.g. configs/linear_fashion_mnist.py)")
+    if argv[1] == "knn" and (FLAGS.config is not None or FLAGS.pretrained is not None):
+        fail("knn evaluates a pretraining workdir: --config and --pretrained are for linear")
+    initialize_distributed(FLAGS.distributed)
     if argv[1] == "linear":
-        if FLAGS.config is None:
-            fail("linear needs --config (e.g. configs/linear_fashion_mnist.py)")
         from moco_jax.linear_eval import evaluate_linear
 
         summary = run_with_clear_errors(
@@ -97,8 +107,6 @@ def main(argv):
         if "backbone_unchanged" in summary:
             print(f"backbone bit-for-bit the pretrained one: {summary['backbone_unchanged']}")
         return
-    if FLAGS.config is not None or FLAGS.pretrained is not None:
-        fail("knn evaluates a pretraining workdir: --config and --pretrained are for linear")
     result = run_with_clear_errors(evaluate_knn, FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
     print(f"step {result['step']}:")
     print(f"  kNN top-1, head features      {result['knn_head']:6.2f}%")

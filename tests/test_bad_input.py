@@ -154,6 +154,12 @@ ROWS = [
         "no checkpoints, no data",
     ),
     (
+        "evaluate-distributed-without-cluster",
+        [*EVALUATE, "linear", *LINEAR, "--workdir", "{w}", "--distributed=on"],
+        "error: --distributed=on but no cluster was found",
+        "no workdir",
+    ),
+    (
         "evaluate-no-workdir",
         [*EVALUATE, "knn", "--workdir", "{w}"],
         "error: workdir {w} does not exist",
