@@ -18,16 +18,16 @@ from etils import epath
 from moco_jax.algorithms import available_algorithms
 from moco_jax.config_checks import (  # noqa: F401 - ConfigError is this module's API too
     ConfigError,
-    _flag,
-    _int_at_least,
-    _is_bool,
-    _is_int,
-    _is_number,
-    _number,
-    _numbers,
-    _probability,
-    _range_pair,
-    _require,
+    are_numbers,
+    check_flag,
+    check_int_at_least,
+    check_number,
+    check_probability,
+    check_range_pair,
+    is_bool,
+    is_int,
+    is_number,
+    require,
 )
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
@@ -44,80 +44,78 @@ TFDS_NAME = re.compile(r"[a-z0-9][a-z0-9_]*(/[a-z0-9_.-]+)?(:[0-9]+(\.[0-9*]+){0
 def _validate_data_fields(config: Any) -> None:
     """``seed``, ``num_devices``, ``dataset.*`` and ``augment.*``."""
     dataset, aug = config.dataset, config.augment
-    _int_at_least("seed", config.seed, 0)
-    _require(
+    check_int_at_least("seed", config.seed, 0)
+    require(
         config.seed < 2**31,
         f"seed must be < 2**31, got {config.seed} (the input pipelines derive 64-bit seeds "
         f"from it)",
     )
-    _int_at_least("num_devices", config.num_devices, 0)
-    _require(
+    check_int_at_least("num_devices", config.num_devices, 0)
+    require(
         isinstance(dataset.name, str) and TFDS_NAME.fullmatch(dataset.name) is not None,
         f"dataset.name must be a TFDS dataset name, got {dataset.name!r} (e.g. fashion_mnist, "
         f"imagenet2012 or imagenet2012:5.1.0)",
     )
-    _require(
+    require(
         dataset.data_dir is None or (isinstance(dataset.data_dir, str) and dataset.data_dir),
         f"dataset.data_dir must be a directory (or None for the TFDS default), "
         f"got {dataset.data_dir!r}",
     )
-    _flag("dataset.download", dataset.download)
-    _int_at_least("dataset.max_train_examples", dataset.max_train_examples, 0)
-    _int_at_least("dataset.max_test_examples", dataset.max_test_examples, 0)
+    check_flag("dataset.download", dataset.download)
+    check_int_at_least("dataset.max_train_examples", dataset.max_train_examples, 0)
+    check_int_at_least("dataset.max_test_examples", dataset.max_test_examples, 0)
     for name, value in [("dataset.mean", dataset.mean), ("dataset.std", dataset.std)]:
-        _require(_numbers(value), f"{name} must be a tuple of numbers, got {value!r}")
-    _require(
-        all(s > 0 for s in dataset.std), f"dataset.std must be > 0, got {tuple(dataset.std)!r}"
-    )
+        require(are_numbers(value), f"{name} must be a tuple of numbers, got {value!r}")
+    require(all(s > 0 for s in dataset.std), f"dataset.std must be > 0, got {tuple(dataset.std)!r}")
 
-    _flag("augment.crop", aug.crop)
-    _range_pair("augment.crop_scale", aug.crop_scale, 1.0, "area fraction")
-    _range_pair("augment.crop_ratio", aug.crop_ratio, None, "aspect ratio")
-    _flag("augment.flip", aug.flip)
+    check_flag("augment.crop", aug.crop)
+    check_range_pair("augment.crop_scale", aug.crop_scale, 1.0, "area fraction")
+    check_range_pair("augment.crop_ratio", aug.crop_ratio, None, "aspect ratio")
+    check_flag("augment.flip", aug.flip)
     jitter = aug.jitter
-    _require(
-        _numbers(jitter, 4) and all(v >= 0 for v in jitter) and jitter[3] <= 0.5,
+    require(
+        are_numbers(jitter, 4) and all(v >= 0 for v in jitter) and jitter[3] <= 0.5,
         "augment.jitter must be 4 strengths (brightness, contrast, saturation, hue), each >= 0 "
         f"and hue <= 0.5, got {tuple(jitter) if isinstance(jitter, list) else jitter!r}",
     )
-    _probability("augment.jitter_prob", aug.jitter_prob)
-    _probability("augment.grayscale_prob", aug.grayscale_prob)
-    _flag("augment.grayscale_before_jitter", aug.grayscale_before_jitter)
+    check_probability("augment.jitter_prob", aug.jitter_prob)
+    check_probability("augment.grayscale_prob", aug.grayscale_prob)
+    check_flag("augment.grayscale_before_jitter", aug.grayscale_before_jitter)
     for name, value in [
         ("augment.blur_prob", aug.blur_prob),
         ("augment.solarize_prob", aug.solarize_prob),
     ]:
-        _require(
-            _numbers(value, 2) and all(0.0 <= v <= 1.0 for v in value),
+        require(
+            are_numbers(value, 2) and all(0.0 <= v <= 1.0 for v in value),
             f"{name} must be two probabilities in [0, 1] (query view, key view), got {value!r}",
         )
-    _range_pair("augment.blur_sigma", aug.blur_sigma, None, "Gaussian sigma")
+    check_range_pair("augment.blur_sigma", aug.blur_sigma, None, "Gaussian sigma")
 
 
 def _validate_run_fields(config: Any) -> None:
     """``optim.lr_milestones``, ``knn.*``, ``checkpoint.*``, ``log_every_steps``, ``init_from``."""
     milestones = config.optim.lr_milestones
-    _require(
+    require(
         isinstance(milestones, (tuple, list))
-        and all(_is_int(m) and m >= 1 for m in milestones)
+        and all(is_int(m) and m >= 1 for m in milestones)
         and list(milestones) == sorted(set(milestones)),
         f"optim.lr_milestones must be increasing epochs >= 1, got {milestones!r}",
     )
     knn = config.knn
-    _int_at_least("knn.every_epochs", knn.every_epochs, 1)
-    _int_at_least("knn.k", knn.k, 1)
-    _number("knn.temperature", knn.temperature, ">")
+    check_int_at_least("knn.every_epochs", knn.every_epochs, 1)
+    check_int_at_least("knn.k", knn.k, 1)
+    check_number("knn.temperature", knn.temperature, ">")
     checkpoint = config.checkpoint
-    _int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
-    _int_at_least("checkpoint.keep", checkpoint.keep, 1)
-    _int_at_least("checkpoint.keep_every_steps", checkpoint.get("keep_every_steps", 0), 0)
-    _int_at_least("log_every_steps", config.log_every_steps, 1)
+    check_int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
+    check_int_at_least("checkpoint.keep", checkpoint.keep, 1)
+    check_int_at_least("checkpoint.keep_every_steps", checkpoint.get("keep_every_steps", 0), 0)
+    check_int_at_least("log_every_steps", config.log_every_steps, 1)
     init_from = config.get("init_from")
-    _require(
+    require(
         init_from is None or (isinstance(init_from, str) and init_from.strip() != ""),
         f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
     )
-    _require(
+    require(
         init_from is None
         or not epath.Path(init_from).is_file()
         or init_from.endswith(WEIGHT_FILE_SUFFIXES),
@@ -145,8 +143,8 @@ def validate_run_config(config: Any, visible_devices: int) -> None:
 
 
 def _validate_devices(config: Any, visible_devices: int) -> None:
-    _int_at_least("num_devices", config.num_devices, 0)
-    _require(
+    check_int_at_least("num_devices", config.num_devices, 0)
+    require(
         config.num_devices <= visible_devices,
         f"num_devices is {config.num_devices} but only {visible_devices} device(s) are visible "
         f"(0 uses all of them)",
@@ -157,8 +155,8 @@ def _validate_channels(config: Any) -> None:
     dataset = config.dataset
     channels = dataset.num_channels
     for name, value in [("dataset.mean", dataset.mean), ("dataset.std", dataset.std)]:
-        _require(
-            _numbers(value) and (not _is_int(channels) or len(value) == channels),
+        require(
+            are_numbers(value) and (not is_int(channels) or len(value) == channels),
             f"{name} must hold one number per channel (dataset.num_channels={channels!r}), "
             f"got {value!r}",
         )
@@ -174,7 +172,7 @@ def validate_config(config: Any, num_devices: int) -> None:
         ("dataset.image_size", config.dataset.image_size),
         ("dataset.num_channels", config.dataset.num_channels),
     ]:
-        _require(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        require(is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
     _validate_data_fields(config)
     _validate_model_fields(config)
     _validate_run_fields(config)
@@ -185,25 +183,25 @@ def validate_config(config: Any, num_devices: int) -> None:
 
 def _validate_linear_fields(config: Any) -> None:
     """``linear.*`` (a linear config: ``config_defaults.linear_config``)."""
-    _require("linear" in config, "algorithm 'linear' needs a linear section (linear_config())")
+    require("linear" in config, "algorithm 'linear' needs a linear section (linear_config())")
     linear = config.linear
-    _int_at_least("linear.num_classes", linear.num_classes, 2)
-    _int_at_least("linear.eval_every_epochs", linear.eval_every_epochs, 1)
-    _number("linear.init_std", linear.init_std, ">")
-    _flag("linear.cached_features", linear.cached_features)
-    _flag("linear.train_backbone", linear.train_backbone)
-    _number("linear.backbone_lr", linear.backbone_lr, ">=")
+    check_int_at_least("linear.num_classes", linear.num_classes, 2)
+    check_int_at_least("linear.eval_every_epochs", linear.eval_every_epochs, 1)
+    check_number("linear.init_std", linear.init_std, ">")
+    check_flag("linear.cached_features", linear.cached_features)
+    check_flag("linear.train_backbone", linear.train_backbone)
+    check_number("linear.backbone_lr", linear.backbone_lr, ">=")
     if linear.train_backbone:
-        _require(
+        require(
             not linear.cached_features,
             "linear.cached_features and linear.train_backbone exclude each other: fine-tuning "
             "changes the features",
         )
-        _require(
+        require(
             linear.backbone_lr > 0,
             "linear.train_backbone needs linear.backbone_lr > 0 (the backbone's lr per 256)",
         )
-        _require(
+        require(
             config.model.bn_mode != "shuffle",
             "fine-tuning has no keys to shuffle: set model.bn_mode to 'sync' or 'local'",
         )
@@ -212,42 +210,42 @@ def _validate_linear_fields(config: Any) -> None:
 def _validate_model_fields(config: Any) -> None:
     """``algorithm``, ``model.*``, ``moco.*`` and ``optim.*`` (but the milestones)."""
     m, moco, optim = config.model, config.moco, config.optim
-    _require(
+    require(
         config.get("algorithm", "moco") in available_algorithms(),
         f"algorithm must be one of {available_algorithms()}, got {config.get('algorithm')!r}",
     )
-    _flag("model.cifar_stem", m.cifar_stem)
-    _require(
-        _is_int(m.bn_group_size) and m.bn_group_size >= 0,
+    check_flag("model.cifar_stem", m.cifar_stem)
+    require(
+        is_int(m.bn_group_size) and m.bn_group_size >= 0,
         f"model.bn_group_size must be an integer >= 0, got {m.bn_group_size!r}",
     )
-    _require(
+    require(
         m.backbone in available_backbones(),
         f"model.backbone: unknown backbone {m.backbone!r}; available: "
         + ", ".join(available_backbones()),
     )
-    _require(m.head in HEAD_NAMES, f"model.head must be one of {list(HEAD_NAMES)}, got {m.head!r}")
-    _require(m.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
-    _require(
+    require(m.head in HEAD_NAMES, f"model.head must be one of {list(HEAD_NAMES)}, got {m.head!r}")
+    require(m.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+    require(
         m.bn_mode in BN_MODES, f"model.bn_mode must be one of {list(BN_MODES)}, got {m.bn_mode!r}"
     )
-    _require(
-        _is_number(m.width_multiplier) and round(64 * m.width_multiplier) >= 1,
+    require(
+        is_number(m.width_multiplier) and round(64 * m.width_multiplier) >= 1,
         f"model.width_multiplier must give at least one channel (64 x it >= 1), "
         f"got {m.width_multiplier!r}",
     )
-    _number("moco.temperature", moco.temperature, ">")
-    _require(
-        _is_number(moco.momentum) and 0.0 <= moco.momentum <= 1.0,
+    check_number("moco.temperature", moco.temperature, ">")
+    require(
+        is_number(moco.momentum) and 0.0 <= moco.momentum <= 1.0,
         f"moco.momentum must be in [0, 1], got {moco.momentum!r}",
     )
-    _number("optim.base_lr", optim.base_lr, ">")
-    _number("optim.weight_decay", optim.weight_decay, ">=")
-    _require(
-        _is_number(optim.momentum) and 0.0 <= optim.momentum < 1.0,
+    check_number("optim.base_lr", optim.base_lr, ">")
+    check_number("optim.weight_decay", optim.weight_decay, ">=")
+    require(
+        is_number(optim.momentum) and 0.0 <= optim.momentum < 1.0,
         f"optim.momentum must be in [0, 1), got {optim.momentum!r}",
     )
-    _require(
+    require(
         optim.schedule in SCHEDULES,
         f"optim.schedule must be one of {list(SCHEDULES)}, got {optim.schedule!r}",
     )
@@ -261,49 +259,49 @@ def _validate_v3_fields(config: Any) -> None:
     m, moco, optim = config.model, config.moco, config.optim
     algorithm = config.get("algorithm", "moco")
     name, warmup = optim.get("name", "sgd"), optim.get("warmup_epochs", 0)
-    _require(name in OPTIMIZERS, f"optim.name must be one of {list(OPTIMIZERS)}, got {name!r}")
+    require(name in OPTIMIZERS, f"optim.name must be one of {list(OPTIMIZERS)}, got {name!r}")
     betas = optim.get("betas", (0.9, 0.999))
-    _require(
-        _numbers(betas, 2) and all(0.0 <= b < 1.0 for b in betas),
+    require(
+        are_numbers(betas, 2) and all(0.0 <= b < 1.0 for b in betas),
         f"optim.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas!r}",
     )
-    _int_at_least("optim.warmup_epochs", warmup, 0)
+    check_int_at_least("optim.warmup_epochs", warmup, 0)
     if optim.schedule == "warmup_cosine":
-        _require(
+        require(
             warmup < config.epochs,
             f"optim.warmup_epochs ({warmup}) must be < epochs ({config.epochs}): the cosine "
             f"follows the warm-up",
         )
     momentum_cosine = moco.get("momentum_cosine", False)
-    _flag("moco.momentum_cosine", momentum_cosine)
+    check_flag("moco.momentum_cosine", momentum_cosine)
     mlp_dim = m.get("mlp_dim", 4096)
-    _require(
-        _is_int(mlp_dim) and mlp_dim >= 1,
+    require(
+        is_int(mlp_dim) and mlp_dim >= 1,
         f"model.mlp_dim must be a positive integer, got {mlp_dim!r}",
     )
-    _flag("model.zero_init_residual", m.get("zero_init_residual", False))
-    _flag("model.stop_grad_conv1", m.get("stop_grad_conv1", False))
+    check_flag("model.zero_init_residual", m.get("zero_init_residual", False))
+    check_flag("model.stop_grad_conv1", m.get("stop_grad_conv1", False))
     if algorithm == "moco_v3":
-        _require(
+        require(
             m.head in V3_HEADS,
             f"algorithm 'moco_v3' needs a v3 projector: model.head must be one of "
             f"{list(V3_HEADS)}, got {m.head!r}",
         )
-        _require(
+        require(
             m.bn_mode != "shuffle",
             "algorithm 'moco_v3' has no Shuffle-BN: set model.bn_mode to 'sync' (the official "
             "SyncBN) or 'local'",
         )
         return
-    _require(
+    require(
         name == "sgd",
         f"optim.name {name!r} is MoCo v3's: algorithm {algorithm!r} trains with 'sgd'",
     )
-    _require(
+    require(
         not momentum_cosine,
         f"moco.momentum_cosine is MoCo v3's: algorithm {algorithm!r} keeps moco.momentum",
     )
-    _require(
+    require(
         m.head not in V3_HEADS,
         f"model.head {m.head!r} is MoCo v3's projector: algorithm {algorithm!r} takes "
         f"{[h for h in HEAD_NAMES if h not in V3_HEADS]}",
@@ -313,53 +311,53 @@ def _validate_v3_fields(config: Any) -> None:
 def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
     """Rules that tie fields together, and the devices to the batch."""
     ordered = config.get("ordered_reductions", False)
-    _flag("ordered_reductions", ordered)
-    _require(
+    check_flag("ordered_reductions", ordered)
+    require(
         not ordered or (config.algorithm == "moco" and config.model.bn_mode != "sync"),
         f"ordered_reductions is for MoCo v1/v2 (algorithm 'moco') with bn_mode 'shuffle' or "
         f"'local', got algorithm {config.algorithm!r} with bn_mode {config.model.bn_mode!r} "
         f"(synchronised BN and the other steps all-reduce inside the model)",
     )
     m, moco = config.model, config.moco
-    _require(num_devices >= 1, f"need at least one device, got {num_devices}")
-    _require(
+    require(num_devices >= 1, f"need at least one device, got {num_devices}")
+    require(
         config.batch_size % num_devices == 0,
         f"batch_size {config.batch_size} is not divisible by the {num_devices} devices",
     )
     symmetric = moco.get("symmetric", False)
     enqueued = config.batch_size * (2 if symmetric else 1)
-    _require(
+    require(
         config.get("algorithm", "moco") == "moco_v3" or moco.queue_size >= enqueued,
         f"moco.queue_size (K={moco.queue_size}) must be >= the {enqueued} keys each step "
         f"enqueues ({'both views of ' if symmetric else ''}the global batch_size)",
     )
     per_device = config.batch_size // num_devices
     if m.bn_mode == "shuffle":
-        _require(
+        require(
             per_device % num_devices == 0,
             f"bn_mode 'shuffle' sends 1/{num_devices} of each device's batch to every device: "
             f"the per-device batch ({per_device}) must be divisible by {num_devices}",
         )
     if m.bn_mode == "sync":
-        _require(
+        require(
             m.bn_group_size == 0,
             "model.bn_group_size must be 0 with bn_mode 'sync' (statistics span the global batch)",
         )
     if m.bn_group_size:
-        _require(
+        require(
             per_device % m.bn_group_size == 0,
             f"model.bn_group_size {m.bn_group_size} does not divide the per-device batch "
             f"{per_device} (batch_size {config.batch_size} / {num_devices} devices)",
         )
     if m.backbone.startswith("resnet") and not m.cifar_stem:
-        _require(
+        require(
             config.dataset.image_size >= 32,
             f"dataset.image_size {config.dataset.image_size} is too small for the ImageNet stem "
             f"(it downsamples 32x); set model.cifar_stem=True for small images",
         )
     max_train = config.dataset.max_train_examples
     if max_train:
-        _require(
+        require(
             config.knn.k <= max_train,
             f"knn.k ({config.knn.k}) must be <= dataset.max_train_examples ({max_train}): "
             f"the kNN memory bank is the training set",
