@@ -158,17 +158,21 @@ def scaling_table(reports: list[dict]) -> list[str]:
         ]
         rows = []
         for label, name, key in metrics:
-            ref, *values = (_value(by_name(slices[t])[name], key) for t in (BASE, *present))
-            cells = [f"{ref / MIB:.1f}"] + [
-                f"{v / MIB:.1f} [{v / ref:.3f}]" if ref else f"{v / MIB:.1f}" for v in values
+            ref, *values = (_value(by_name(slices[t]).get(name), key) for t in (BASE, *present))
+            cells = ["-" if ref is None else f"{ref / MIB:.1f}"] + [
+                "-" if v is None else f"{v / MIB:.1f} [{v / ref:.3f}]" if ref else f"{v / MIB:.1f}"
+                for v in values
             ]
             rows.append([label, *cells])
         lines += [f"#### {config}, {dtype}", "", *table(header, rows), ""]
     return lines
 
 
-def _value(f: dict, key: str | None) -> float:
-    """``f[key]``, or (None) the function's own bytes: the total less what is held beside it."""
+def _value(f: dict | None, key: str | None) -> float | None:
+    """``f[key]``, or (None) the function's own bytes: the total less what is held beside it;
+    None for a function the compiler refused (or that is missing): its figures are not known."""
+    if f is None or "compile_error" in f:
+        return None
     return f[key] if key else f["bytes_per_chip"] - f["alongside_bytes"]
 
 

@@ -256,7 +256,6 @@ def flags_parser(
     return parse
 
 
-# What jax.distributed.initialize() cannot detect on a cluster without SLURM, Open MPI, Cloud
 # Set in a cluster's processes: ``--distributed=auto`` initialises jax.distributed when one is.
 CLUSTER_ENV_VARS = (
     "JAX_COORDINATOR_ADDRESS",
@@ -276,6 +275,7 @@ def define_distributed_flag() -> None:
     )
 
 
+# What jax.distributed.initialize() cannot detect on a cluster without SLURM, Open MPI, Cloud
 # TPU or Kubernetes: the process count and this process's id (jax reads the coordinator's
 # address itself from JAX_COORDINATOR_ADDRESS).
 PROCESS_ENV_VARS = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}

@@ -48,13 +48,14 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     if source is None:
         logging.warning("linear.pretrained is not set: evaluating the random-init encoder")
         return config
-    if not epath.Path(source).exists():
+    path = epath.Path(source)
+    if not path.exists():
         raise ConfigError(f"linear.pretrained: {source} does not exist")
-    saved = _workdir_config(epath.Path(source))
+    saved = _workdir_config(path) if path.is_dir() else None  # a file in a workdir: its own
     if saved is not None:
         fields, whose = saved.get("model", {}), "the pretrained run's"
     else:
-        fields, whose = _file_backbone(epath.Path(source), config.model.backbone), "the file's"
+        fields, whose = _file_backbone(path, config.model.backbone), "the file's"
     for field in ARCHITECTURE_FIELDS:
         value = fields.get(field)
         if value is not None and value != config.model[field]:
@@ -74,7 +75,11 @@ def _file_backbone(path: epath.Path, backbone: str) -> dict[str, Any]:
     except WeightBridgeError:
         return {}
     prefix = torch_formats.encoder_prefix(state_dict)
-    named = {k[len(prefix) :]: v for k, v in state_dict.items() if str(k).startswith(prefix)}
+    named = {
+        k[len(prefix) :]: v
+        for k, v in state_dict.items()
+        if isinstance(k, str) and k.startswith(prefix)
+    }
     return torch_architecture.backbone_fields(named, backbone)
 
 

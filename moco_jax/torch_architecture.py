@@ -8,8 +8,9 @@ torchvision, timm or DeiT state dict) it takes it from here:
   (``conv3`` only in a bottleneck) name the depth, ``conv1``'s output channels / 64 is
   ``model.width_multiplier`` and its 3x3 kernel the CIFAR stem (7x7 otherwise);
 - a timm ViT: the patch size and the number of ``blocks`` name the registered ViT, the width
-  (``cls_token``'s last axis) over that ViT's gives ``model.width_multiplier``. The number of
-  heads is not in the weights: it is the registered ViT's.
+  (the patch projection's output channels) over that ViT's gives ``model.width_multiplier``.
+  The number of heads is not in the weights: it is the registered ViT's, which must divide the
+  width.
 
 Only the built-in backbones (``RESNET_SPECS``, ``VIT_SPECS``) are recognised; for another
 (a fork's registered backbone) the config's own fields stay and the loader names any mismatch.
@@ -49,6 +50,8 @@ def _resnet(named: Mapping[str, Any]) -> dict[str, Any]:
     stages = [_indices(named, rf"layer{stage}\.(\d+)\.") for stage in range(1, 5)]
     bottleneck = "layer1.0.conv3.weight" in named
     conv1 = np.shape(named["conv1.weight"])  # [out, in, kh, kw]
+    if len(conv1) != 4:
+        return {}
     for name, (sizes, block) in RESNET_SPECS.items():
         if list(sizes) == stages and (block.__name__ == "Bottleneck") == bottleneck:
             return {
@@ -65,7 +68,11 @@ def _vit(named: Mapping[str, Any], current: str) -> dict[str, Any]:
         return {}
     dim, patch = proj[0], proj[-1]
     depth = _indices(named, r"blocks\.(\d+)\.")
-    fits = [name for name, (p, _, d, _) in VIT_SPECS.items() if (p, d) == (patch, depth)]
+    fits = [
+        name
+        for name, (p, _, d, heads) in VIT_SPECS.items()
+        if (p, d) == (patch, depth) and dim % heads == 0  # the heads split the width
+    ]
     if not fits:
         return {}
     choices = [name for name in fits if VIT_SPECS[name][1] == dim] or fits  # width 1 first

@@ -39,6 +39,9 @@ def test_a_torchvision_resnet_is_named_with_its_width_and_stem(named, expected):
 def test_a_resnet_we_do_not_register_leaves_the_config_alone():
     assert backbone_fields(_resnet([1, 1, 1, 1], False), "resnet18") == {}
     assert backbone_fields({"features.0.weight": np.zeros((8, 3, 3, 3))}, "resnet18") == {}
+    odd = _resnet([2, 2, 2, 2], False)
+    odd["conv1.weight"] = np.float32(1)  # not a convolution kernel: for the loader to name
+    assert backbone_fields(odd, "resnet18") == {}
 
 
 def _vit(dim, depth, patch, image=32, heads=2):
@@ -56,6 +59,7 @@ def _vit(dim, depth, patch, image=32, heads=2):
         (32, 2, 4, "resnet18", ("vit_test", 0.5)),
         (192, 12, 16, "resnet50", ("vit_small", 0.5)),  # no ViT is 192 wide at patch 16
         (192, 12, 16, "vit_base", ("vit_base", 0.25)),  # ... the config's backbone wins the tie
+        (96, 12, 16, "resnet50", ("vit_small", 0.25)),  # 96 / 12 heads; vit_base's 12 as well
     ],
 )
 def test_a_timm_vit_is_named_by_patch_and_depth_and_its_width(dim, depth, patch, current, expected):
@@ -64,6 +68,12 @@ def test_a_timm_vit_is_named_by_patch_and_depth_and_its_width(dim, depth, patch,
         *expected,
         False,
     )
+
+
+def test_a_vit_whose_width_the_heads_do_not_split_is_not_named():
+    """Patch 4, depth 12 is vit_tiny's shape, but its 3 heads cannot split 256 channels."""
+    assert backbone_fields(_vit(256, 12, 4, image=8), "resnet18") == {}
+    assert backbone_fields(_vit(192, 12, 4, image=8), "resnet18")["backbone"] == "vit_tiny"
 
 
 def test_linear_evaluation_of_a_moco_v3_file_takes_its_backbone(tmp_path):
@@ -84,3 +94,17 @@ def test_linear_evaluation_of_a_moco_v3_file_takes_its_backbone(tmp_path):
     other.write_text("not weights")
     config = with_pretrained(linear_config(), str(other))
     assert config.model.backbone == linear_config().model.backbone
+    numbered = tmp_path / "numbered.pth"  # keys that are no names: for the loader to refuse
+    torch.save({0: torch.zeros(1), "conv1.weight": torch.zeros(8, 3, 7, 7)}, numbered)
+    assert with_pretrained(linear_config(), str(numbered)).model.backbone == "resnet50"
+
+
+def test_a_file_inside_a_workdir_is_read_for_its_own_backbone(tmp_path):
+    """A .pth exported into (or kept beside) a pretraining workdir: the file decides, not the
+    workdir's config.json (a workdir, its checkpoints or a step directory: the run's config)."""
+    torch = pytest.importorskip("torch")
+    ref = pytest.importorskip("torch_moco_v3")
+    (tmp_path / "config.json").write_text("{}")  # would fail as a run's config: not read
+    path = tmp_path / "vit.pth"
+    torch.save(ref.VisionTransformer(16, 4, 1, 64, 4, 2, False).state_dict(), path)
+    assert with_pretrained(linear_config(), str(path)).model.backbone == "vit_mini"
