@@ -74,13 +74,7 @@ def _file_backbone(path: epath.Path, backbone: str) -> dict[str, Any]:
         state_dict, _ = torch_formats.read_state_dict(path)
     except WeightBridgeError:
         return {}
-    prefix = torch_formats.encoder_prefix(state_dict)
-    named = {
-        k[len(prefix) :]: v
-        for k, v in state_dict.items()
-        if isinstance(k, str) and k.startswith(prefix)
-    }
-    return torch_architecture.backbone_fields(named, backbone)
+    return torch_architecture.backbone_fields(torch_formats.encoder_tensors(state_dict), backbone)
 
 
 def _workdir_config(path: epath.Path) -> Any | None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from moco_jax import vit_names
-from moco_jax.models.resnet import RESNET_SPECS
+from moco_jax.models.resnet import RESNET_SPECS, Bottleneck
 from moco_jax.models.vit import VIT_SPECS
 
 
@@ -53,7 +53,7 @@ def _resnet(named: Mapping[str, Any]) -> dict[str, Any]:
     if len(conv1) != 4:
         return {}
     for name, (sizes, block) in RESNET_SPECS.items():
-        if list(sizes) == stages and (block.__name__ == "Bottleneck") == bottleneck:
+        if list(sizes) == stages and (block is Bottleneck) == bottleneck:
             return {
                 "backbone": name,
                 "width_multiplier": conv1[0] / 64,

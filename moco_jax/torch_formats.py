@@ -184,15 +184,20 @@ def encoder_prefix(state_dict: Mapping[str, Any]) -> str:
     return ""
 
 
-def encoder_variables(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
-    """``({'params', 'batch_stats'}, {official name: tensor})`` of the encoder in
-    ``state_dict``: the query (v1/v2) or base (v3) encoder of a MoCo checkpoint, with its
-    projection head where it has one; every tensor is checked."""
+def encoder_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``{official name: tensor}`` of the encoder in ``state_dict`` (``encoder_prefix`` removed;
+    keys that are no names left out), unchecked."""
     prefix = encoder_prefix(state_dict)
-    variables = torch_encoders.torch_to_encoder(state_dict, prefix)
-    named = {
+    return {
         name[len(prefix) :]: value
         for name, value in state_dict.items()
         if isinstance(name, str) and name.startswith(prefix)
     }
-    return variables, named
+
+
+def encoder_variables(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
+    """``({'params', 'batch_stats'}, {official name: tensor})`` of the encoder in
+    ``state_dict``: the query (v1/v2) or base (v3) encoder of a MoCo checkpoint, with its
+    projection head where it has one; every tensor is checked."""
+    variables = torch_encoders.torch_to_encoder(state_dict, encoder_prefix(state_dict))
+    return variables, encoder_tensors(state_dict)
