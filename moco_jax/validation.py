@@ -2,10 +2,11 @@
 
 Every field of ``config_defaults.base_config`` is checked for its type and range, then the rules
 that tie fields together (K >= global batch, batch divisible by the devices, BN groups, image size
-vs. the ResNet stem, kNN k vs. the training subset). ``validate`` runs everything once, in order
-(the devices asked for, these rules, one normalisation mean and std per channel):
-``moco_jax.setup`` calls it before the mesh is made. Rules that need the data (channels, image
-size without cropping, dataset size) are in ``run_setup``.
+and width vs. the backbone's shape (``shape_rules``), kNN k vs. the training subset).
+``validate`` runs everything once, in order (the devices asked for, these rules, one
+normalisation mean and std per channel): ``moco_jax.setup`` calls it before the mesh is made.
+Rules that need the data (channels, image size without cropping, dataset size) are in
+``run_setup``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from moco_jax.config_checks import (  # noqa: F401 - ConfigError is this module'
 )
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
+from moco_jax.shape_rules import check_model_shapes
 
 SCHEDULES = ("cosine", "step", "constant", "warmup_cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -349,12 +351,7 @@ def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
             f"model.bn_group_size {m.bn_group_size} does not divide the per-device batch "
             f"{per_device} (batch_size {config.batch_size} / {num_devices} devices)",
         )
-    if m.backbone.startswith("resnet") and not m.cifar_stem:
-        require(
-            config.dataset.image_size >= 32,
-            f"dataset.image_size {config.dataset.image_size} is too small for the ImageNet stem "
-            f"(it downsamples 32x); set model.cifar_stem=True for small images",
-        )
+    check_model_shapes(config)  # image size vs. the ResNet's stride or the ViT's patch, ViT width
     max_train = config.dataset.max_train_examples
     if max_train:
         require(

@@ -177,6 +177,22 @@ ROWS = [
         "error: linear needs --config",
         "no workdir",
     ),
+    # Shapes the backbone cannot use (shape_rules), before anything is built.
+    (
+        "image-size-1",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.dataset.image_size=1"],
+        "error: dataset.image_size 1 is too small for resnet18 with the CIFAR stem: it "
+        "downsamples 8x, so the smallest size it accepts is 8",
+        "no workdir",
+    ),
+    (
+        "vit-patch-does-not-divide",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.model.backbone=vit_test"]
+        + ["--config.dataset.image_size=18"],
+        "error: dataset.image_size 18 is not divisible by the patch size 4 of model.backbone "
+        "vit_test",
+        "no workdir",
+    ),
     (
         "linear-pretrained-missing",
         [*EVALUATE, "linear", *LINEAR, "--workdir", "{w}", "--pretrained", "/nonexistent"],

@@ -134,6 +134,38 @@ BAD_VALUES = [
     ({"model.head": "v3_vit"}, 1, "model.head 'v3_vit' is MoCo v3's projector: algorithm 'moco'"),
     ({**V3, "model.head": "mlp"}, 1, "algorithm 'moco_v3' needs a v3 projector: model.head"),
     ({**V3, "model.bn_mode": "shuffle"}, 1, "algorithm 'moco_v3' has no Shuffle-BN"),
+    # The image and the width against the backbone's shape (shape_rules), before the model is
+    # built: a ResNet trained on 1x1 images, a ViT failed inside its initialisation.
+    (
+        {"dataset.image_size": 1},
+        1,
+        "dataset.image_size 1 is too small for resnet18 with the CIFAR stem: it downsamples 8x, "
+        "so the smallest size it accepts is 8",
+    ),
+    (
+        {"model.backbone": "vit_test", "dataset.image_size": 2},
+        1,
+        "dataset.image_size 2 is smaller than one 4x4 patch of model.backbone vit_test: the "
+        "smallest size it accepts is 4",
+    ),
+    (
+        {"model.backbone": "vit_test", "dataset.image_size": 18},
+        1,
+        r"dataset.image_size 18 is not divisible by the patch size 4 of model.backbone vit_test: "
+        r"use a multiple of 4 \(e.g. 16 or 20\)",
+    ),
+    (
+        {"model.backbone": "vit_tiny", "model.width_multiplier": 1 / 12},
+        1,
+        "model.backbone vit_tiny at model.width_multiplier 0.0833.* is 16 wide, which its 3 heads "
+        "do not split",
+    ),
+    (
+        {"model.backbone": "vit_test", "model.width_multiplier": 0.03125},
+        1,
+        "model.backbone vit_test at model.width_multiplier 0.03125 is 2 wide: the 2-D sin-cos "
+        "position embedding needs a width divisible by 4",
+    ),
 ]
 
 
@@ -235,6 +267,43 @@ def test_bad_run_config_is_refused_before_the_mesh(overrides, message, tmp_path)
         validate_run_config(tiny_config(**overrides), visible_devices=8)
     with pytest.raises(ConfigError, match=message):
         setup_run(tiny_config(**overrides), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "backbone,cifar_stem,smallest",
+    [("resnet18", True, 8), ("resnet18", False, 32), ("vit_test", True, 4)],
+)
+def test_the_smallest_image_size_a_backbone_accepts_fills_its_last_stage(
+    backbone, cifar_stem, smallest
+):
+    """At the smallest accepted size the ResNet's last stage is one cell of image (1x1) and the
+    ViT has one patch; one pixel less is refused, naming that size."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from moco_jax.models import get_backbone_factory
+
+    config = tiny_config(**{"model.backbone": backbone, "model.cifar_stem": cifar_stem})
+    config.dataset.image_size = smallest
+    validate_config(config, 1)
+    model = get_backbone_factory(backbone)(config.model, nn.BatchNorm, jnp.float32)
+    x = jnp.ones((2, smallest, smallest, 1))
+    last = "layer4_" if backbone.startswith("resnet") else "patch_embed"
+    features, state = jax.jit(
+        lambda x: model.init_with_output(
+            jax.random.key(0),
+            x,
+            train=False,
+            capture_intermediates=lambda mdl, _: (mdl.name or "").startswith(last),
+        )
+    )(x)
+    shapes = {tuple(leaf.shape) for leaf in jax.tree.leaves(state["intermediates"])}
+    cells = (1, 1) if backbone.startswith("resnet") else (1,)  # a 1x1 map; one patch token
+    assert shapes and all(shape[1:-1] == cells for shape in shapes), shapes
+    assert features.shape[0] == 2 and bool(jnp.all(jnp.isfinite(features)))
+    config.dataset.image_size = smallest - 1
+    with pytest.raises(ConfigError, match=f"the smallest size it accepts is {smallest}"):
+        validate_config(config, 1)
 
 
 def test_good_configs_pass():

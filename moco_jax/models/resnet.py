@@ -117,6 +117,12 @@ class ResNet(nn.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
+def total_stride(stage_count: int, cifar_stem: bool) -> int:
+    """How many times ``ResNet`` divides the image's side by its last stage: the stem (1; or 4,
+    the 7x7/2 conv and the 3x3/2 max-pool) times the stride 2 of every stage after the first."""
+    return (1 if cifar_stem else 4) * 2 ** (stage_count - 1)
+
+
 RESNET_SPECS = {
     "resnet18": ([2, 2, 2, 2], BasicBlock),
     "resnet34": ([3, 4, 6, 3], BasicBlock),

@@ -216,15 +216,20 @@ VIT_SPECS = {
 }
 
 
+def vit_width(name: str, width_multiplier: float) -> int:
+    """The embedding width of ``VIT_SPECS[name]`` at ``model.width_multiplier``."""
+    return int(round(VIT_SPECS[name][1] * width_multiplier))
+
+
 def _make_factory(name: str) -> None:
-    patch_size, width, depth, num_heads = VIT_SPECS[name]
+    patch_size, _, depth, num_heads = VIT_SPECS[name]
 
     @register_backbone(name)
     def factory(model_config: Any, norm: Callable[..., nn.Module], dtype: jnp.dtype) -> nn.Module:
         del norm  # LayerNorm only
         return VisionTransformer(
             patch_size=patch_size,
-            embed_dim=int(round(width * model_config.width_multiplier)),
+            embed_dim=vit_width(name, model_config.width_multiplier),
             depth=depth,
             num_heads=num_heads,
             stop_grad_conv1=bool(model_config.get("stop_grad_conv1", False)),
