@@ -104,7 +104,7 @@ def run_with_clear_errors(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except (*EXPECTED_ERRORS, CheckpointError, TrainingDiverged) as err:
-        fail(str(err))
+        fail(error_line(err))  # one line, whatever a library put in the message
     except Preempted as stop:
         _exit(f"stopped: {stop}", PREEMPTED_EXIT_CODE)
 

@@ -27,6 +27,7 @@ from moco_jax.knn import largest_divisor_at_most, make_feature_fn
 from moco_jax.mesh import DATA_AXIS
 from moco_jax.metrics_io import plot_history, write_atomically
 from moco_jax.monitor import collect
+from moco_jax.paths import check_reachable
 from moco_jax.run_setup import Run, setup_run
 from moco_jax.saved_run import load_run_config
 from moco_jax.setup import Setup
@@ -48,6 +49,7 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     if source is None:
         logging.warning("linear.pretrained is not set: evaluating the random-init encoder")
         return config
+    check_reachable("linear.pretrained", source)
     path = epath.Path(source)
     if not path.exists():
         raise ConfigError(f"linear.pretrained: {source} does not exist")

@@ -15,6 +15,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
+from moco_jax import paths
 from moco_jax.algorithms import State
 from moco_jax.checkpointing import Checkpointer
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
@@ -68,6 +69,8 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
     inputs = early.algorithm.inputs
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
+    what = "linear.pretrained" if "linear" in config else "init_from"
+    paths.check_reachable(what, config.get("init_from") or "")  # a bucket: before the workdir
     _check_workdir(workdir)
     lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
     checkpointer = None
@@ -83,7 +86,6 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
         state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
         _check_epoch_length(checkpointer, views.steps_per_epoch)
         if checkpointer.restored_step is None and config.get("init_from"):
-            what = "linear.pretrained" if "linear" in config else "init_from"
             state = load_encoder_weights(config.init_from, state, setup, what)
         model = setup.algorithm.model
         monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
@@ -211,11 +213,17 @@ def _check_epoch_length(checkpointer: Checkpointer, steps_per_epoch: int) -> Non
 
 
 def _check_workdir(workdir: epath.Path) -> None:
-    """Fail before training if the workdir cannot be written (local path or bucket)."""
+    """Fail before training if the workdir cannot be written (local path or bucket: one line
+    naming the bucket when it cannot be reached)."""
+    paths.check_reachable("workdir", workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
         probe.write_text("ok")
         probe.unlink()
-    except OSError as err:
-        raise OSError(f"workdir {workdir} is not writable: {err.strerror or err}") from err
+    except Exception as err:  # noqa: BLE001 - a bucket's file system raises its own kinds
+        if paths.is_remote(workdir):
+            raise paths.unreachable("workdir", workdir, err, "write to") from None
+        if isinstance(err, OSError):
+            raise OSError(f"workdir {workdir} is not writable: {err.strerror or err}") from err
+        raise

@@ -8,6 +8,7 @@ import json
 import ml_collections
 from etils import epath
 
+from moco_jax.paths import check_reachable
 from moco_jax.validation import ConfigError
 
 # A config.json without these is not a moco_jax run's config.
@@ -16,6 +17,7 @@ CONFIG_SECTIONS = ("dataset", "model", "moco", "optim", "augment", "checkpoint",
 
 def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
     """The config a run was started with (``ConfigError`` naming the file if it is not one)."""
+    check_reachable("workdir", workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist (or is not a directory)")
     path = workdir / "config.json"

@@ -32,6 +32,7 @@ from moco_jax.config_checks import (  # noqa: F401 - ConfigError is this module'
 )
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
+from moco_jax.paths import is_remote
 from moco_jax.shape_rules import check_model_shapes
 
 SCHEDULES = ("cosine", "step", "constant", "warmup_cosine")
@@ -119,6 +120,7 @@ def _validate_run_fields(config: Any) -> None:
     )
     require(
         init_from is None
+        or is_remote(init_from)  # a bucket is not asked before the run (paths.py)
         or not epath.Path(init_from).is_file()
         or init_from.endswith(WEIGHT_FILE_SUFFIXES),
         f"init_from must be another run's workdir, checkpoints directory or step directory, "

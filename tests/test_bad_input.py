@@ -24,6 +24,13 @@ EVALUATE = ["-m", "moco_jax.evaluate"]
 LINEAR = ["--config", str(ROOT / "configs" / "linear_fashion_mnist.py")]
 SLOW_ROWS = ("init-from-missing", "unknown-dataset")
 CLUSTER_PREFIXES = ("JAX_COORDINATOR", "SLURM_", "OMPI_", "TPU_WORKER", "KUBERNETES_")
+BUCKET = "gs://moco-jax-test-no-such-bucket"
+# A bucket is reached through this proxy, which is not there: "cannot reach" on any machine, at
+# once (no retries, no look-up of the GCE metadata server).
+NO_NETWORK = {"GCS_RETRY_CONFIG_MAX_RETRIES": "0", "NO_GCE_CHECK": "true"} | {
+    name: "http://127.0.0.1:9"
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+}
 
 CONFIG_FILES = {
     "syntax.py": "def get_config(:\n    return 1\n",
@@ -177,6 +184,31 @@ ROWS = [
         "error: linear needs --config",
         "no workdir",
     ),
+    # A bucket that cannot be reached (tests: an unreachable proxy, whatever the network).
+    (
+        "bucket-workdir",
+        [*TRAIN, *SMOKE, "--workdir", f"{BUCKET}/run"],
+        f"error: workdir {BUCKET}/run: cannot reach the bucket {BUCKET} (",
+        None,
+    ),
+    (
+        "bucket-init-from",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", f"--config.init_from={BUCKET}/run"],
+        f"error: init_from {BUCKET}/run: cannot reach the bucket {BUCKET} (",
+        "no workdir",
+    ),
+    (
+        "evaluate-bucket-workdir",
+        [*EVALUATE, "knn", "--workdir", f"{BUCKET}/run"],
+        f"error: workdir {BUCKET}/run: cannot reach the bucket {BUCKET} (",
+        None,
+    ),
+    (
+        "linear-bucket-pretrained",
+        [*EVALUATE, "linear", *LINEAR, "--workdir", "{w}", "--pretrained", f"{BUCKET}/run"],
+        f"error: linear.pretrained {BUCKET}/run: cannot reach the bucket {BUCKET} (",
+        "no workdir",
+    ),
     # Shapes the backbone cannot use (shape_rules), before anything is built.
     (
         "image-size-1",
@@ -228,6 +260,8 @@ def _run(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+    if any(BUCKET in arg for arg in args):
+        env.update(NO_NETWORK)
     command = [sys.executable, *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
