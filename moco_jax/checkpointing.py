@@ -53,13 +53,14 @@ from moco_jax.checkpoint_format import (
 )
 from moco_jax.compatibility import (
     SCHEDULE_FIELDS,
+    SOURCE_FIELDS,
     STATE_FIELDS,
     config_dict,
     refuse_other_config,
     refuse_other_shapes,
 )
 
-RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS  # a resumed run must keep these
+RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS + SOURCE_FIELDS  # a resumed run must keep these
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,6 +1,7 @@
 """Whether a checkpoint fits a config: the fields that decide the state's shapes, compared by name.
 
-A checkpoint saved with other values of ``STATE_FIELDS`` cannot be resumed; ``init_from`` can
+A checkpoint saved with other values of ``STATE_FIELDS`` cannot be resumed (nor, for a linear
+evaluation, with another ``SOURCE_FIELDS``: another pretrained backbone); ``init_from`` can
 still take its encoder when ``ENCODER_FIELDS`` agree. Every refusal names the fields with both
 values; other differences are allowed and logged.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 from absl import logging
 
-from moco_jax import fingerprint
+from moco_jax import fingerprint, paths
 from moco_jax.validation import ConfigError
 
 # Config fields that decide the shapes of the state: a checkpoint saved with other values cannot
@@ -34,6 +35,10 @@ STATE_FIELDS = (
 # the same order nor average the epoch's loss over the right number of steps.
 SCHEDULE_FIELDS = ("batch_size", "dataset.name", "dataset.max_train_examples")
 ENCODER_FIELDS = ("model.backbone", "model.width_multiplier", "model.cifar_stem")
+# Where a linear evaluation's backbone came from: its checkpoints hold a classifier trained on
+# those features, so a resumed run must read the same source. Compared as the place each path
+# names (``paths.canonical``): a relative and an absolute spelling of one directory agree.
+SOURCE_FIELDS = ("linear.pretrained",)
 # Fields that may change between a run and its resumption without a warning.
 UNREMARKABLE_FIELDS = ("dataset.data_dir", "init_from")
 
@@ -62,15 +67,18 @@ def refuse_other_config(
     """
     old, new = _flatten(saved), _flatten(current)
     old.setdefault("algorithm", "moco")  # checkpoints from before there was a choice
-    differ = [f for f in fields if old.get(f) != new.get(f)]
+    differ = [f for f in fields if not _same(f, old.get(f), new.get(f))]
     if differ:
         listing = ", ".join(f"{f} {old.get(f)!r} -> {new.get(f)!r}" for f in differ)
-        advice = (
-            "init_from needs the same backbone"
-            if what
-            else "Use another --workdir; to start there from this checkpoint's encoder "
-            f"weights only, add --config.init_from={where}"
-        )
+        if what:
+            advice = "init_from needs the same backbone"
+        elif set(differ) <= set(SOURCE_FIELDS):
+            advice = "Resume with the same --pretrained, or evaluate the other in another --workdir"
+        else:
+            advice = (
+                "Use another --workdir; to start there from this checkpoint's encoder weights "
+                f"only, add --config.init_from={where}"
+            )
         raise ConfigError(
             f"{what}checkpoint {where} was saved with a different config ({listing}: checkpoint "
             f"-> now). {advice}."
@@ -78,10 +86,16 @@ def refuse_other_config(
     others = [
         f"{f} {old.get(f)!r} -> {new.get(f)!r}"
         for f in sorted(set(old) | set(new))
-        if old.get(f) != new.get(f) and f not in UNREMARKABLE_FIELDS
+        if not _same(f, old.get(f), new.get(f)) and f not in UNREMARKABLE_FIELDS
     ]
     if others and not what:
         logging.warning("resuming %s with changed settings: %s", where, ", ".join(others))
+
+
+def _same(field: str, old: Any, new: Any) -> bool:
+    if field in SOURCE_FIELDS and isinstance(old, str) and isinstance(new, str):
+        return paths.canonical(old) == paths.canonical(new)
+    return old == new
 
 
 def refuse_other_shapes(saved: dict, template: Any, where: Any) -> None:

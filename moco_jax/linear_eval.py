@@ -27,7 +27,7 @@ from moco_jax.knn import largest_divisor_at_most, make_feature_fn
 from moco_jax.mesh import DATA_AXIS
 from moco_jax.metrics_io import plot_history, write_atomically
 from moco_jax.monitor import collect
-from moco_jax.paths import check_reachable
+from moco_jax.paths import absolute, canonical, check_reachable, is_within
 from moco_jax.run_setup import Run, setup_run
 from moco_jax.saved_run import load_run_config
 from moco_jax.setup import Setup
@@ -45,7 +45,8 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     config = config.copy_and_resolve_references()
     if pretrained is not None:
         config.linear.pretrained = pretrained
-    config.init_from = source = config.linear.pretrained
+    # Absolute: the saved config names the same place whatever directory a resumed run is in.
+    config.init_from = source = config.linear.pretrained = absolute(config.linear.pretrained)
     if source is None:
         logging.warning("linear.pretrained is not set: evaluating the random-init encoder")
         return config
@@ -66,6 +67,26 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     return config
 
 
+def check_own_workdir(workdir: str | epath.Path, pretrained: str | None) -> None:
+    """``ConfigError`` if ``workdir`` is the pretraining run's workdir of ``pretrained`` (or
+    ``pretrained`` itself, or inside that run's checkpoints): the evaluation writes its lock,
+    config, records and checkpoints there. Checked before anything is written."""
+    if not pretrained or not epath.Path(pretrained).is_dir():
+        return
+    run = _pretraining_workdir(epath.Path(pretrained)) or epath.Path(pretrained)
+    if canonical(workdir) in (canonical(pretrained), canonical(run)):
+        where = "is the pretraining workdir"
+    elif is_within(workdir, run / "checkpoints"):
+        where = "is inside the checkpoints"
+    else:
+        return
+    raise ConfigError(
+        f"--workdir {workdir} {where} of --pretrained {pretrained}: the linear evaluation "
+        f"writes its own checkpoints and records; give it a workdir of its own (e.g. "
+        f"{run}/linear)"
+    )
+
+
 def _file_backbone(path: epath.Path, backbone: str) -> dict[str, Any]:
     """The architecture fields of the backbone in the PyTorch/detectron2 file ``path``
     (``torch_architecture``); empty when it is not such a file or holds no backbone we know:
@@ -82,9 +103,16 @@ def _file_backbone(path: epath.Path, backbone: str) -> dict[str, Any]:
 def _workdir_config(path: epath.Path) -> Any | None:
     """The config of the pretraining workdir ``path`` is in (or is: a workdir, its checkpoints
     directory or one step's), if any (``ConfigError`` if its config.json is damaged)."""
+    run = _pretraining_workdir(path)
+    return None if run is None else load_run_config(run)
+
+
+def _pretraining_workdir(path: epath.Path) -> epath.Path | None:
+    """The workdir (with a config.json) that the directory ``path`` is, or whose checkpoints
+    directory or step directory it is."""
     for candidate in (path, path.parent, path.parent.parent):
         if (candidate / "config.json").is_file():
-            return load_run_config(candidate)
+            return candidate
     return None
 
 
@@ -223,6 +251,7 @@ def evaluate_linear(config: Any, workdir: str, pretrained: str | None = None) ->
     from moco_jax.trainer import _train
 
     config = with_pretrained(config, pretrained)
+    check_own_workdir(workdir, config.linear.pretrained)
     run = setup_linear_run(config, workdir)
     try:
         history, state = _train(run)

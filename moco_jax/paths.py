@@ -1,5 +1,8 @@
-"""Paths that may be local or in an object store (``gs://bucket/...``): one clear line when a
-bucket cannot be reached.
+"""Paths that may be local or in an object store (``gs://bucket/...``): the place a path names,
+and one clear line when a bucket cannot be reached.
+
+``canonical`` is what two spellings of one place share (relative or absolute, a trailing slash,
+a symbolic link), to tell "the same directory" from "another one".
 
 Without network, credentials or the bucket, the file-system layer (TensorFlow's GCS file system
 under ``etils.epath``, or TensorStore under orbax) raises its own errors: some are not
@@ -10,6 +13,9 @@ bucket and what to check.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 from etils import epath
 
@@ -22,6 +28,28 @@ CHECKS = (
 def is_remote(path: str | epath.Path) -> bool:
     """Whether ``path`` names an object store (``scheme://``) rather than a local file."""
     return "://" in str(path)
+
+
+def absolute(path: Any) -> Any:
+    """A local path made absolute (orbax reads checkpoints only by absolute paths); a bucket's
+    path, None or an empty string as they are (validation names the empty one)."""
+    if isinstance(path, str) and path.strip() and not is_remote(path):
+        return os.path.abspath(path)
+    return path
+
+
+def canonical(path: str | epath.Path) -> str:
+    """The place ``path`` names: a local path resolved (absolute, links followed, no trailing
+    slash), a bucket's path without a trailing slash."""
+    if is_remote(path):
+        return str(path).rstrip("/")
+    return os.path.realpath(os.fspath(path))
+
+
+def is_within(path: str | epath.Path, directory: str | epath.Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it (both ``canonical``)."""
+    path, directory = canonical(path), canonical(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def bucket_of(path: str | epath.Path) -> str:

@@ -86,7 +86,8 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
         state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
         _check_epoch_length(checkpointer, views.steps_per_epoch)
         if checkpointer.restored_step is None and config.get("init_from"):
-            state = load_encoder_weights(config.init_from, state, setup, what)
+            source = paths.absolute(config.init_from)  # orbax reads absolute paths only
+            state = load_encoder_weights(source, state, setup, what)
         model = setup.algorithm.model
         monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
     except BaseException:

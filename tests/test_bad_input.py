@@ -226,6 +226,13 @@ ROWS = [
         "no workdir",
     ),
     (
+        "linear-workdir-is-pretrained",  # refused before its lock is written there
+        [*EVALUATE, "linear", *LINEAR, "--workdir", "{t}/run/", "--pretrained", "{t}/run"],
+        "error: --workdir {t}/run/ is the pretraining workdir of --pretrained {t}/run: the "
+        "linear evaluation writes its own checkpoints and records",
+        "no checkpoints, no data",
+    ),
+    (
         "linear-pretrained-missing",
         [*EVALUATE, "linear", *LINEAR, "--workdir", "{w}", "--pretrained", "/nonexistent"],
         "error: linear.pretrained: /nonexistent does not exist",

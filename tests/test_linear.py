@@ -11,6 +11,7 @@ scikit-learn logistic regression on the same features.
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import moco_jax
 from configs import linear_fashion_mnist
 from moco_jax.config_defaults import linear_config
 from moco_jax.mesh import shard_batch
+from moco_jax.validation import ConfigError
 from tiny import set_fields, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -224,3 +226,107 @@ def test_cached_features_agree_with_scikit_learn_logistic_regression(runs):
     theirs = 100 * reference.score(test_x, test_y)
     print(f"test top-1: ours {ours:.2f}%, scikit-learn {theirs:.2f}%")
     assert abs(ours - theirs) <= 1.5, (ours, theirs)
+
+
+def test_the_linear_workdir_is_not_the_pretraining_one(tmp_path, monkeypatch):
+    """Refused before anything is written (the lock, config.json, checkpoints), however either
+    path is spelled: relative, with a trailing slash, through a symbolic link, a step directory;
+    a workdir beside or below the pretraining run's (but not in its checkpoints) is its own."""
+    from moco_jax.linear_eval import check_own_workdir
+
+    run = tmp_path / "pre"
+    (run / "checkpoints" / "8").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    step = run / "checkpoints" / "8"
+    for workdir, pretrained in [
+        (run, run),
+        (f"{run}/", run),
+        ("pre", run),
+        (tmp_path / "link", run),
+        (run, "link/"),
+        (run, step),
+        (run / "checkpoints", run),
+        (step / "linear", run),
+    ]:
+        with pytest.raises(ConfigError, match=f"--workdir {re.escape(str(workdir))} is "):
+            check_own_workdir(workdir, str(pretrained))
+    for workdir in (run / "linear", tmp_path / "linear"):
+        check_own_workdir(workdir, str(run))
+
+
+def test_the_pretrained_source_is_compared_as_the_place_it_names(tmp_path, monkeypatch):
+    from moco_jax.compatibility import SOURCE_FIELDS, refuse_other_config
+
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "pre")
+    monkeypatch.chdir(tmp_path)
+    saved = {"linear": {"pretrained": str(tmp_path / "pre")}}
+    for same in ("pre", "pre/", "./link", f"{tmp_path}/pre/"):
+        refuse_other_config(saved, {"linear": {"pretrained": same}}, SOURCE_FIELDS, "W")
+    for other in ("other", None):
+        with pytest.raises(ConfigError, match="Resume with the same --pretrained"):
+            refuse_other_config(saved, {"linear": {"pretrained": other}}, SOURCE_FIELDS, "W")
+
+
+def test_resuming_with_another_pretrained_source_is_refused(runs):
+    """The run's checkpoints hold a classifier of the first source's features: continuing it
+    with another backbone named would be silently wrong (it kept the old one)."""
+    from moco_jax.linear_eval import evaluate_linear
+
+    root, data_dir = runs["root"], runs["data_dir"]
+    other = _pretrained_workdir(root / "other_pretrained", data_dir)
+    before = sorted(p.name for p in (root / "reference").iterdir())
+    message = (
+        f"linear.pretrained '{root / 'pretrained'}' -> '{other}': checkpoint -> now). Resume "
+        f"with the same --pretrained"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        evaluate_linear(_linear_config(data_dir, other), root / "reference")
+    assert sorted(p.name for p in (root / "reference").iterdir()) == before
+
+
+def test_pretrained_may_be_a_relative_step_directory(runs, monkeypatch):
+    """orbax reads checkpoints by absolute paths only: a relative ``--pretrained`` (here a step
+    directory: that step is taken) raised a traceback from inside it."""
+    from moco_jax.init_from import load_encoder_weights
+    from moco_jax.linear_eval import with_pretrained
+
+    root, data_dir = runs["root"], runs["data_dir"]
+    monkeypatch.chdir(root)
+    relative = os.path.join("pretrained", "checkpoints", str(STEPS_PER_EPOCH))
+    config = with_pretrained(_linear_config(data_dir, relative, num_devices=1))
+    setup = moco_jax.build(config, 1, devices=jax.devices()[:1])
+    from_step = load_encoder_weights(config.init_from, setup.initial_state(), setup)
+    from_workdir = load_encoder_weights(str(root / "pretrained"), setup.initial_state(), setup)
+    _assert_same_arrays(from_step.backbone_variables(), from_workdir.backbone_variables())
+    assert config.linear.pretrained == str(root / relative)  # the saved config names the place
+
+
+def test_init_from_may_be_a_relative_path(runs, monkeypatch):
+    """The same for a pretraining run's ``--config.init_from``."""
+    from moco_jax.init_from import load_encoder_weights
+    from moco_jax.run_setup import setup_run
+
+    root, data_dir = runs["root"], runs["data_dir"]
+    monkeypatch.chdir(root)
+    config = set_fields(tiny_config(), {**SMALL, "model.backbone": "mlp", "num_devices": 1})
+    config.dataset.data_dir, config.dataset.image_size = data_dir, 28
+    config.model.width_multiplier, config.init_from = 0.25, "pretrained"
+    run = setup_run(config, root / "from_relative")
+    try:
+        expected = load_encoder_weights(
+            str(root / "pretrained"), run.setup.initial_state(), run.setup
+        )
+        encoder = run.setup.algorithm.encoder_variables
+        _assert_same_arrays(encoder(run.state), encoder(expected))
+    finally:
+        run.close()
+
+
+def _assert_same_arrays(tree, expected_tree):
+    expected, got = _leaves(expected_tree), _leaves(tree)
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
