@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 from absl import logging
 from etils import epath
+
+# Whole or not at all, and never over a device, FIFO or socket (also imported from here).
+from moco_jax.regular_files import read_text
+from moco_jax.regular_files import write_whole as write_atomically
 
 
 class MetricsWriter:
@@ -60,7 +64,7 @@ class MetricsWriter:
         ]:
             path = self.workdir / name
             if path.exists():
-                lines = path.read_text().splitlines()
+                lines = read_text(path).splitlines()
                 kept = [json.dumps(r) for r in read_records(path, key) if r[key] <= last]
                 if kept != lines:
                     write_atomically(path, "".join(line + "\n" for line in kept))
@@ -72,7 +76,7 @@ class MetricsWriter:
         baselines = self.workdir / "baselines.json"
         if baselines.exists():
             try:
-                history["baselines"] = dict(json.loads(baselines.read_text()))
+                history["baselines"] = dict(json.loads(read_text(baselines)))
             except ValueError:
                 logging.warning("%s is damaged; the baselines are computed again", baselines)
         epochs = self.workdir / "epochs.jsonl"
@@ -84,7 +88,7 @@ class MetricsWriter:
 def read_records(path: epath.Path, key: str) -> list[dict]:
     """The JSON-lines records of ``path`` that have ``key``; others are dropped with a warning."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         try:
             record = json.loads(line)
         except ValueError:
@@ -94,17 +98,6 @@ def read_records(path: epath.Path, key: str) -> list[dict]:
         elif line.strip():
             logging.warning("%s line %d is damaged (a killed run?): dropped", path, number)
     return records
-
-
-def write_atomically(path: epath.Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file renamed over it (an object store
-    writes each object whole anyway)."""
-    if "://" in str(path):
-        path.write_text(text)
-        return
-    temporary = path.parent / f".{path.name}.tmp"
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 KNN_CURVES = [("knn_head", "head (output)"), ("knn_backbone", "backbone (pooled)")]
@@ -149,6 +142,7 @@ def plot_history(
         ax.set_xlim(0.5, last_epoch + 0.5)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    with path.open("wb") as f:  # epath: the workdir may be a bucket
-        fig.savefig(f, dpi=100, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
+    write_atomically(path, png.getvalue())

@@ -8,6 +8,7 @@ import json
 import ml_collections
 from etils import epath
 
+from moco_jax.regular_files import read_text
 from moco_jax.validation import ConfigError
 
 # A config.json without these is not a moco_jax run's config.
@@ -22,7 +23,7 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a moco_jax workdir?")
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(read_text(path))
     except ValueError as err:  # truncated, not JSON, not UTF-8
         raise ConfigError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(saved, dict):
