@@ -6,7 +6,8 @@ One ``orbax.checkpoint.CheckpointManager`` decides everything it can:
   ``checkpoint.keep_every_steps``) or a preemption (JAX's preemption sync point across processes;
   SIGTERM in a single process). The trainer also forces a save at every epoch's end.
 - what to keep: its preservation policies, the latest ``checkpoint.keep`` plus every multiple of
-  ``checkpoint.keep_every_steps``.
+  ``checkpoint.keep_every_steps`` (``checkpoint_policies.py``: a damaged step that cannot be moved
+  away is not counted, and one that cannot be deleted is a warning).
 - how to write: asynchronously (the device-to-host copy blocks, the write does not) and
   atomically (a temporary directory renamed when complete; leftovers of a killed save are removed
   on the next start).
@@ -51,6 +52,11 @@ from moco_jax.checkpoint_format import (
     read_meta,
     read_state,
 )
+from moco_jax.checkpoint_policies import (
+    SignalPolicy,
+    manager_options,
+    warn_instead_of_failing_deletes,
+)
 from moco_jax.compatibility import (
     SCHEDULE_FIELDS,
     STATE_FIELDS,
@@ -82,18 +88,6 @@ class _Damaged(Exception):
     """A checkpoint that cannot be read back as it was written."""
 
 
-class SignalPolicy(ocp.checkpoint_managers.SaveDecisionPolicy):
-    """Save when this process received SIGTERM (single-process runs; several processes agree on a
-    step through JAX's preemption service and ``PreemptionCheckpointingPolicy`` instead)."""
-
-    def __init__(self):
-        self.received = False
-
-    def should_save(self, step, previous_steps, *, context) -> bool:
-        del step, previous_steps, context
-        return self.received
-
-
 class Checkpointer:
     """Saves when orbax's policies say so (and when forced), keeps what they preserve."""
 
@@ -106,23 +100,12 @@ class Checkpointer:
         if "://" not in str(self.directory):
             self.directory = self.directory.absolute()
         self.signal_policy = SignalPolicy()
-        policies = ocp.checkpoint_managers
-        save = [policies.PreemptionCheckpointingPolicy(), self.signal_policy]
-        keep = [policies.LatestN(checkpoint.keep)]
-        if checkpoint.every_steps:
-            save.append(policies.FixedIntervalPolicy(checkpoint.every_steps))
-        if checkpoint.keep_every_steps:
-            save.append(policies.FixedIntervalPolicy(checkpoint.keep_every_steps))
-            keep.append(policies.EveryNSteps(checkpoint.keep_every_steps))
-        options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy(save),
-            preservation_policy=policies.AnyPreservationPolicy(keep),
-            create=True,
-            cleanup_tmp_directories=True,  # what a save killed half-way left behind
-            enable_async_checkpointing=True,
-        )
+        self.unreadable: set[int] = set()  # damaged steps left in place: retention skips them
+        options = manager_options(checkpoint, self.signal_policy, self.unreadable)
         self.read_only = read_only
         self.manager = open_manager(self.directory, None if read_only else options)
+        if not read_only:
+            warn_instead_of_failing_deletes(self.manager)
         self.config = config_dict(config)
         self._bytes = 0  # of the last checkpoint saved
         self.restored_step: int | None = None
@@ -345,6 +328,8 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices(f"moco_jax_set_aside_{step}")
         self.manager.reload()
+        if step in self.manager.all_steps():  # the same answer on every process
+            self.unreadable.add(step)
         return where
 
     def close(self) -> None:

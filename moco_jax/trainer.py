@@ -69,7 +69,7 @@ def _train(run: Run) -> tuple[dict, Any]:
     views.restore(checkpointer.restored_extra)  # e.g. streamed data's skipped-image count
     bar = _progress_bar(total_steps, progress.step, enabled=is_main)
     # Test-only fault injection; inert unless MOCO_JAX_FAULT_* is set.
-    faults = Faults.from_env(wait_for_saves=checkpointer.manager.wait_until_finished)
+    faults = Faults.from_env(checkpointer.manager.wait_until_finished, run.workdir)
     save = hooks.SaveCheckpoint(checkpointer, views)
     log = hooks.LogMetrics(
         config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
@@ -85,6 +85,7 @@ def _train(run: Run) -> tuple[dict, Any]:
         log,
         end_of_epoch,
         save,
+        faults.fill_disk,
         faults.deliver_signals,
         hooks.StopWhenPreempted(save, bar),
     ]

@@ -376,28 +376,42 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_loses_nothing(tmp_path, tiny)
         subprocess.run(["umount", str(mount)])
 
 
-def test_an_unreadable_checkpoint_that_cannot_be_moved_is_skipped(
-    tmp_path, tiny, pristine, monkeypatch, caplog
-):
-    """A step directory without permissions can be neither read nor moved (checked by hand as an
-    unprivileged user; here, as root, both refusals are simulated)."""
-    config, state = tiny
-    directory = _saved(tmp_path, pristine)
+def _unreadable_and_stuck(monkeypatch, directory, stuck):
+    """Step ``stuck`` can be neither read, moved nor deleted, as a step directory without
+    permissions is for a user (checked by hand as an unprivileged user; here, as root, the
+    refusals are simulated)."""
     path_type = type(epath.Path(directory))
-    real_read_meta, real_rename = checkpointing.read_meta, path_type.rename
+    real_read_meta, real_rename, real_rmtree = (
+        checkpointing.read_meta,
+        path_type.rename,
+        path_type.rmtree,
+    )
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
 
     def read_meta(manager, step):
-        if step == 3:
-            raise PermissionError(13, "Permission denied", str(directory / "3"))
+        if step == stuck:
+            refuse(directory / str(step))
         return real_read_meta(manager, step)
 
     def rename(self, target):
-        if self.name == "3":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_rename(self, target)
+        return refuse(self) if self.name == str(stuck) else real_rename(self, target)
+
+    def rmtree(self, missing_ok=False):
+        return refuse(self) if self.name == str(stuck) else real_rmtree(self, missing_ok)
 
     monkeypatch.setattr(checkpointing, "read_meta", read_meta)
     monkeypatch.setattr(path_type, "rename", rename)
+    monkeypatch.setattr(path_type, "rmtree", rmtree)
+
+
+def test_an_unreadable_checkpoint_that_cannot_be_moved_is_skipped(
+    tmp_path, tiny, pristine, monkeypatch, caplog
+):
+    config, state = tiny
+    directory = _saved(tmp_path, pristine)
+    _unreadable_and_stuck(monkeypatch, directory, 3)
     checkpointer = Checkpointer(directory, config)
     with caplog.at_level("WARNING"):
         restored = checkpointer.restore_latest(state)
@@ -406,3 +420,38 @@ def test_an_unreadable_checkpoint_that_cannot_be_moved_is_skipped(
     _leaves_equal(restored, _with_step(state, 2))
     assert "skipped damaged checkpoint step 3" in caplog.text
     assert "it stays in place: it cannot be moved (PermissionError" in caplog.text
+
+
+def test_retention_keeps_the_resumed_checkpoint_while_a_newer_one_is_unreadable(
+    tmp_path, tiny, pristine, monkeypatch, caplog
+):
+    """Step 3 is unreadable and stuck in place; the run resumes from 2. ``keep`` counts readable
+    checkpoints only: 2 stays until two newer ones are written and 3 is left alone (it was
+    counted as kept, so 1 and 2 went at once). A later run, which does not know 3 is unreadable,
+    fails to delete it: a warning, where orbax's error stopped every rerun one save later."""
+    config, state = tiny
+    directory = _saved(tmp_path, pristine)
+    _unreadable_and_stuck(monkeypatch, directory, 3)
+    keep_two = _config(**{"checkpoint.keep": 2})
+
+    def steps():
+        return sorted(int(p.name) for p in directory.iterdir())
+
+    checkpointer = Checkpointer(directory, keep_two)
+    checkpointer.restore_latest(state)
+    assert checkpointer.restored_step == 2
+    assert checkpointer.save(4, _with_step(state, 4))
+    checkpointer.manager.wait_until_finished()
+    assert steps() == [2, 3, 4]
+    assert checkpointer.save(5, _with_step(state, 5))
+    checkpointer.close()
+    assert steps() == [3, 4, 5]
+
+    later = Checkpointer(directory, keep_two)
+    _leaves_equal(later.restore_latest(state), _with_step(state, 5))
+    with caplog.at_level("WARNING"):
+        assert later.save(6, _with_step(state, 6))
+        assert later.save(7, _with_step(state, 7))
+        later.close()
+    assert steps() == [3, 6, 7]
+    assert "could not delete old checkpoint step 3 (PermissionError" in caplog.text
