@@ -13,8 +13,9 @@ One ``orbax.checkpoint.CheckpointManager`` decides everything it can:
   on the next start).
 
 Each ``<workdir>/checkpoints/<step>/`` holds two items, ``state`` (the state pytree) and ``extra``
-(JSON: the trainer's and the input pipeline's running scalars, e.g. the epoch's loss sum), and the
-step's ``custom_metadata``: the run's config and a checksum of every array (``fingerprint.py``).
+(JSON: the trainer's and the input pipeline's running scalars, e.g. the epoch's loss sum, and the
+run's records, ``hooks.SaveCheckpoint``), and the step's ``custom_metadata``: the run's config
+and a checksum of every array (``fingerprint.py``).
 The input position is ``state.step``: the data order is a pure function of ``(seed, step)``.
 
 What we add on top of orbax:
@@ -121,9 +122,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, force: bool = False, extra: dict | None = None) -> bool:
         """Save ``state`` (taken after ``step`` steps) if a policy asks for it or ``force``.
 
-        ``extra``: JSON scalars saved beside it (restored as ``restored_extra``). The write
-        finishes asynchronously. Raises ``TrainingDiverged`` (saving nothing) if the state or an
-        extra is not finite.
+        ``extra``: JSON saved beside it (restored as ``restored_extra``): scalars, and lists and
+        dicts of them (the run's records). The write finishes asynchronously. Raises
+        ``TrainingDiverged`` (saving nothing) if the state or a number in extra is not finite.
         """
         latest = self.manager.latest_step()
         if latest is not None and step <= latest:
@@ -132,7 +133,9 @@ class Checkpointer:
             return False
         extra = {k: v.item() if hasattr(v, "item") else v for k, v in (extra or {}).items()}
         finite, checksums = fingerprint.summarize(state)
-        bad = [f"{k} = {v}" for k, v in extra.items() if isinstance(v, float) and not isfinite(v)]
+        leaves = jax.tree_util.tree_leaves_with_path(extra)  # e.g. history.epochs.0.loss
+        name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # noqa: E731
+        bad = [f"{name(p)} = {v}" for p, v in leaves if isinstance(v, float) and not isfinite(v)]
         bad_arrays = [path for path, ok in finite.items() if not ok]
         if bad_arrays:
             more = f" and {len(bad_arrays) - 3} more" if len(bad_arrays) > 3 else ""

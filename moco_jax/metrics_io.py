@@ -9,7 +9,7 @@ from absl import logging
 from etils import epath
 
 # Whole or not at all, and never over a device, FIFO or socket (also imported from here).
-from moco_jax.regular_files import read_text
+from moco_jax.regular_files import read_bytes, read_text
 from moco_jax.regular_files import write_whole as write_atomically
 
 
@@ -49,25 +49,54 @@ class MetricsWriter:
 
     def write_baselines(self, baselines: dict[str, float]) -> None:
         if self.enabled:
-            write_atomically(
-                self.workdir / "baselines.json", json.dumps(baselines, indent=2) + "\n"
-            )
+            write_atomically(self.workdir / "baselines.json", baselines_text(baselines))
 
-    def rewind(self, step: int, steps_per_epoch: int) -> None:
-        """Forget records written after ``step`` (a resumed run redoes those steps and epochs)
-        and any line a killed run left half-written."""
+    def resume(self, step: int, steps_per_epoch: int, saved: dict | None) -> dict:
+        """The history (baselines, epoch records) a run resumed at ``step`` continues, with the
+        files rewound to it: records written after ``step`` are forgotten (the run redoes them).
+
+        ``saved``: the history the checkpoint of ``step`` keeps. The files are rebuilt from it, so
+        a record or a baselines file a killed run damaged comes back as it was (its kNN figures
+        cannot be measured again). None (a fresh run, or a checkpoint of an earlier version that
+        kept none): the files are the only source; a damaged record is dropped with a warning,
+        and damaged baselines are computed again.
+        """
+        self._rewind("metrics.jsonl", "step", step)
+        if saved is None:
+            self._rewind("epochs.jsonl", "epoch", step // steps_per_epoch)
+            return self.read_history()
+        history = {"epochs": list(saved.get("epochs", []))}
+        texts = {"epochs.jsonl": "".join(json.dumps(r) + "\n" for r in history["epochs"])}
+        if "baselines" in saved:
+            history["baselines"] = dict(saved["baselines"])
+            texts["baselines.json"] = baselines_text(history["baselines"])
+        for name, text in texts.items():
+            self._rebuild(name, text, step)
+        return history
+
+    def _rewind(self, name: str, key: str, last: int) -> None:
+        """Forget the records of ``name`` after ``last`` and any line a killed run left cut."""
+        path = self.workdir / name
+        if self.enabled and path.exists():
+            lines = read_text(path).splitlines()
+            kept = [json.dumps(r) for r in read_records(path, key) if r[key] <= last]
+            if kept != lines:
+                write_atomically(path, "".join(line + "\n" for line in kept))
+
+    def _rebuild(self, name: str, text: str, step: int) -> None:
+        """Make ``name`` hold ``text``, what the checkpoint of ``step`` keeps; warn when that
+        brings back something lost (not only when it forgets records written after ``step``)."""
         if not self.enabled:
             return
-        for name, key, last in [
-            ("metrics.jsonl", "step", step),
-            ("epochs.jsonl", "epoch", step // steps_per_epoch),
-        ]:
-            path = self.workdir / name
-            if path.exists():
-                lines = read_text(path).splitlines()
-                kept = [json.dumps(r) for r in read_records(path, key) if r[key] <= last]
-                if kept != lines:
-                    write_atomically(path, "".join(line + "\n" for line in kept))
+        path = self.workdir / name
+        current = read_bytes(path) if path.exists() else b""
+        if current == text.encode():
+            return
+        if not current.startswith(text.encode()):
+            logging.warning(
+                "%s was missing or damaged: rewritten from checkpoint step %d", path, step
+            )
+        write_atomically(path, text)
 
     def read_history(self) -> dict:
         """Baselines and epoch records written so far (a resumed run continues them); a file a
@@ -83,6 +112,10 @@ class MetricsWriter:
         if epochs.exists():
             history["epochs"] = read_records(epochs, "epoch")
         return history
+
+
+def baselines_text(baselines: dict[str, float]) -> str:
+    return json.dumps(baselines, indent=2) + "\n"
 
 
 def read_records(path: epath.Path, key: str) -> list[dict]:

@@ -162,3 +162,9 @@ def read_text(path: Any, what: str = "") -> str:
     """``path``'s text (UTF-8) once ``check_input`` has let it through."""
     check_input(path, what)
     return epath.Path(path).read_text(encoding="utf-8")
+
+
+def read_bytes(path: Any, what: str = "") -> bytes:
+    """``path``'s bytes once ``check_input`` has let it through."""
+    check_input(path, what)
+    return epath.Path(path).read_bytes()
