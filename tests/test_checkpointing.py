@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from moco_jax import checkpointing
+from moco_jax import checkpoint_format, checkpointing
 from moco_jax.checkpointing import Checkpointer, CheckpointError, TrainingDiverged
 from moco_jax.fingerprint import summarize
 from moco_jax.init_from import load_encoder_weights
@@ -384,7 +384,7 @@ def test_an_unreadable_checkpoint_that_cannot_be_moved_is_skipped(
     config, state = tiny
     directory = _saved(tmp_path, pristine)
     path_type = type(epath.Path(directory))
-    real_read_meta, real_rename = checkpointing.read_meta, path_type.rename
+    real_read_meta, real_rename = checkpoint_format.read_meta, path_type.rename
 
     def read_meta(manager, step):
         if step == 3:
@@ -396,7 +396,7 @@ def test_an_unreadable_checkpoint_that_cannot_be_moved_is_skipped(
             raise PermissionError(13, "Permission denied", str(self))
         return real_rename(self, target)
 
-    monkeypatch.setattr(checkpointing, "read_meta", read_meta)
+    monkeypatch.setattr(checkpoint_format, "read_meta", read_meta)
     monkeypatch.setattr(path_type, "rename", rename)
     checkpointer = Checkpointer(directory, config)
     with caplog.at_level("WARNING"):
