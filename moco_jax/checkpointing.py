@@ -47,11 +47,13 @@ from moco_jax import fingerprint
 from moco_jax.checkpoint_format import (
     EXTRA_ITEM,
     FORMAT,
-    LEGACY_ITEM,
     STATE_ITEM,
+    CheckpointError,
+    Damaged,
     open_manager,
-    read_meta,
-    read_state,
+    read_description,
+    read_verified,
+    short_error,
 )
 from moco_jax.checkpoint_policies import (
     SignalPolicy,
@@ -65,6 +67,7 @@ from moco_jax.compatibility import (
     refuse_other_config,
     refuse_other_shapes,
 )
+from moco_jax.saved_run import newest_intact
 
 RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS  # a resumed run must keep these
 
@@ -81,20 +84,13 @@ class Preempted(Exception):
         self.step = step
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in a directory can be used (all damaged), or the one asked for is damaged."""
-
-
-class _Damaged(Exception):
-    """A checkpoint that cannot be read back as it was written."""
-
-
 class Checkpointer:
     """Saves when orbax's policies say so (and when forced), keeps what they preserve."""
 
     def __init__(self, directory: str | epath.Path, config: Any, read_only: bool = False):
-        """``read_only``: the checkpoints of a run that may be training (export): nothing is
-        saved, cleaned up or moved; damaged checkpoints are skipped with a warning."""
+        """``read_only``: the checkpoints of another run, which may be training (export,
+        ``evaluate knn``): nothing is saved, cleaned up or moved; damaged checkpoints are skipped
+        with a warning, and ones that run deletes while they are read are not taken for damage."""
         checkpoint = config.checkpoint
         self.keep = checkpoint.keep
         self.directory = epath.Path(directory)
@@ -242,15 +238,23 @@ class Checkpointer:
 
         Raises ``ConfigError`` if it was saved with a different config, and ``CheckpointError`` if
         checkpoints exist but every one is damaged. Damaged ones newer than the restored one are
-        moved to ``<workdir>/checkpoints_damaged/`` with a warning (left in place if read-only).
+        moved to ``<workdir>/checkpoints_damaged/`` with a warning; read-only, another run's
+        checkpoints are read as ``saved_run.newest_intact`` reads them (nothing moved).
         """
         self.restored_step, self.restored_extra = None, {}
+        if self.read_only:
+            read = lambda step: self._restore_verified(step, template)  # noqa: E731
+            found = newest_intact(self.manager, read, steps)
+            if found is None:
+                return template
+            self.restored_step, (state, self.restored_extra) = found
+            return state
         damaged: list[tuple[int, str]] = []
         steps = self.manager.all_steps() if steps is None else steps
         for step in sorted(steps, reverse=True):
             try:
                 state, extra = self._restore_verified(step, template)
-            except _Damaged as err:
+            except Damaged as err:
                 damaged.append((step, str(err)))
                 continue
             for bad_step, reason in damaged:
@@ -258,7 +262,7 @@ class Checkpointer:
                     "skipped damaged checkpoint step %d (%s); %s. Resuming from step %d.",
                     bad_step,
                     reason,
-                    "left in place" if self.read_only else self._set_aside(bad_step),
+                    self._set_aside(bad_step),
                     step,
                 )
             self.restored_step, self.restored_extra = step, extra
@@ -279,38 +283,19 @@ class Checkpointer:
             )
         try:
             return self._restore_verified(step, template)[0]
-        except _Damaged as err:
+        except Damaged as err:
             raise CheckpointError(f"checkpoint step {step} is damaged: {err}") from err
 
     def _restore_verified(self, step: int, template: Any) -> tuple[Any, dict]:
-        """Check compatibility, restore and verify one step; ``_Damaged`` if it is unreadable."""
+        """Check compatibility, restore and verify one step; ``Damaged`` if it is unreadable."""
         where = self.directory / str(step)
-        try:
-            present, meta = read_meta(self.manager, step)
-            saved = self.manager.item_metadata(step)[
-                LEGACY_ITEM if LEGACY_ITEM in present else STATE_ITEM
-            ]
-            saved_shapes = fingerprint.shapes(saved.tree if hasattr(saved, "tree") else saved)
-            if not saved_shapes:
-                raise ValueError("no array metadata")
-        except Exception as err:
-            raise _Damaged(f"its metadata cannot be read: {_short(err)}") from err
+        present, meta, saved = read_description(self.manager, step)
         if meta is not None:
             refuse_other_config(meta.get("config", {}), self.config, RESUME_FIELDS, where)
-        refuse_other_shapes(saved_shapes, template, where)
+        refuse_other_shapes(fingerprint.shapes(saved), template, where)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fingerprint.keys_as_data(template))
-        try:
-            state, extra = read_state(self.manager, step, abstract, present)
-            state = fingerprint.data_as_keys(state, template)
-        except Exception as err:
-            raise _Damaged(f"its arrays cannot be read: {_short(err)}") from err
-        if meta is None:
-            return state, {}
-        _, checksums = fingerprint.summarize(state)
-        changed = [p for p, c in checksums.items() if meta["fingerprint"].get(p) != c]
-        if changed:
-            raise _Damaged(f"{len(changed)} array(s) differ from what was saved, e.g. {changed[0]}")
-        return state, meta.get("extra", {}) if extra is None else extra
+        state, extra = read_verified(self.manager, step, abstract, present, meta)
+        return fingerprint.data_as_keys(state, template), extra
 
     def _set_aside(self, step: int) -> str:
         """Move a damaged step out of the manager's directory (kept for inspection); says where."""
@@ -325,7 +310,7 @@ class Checkpointer:
                 target_root.mkdir(parents=True, exist_ok=True)
                 (self.directory / str(step)).rename(target)
             except OSError as err:  # e.g. a directory without permissions cannot be moved
-                where = f"it stays in place: it cannot be moved ({_short(err)})"
+                where = f"it stays in place: it cannot be moved ({short_error(err)})"
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -351,8 +336,3 @@ class Checkpointer:
 
 def _arrays(tree: Any) -> list[Any]:
     return [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
-
-
-def _short(err: Exception) -> str:
-    text = f"{type(err).__name__}: {err}".splitlines()[0]
-    return text if len(text) <= 200 else text[:197] + "..."

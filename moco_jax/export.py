@@ -79,7 +79,8 @@ def restore(workdir: epath.Path, config: Any, step: int | None = None):
     # Read-only: no lock, nothing cleaned up or moved (the run may be training and saving).
     reader = Checkpointer(workdir / "checkpoints", config, read_only=True)
     try:
-        state = reader.restore_latest(_template(setup), steps if step is None else [step])
+        # All steps: those listed now may be deleted while read, by a run still training.
+        state = reader.restore_latest(_template(setup), None if step is None else [step])
     finally:
         reader.close()
     return setup, state, reader.restored_step, reader.restored_extra

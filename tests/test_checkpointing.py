@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from moco_jax import checkpointing
+from moco_jax import checkpoint_format, checkpointing
 from moco_jax.checkpointing import Checkpointer, CheckpointError, TrainingDiverged
 from moco_jax.fingerprint import summarize
 from moco_jax.init_from import load_encoder_weights
@@ -382,7 +382,7 @@ def _unreadable_and_stuck(monkeypatch, directory, stuck):
     refusals are simulated)."""
     path_type = type(epath.Path(directory))
     real_read_meta, real_rename, real_rmtree = (
-        checkpointing.read_meta,
+        checkpoint_format.read_meta,
         path_type.rename,
         path_type.rmtree,
     )
@@ -401,7 +401,7 @@ def _unreadable_and_stuck(monkeypatch, directory, stuck):
     def rmtree(self, missing_ok=False):
         return refuse(self) if self.name == str(stuck) else real_rmtree(self, missing_ok)
 
-    monkeypatch.setattr(checkpointing, "read_meta", read_meta)
+    monkeypatch.setattr(checkpoint_format, "read_meta", read_meta)
     monkeypatch.setattr(path_type, "rename", rename)
     monkeypatch.setattr(path_type, "rmtree", rmtree)
 
