@@ -5,6 +5,11 @@ Format 2 (now): items ``state`` (the state pytree, PRNG keys as their key data) 
 Format 1: ``state`` and a ``meta`` JSON item holding config, checksums and extra. Format 0: a lone
 ``default`` item (the state; no config, no checksums). Everything goes through orbax's
 ``CheckpointManager`` (``item_metadata``, ``metadata``, ``restore``), never through file paths.
+
+Reading one step verified (``read_description``, then ``read_verified``) is shared by a run's
+own restore (``checkpointing.py``) and by the read-only readers of another run's checkpoints
+(``saved_run.py``: export, ``evaluate``, ``init_from``): a step whose description or arrays cannot
+be read, or whose arrays no longer match their checksums, raises ``Damaged``.
 """
 
 from __future__ import annotations
@@ -16,9 +21,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moco_jax import fingerprint
+
 STATE_ITEM, EXTRA_ITEM = "state", "extra"
 META_ITEM, LEGACY_ITEM = "meta", "default"  # earlier formats (read only)
 FORMAT = 2
+
+
+class Damaged(Exception):
+    """A checkpoint that cannot be read back as it was written."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a directory can be used (all damaged), or the one asked for is damaged."""
 
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -94,3 +109,45 @@ def _restore_args(abstract: Any) -> ocp.args.CheckpointArgs:
     """Restore ``abstract`` (arrays laid out as given; numpy leaves: read as numpy, partially)."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+
+
+def read_description(
+    manager: ocp.CheckpointManager, step: int
+) -> tuple[set[str], dict | None, Any]:
+    """``read_meta`` of ``step`` and the saved state's array metadata (a tree: shapes, dtypes);
+    ``Damaged`` if they cannot be read."""
+    try:
+        present, meta = read_meta(manager, step)
+        saved = manager.item_metadata(step)[LEGACY_ITEM if LEGACY_ITEM in present else STATE_ITEM]
+        saved = saved.tree if hasattr(saved, "tree") else saved
+        if not fingerprint.shapes(saved):
+            raise ValueError("no array metadata")
+    except Exception as err:
+        raise Damaged(f"its metadata cannot be read: {short_error(err)}") from err
+    return present, meta, saved
+
+
+def read_verified(
+    manager: ocp.CheckpointManager, step: int, abstract: Any, present: set[str], meta: dict | None
+) -> tuple[Any, dict]:
+    """``(arrays, extra)`` of ``step`` laid out like ``abstract`` (all of the saved state, or a
+    part: then only that part is read and verified), each array checked against the checksum
+    saved with it (``meta``, from ``read_description``); ``Damaged`` if they cannot be read or
+    differ. PRNG keys come back as their key data."""
+    try:
+        arrays, extra = read_state(manager, step, abstract, present)
+    except Exception as err:
+        raise Damaged(f"its arrays cannot be read: {short_error(err)}") from err
+    if meta is None:  # the oldest format saved no checksums
+        return arrays, {}
+    _, checksums = fingerprint.summarize(arrays)
+    changed = [p for p, c in checksums.items() if meta["fingerprint"].get(p) != c]
+    if changed:
+        raise Damaged(f"{len(changed)} array(s) differ from what was saved, e.g. {changed[0]}")
+    return arrays, meta.get("extra", {}) if extra is None else extra
+
+
+def short_error(err: Exception) -> str:
+    """An exception as one line of at most 200 characters (TensorStore's run to pages)."""
+    text = f"{type(err).__name__}: {err}".splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -6,14 +6,16 @@ One ``orbax.checkpoint.CheckpointManager`` decides everything it can:
   ``checkpoint.keep_every_steps``) or a preemption (JAX's preemption sync point across processes;
   SIGTERM in a single process). The trainer also forces a save at every epoch's end.
 - what to keep: its preservation policies, the latest ``checkpoint.keep`` plus every multiple of
-  ``checkpoint.keep_every_steps``.
+  ``checkpoint.keep_every_steps`` (``checkpoint_policies.py``: a damaged step that cannot be moved
+  away is not counted, and one that cannot be deleted is a warning).
 - how to write: asynchronously (the device-to-host copy blocks, the write does not) and
   atomically (a temporary directory renamed when complete; leftovers of a killed save are removed
   on the next start).
 
 Each ``<workdir>/checkpoints/<step>/`` holds two items, ``state`` (the state pytree) and ``extra``
-(JSON: the trainer's and the input pipeline's running scalars, e.g. the epoch's loss sum), and the
-step's ``custom_metadata``: the run's config and a checksum of every array (``fingerprint.py``).
+(JSON: the trainer's and the input pipeline's running scalars, e.g. the epoch's loss sum, and the
+run's records, ``hooks.SaveCheckpoint``), and the step's ``custom_metadata``: the run's config
+and a checksum of every array (``fingerprint.py``).
 The input position is ``state.step``: the data order is a pure function of ``(seed, step)``.
 
 What we add on top of orbax:
@@ -45,11 +47,18 @@ from moco_jax import fingerprint
 from moco_jax.checkpoint_format import (
     EXTRA_ITEM,
     FORMAT,
-    LEGACY_ITEM,
     STATE_ITEM,
+    CheckpointError,
+    Damaged,
     open_manager,
-    read_meta,
-    read_state,
+    read_description,
+    read_verified,
+    short_error,
+)
+from moco_jax.checkpoint_policies import (
+    SignalPolicy,
+    manager_options,
+    warn_instead_of_failing_deletes,
 )
 from moco_jax.compatibility import (
     SCHEDULE_FIELDS,
@@ -59,6 +68,7 @@ from moco_jax.compatibility import (
     refuse_other_config,
     refuse_other_shapes,
 )
+from moco_jax.saved_run import newest_intact
 
 RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS + SOURCE_FIELDS  # a resumed run must keep these
 
@@ -75,55 +85,25 @@ class Preempted(Exception):
         self.step = step
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in a directory can be used (all damaged), or the one asked for is damaged."""
-
-
-class _Damaged(Exception):
-    """A checkpoint that cannot be read back as it was written."""
-
-
-class SignalPolicy(ocp.checkpoint_managers.SaveDecisionPolicy):
-    """Save when this process received SIGTERM (single-process runs; several processes agree on a
-    step through JAX's preemption service and ``PreemptionCheckpointingPolicy`` instead)."""
-
-    def __init__(self):
-        self.received = False
-
-    def should_save(self, step, previous_steps, *, context) -> bool:
-        del step, previous_steps, context
-        return self.received
-
-
 class Checkpointer:
     """Saves when orbax's policies say so (and when forced), keeps what they preserve."""
 
     def __init__(self, directory: str | epath.Path, config: Any, read_only: bool = False):
-        """``read_only``: the checkpoints of a run that may be training (export): nothing is
-        saved, cleaned up or moved; damaged checkpoints are skipped with a warning."""
+        """``read_only``: the checkpoints of another run, which may be training (export,
+        ``evaluate knn``): nothing is saved, cleaned up or moved; damaged checkpoints are skipped
+        with a warning, and ones that run deletes while they are read are not taken for damage."""
         checkpoint = config.checkpoint
         self.keep = checkpoint.keep
         self.directory = epath.Path(directory)
         if "://" not in str(self.directory):
             self.directory = self.directory.absolute()
         self.signal_policy = SignalPolicy()
-        policies = ocp.checkpoint_managers
-        save = [policies.PreemptionCheckpointingPolicy(), self.signal_policy]
-        keep = [policies.LatestN(checkpoint.keep)]
-        if checkpoint.every_steps:
-            save.append(policies.FixedIntervalPolicy(checkpoint.every_steps))
-        if checkpoint.keep_every_steps:
-            save.append(policies.FixedIntervalPolicy(checkpoint.keep_every_steps))
-            keep.append(policies.EveryNSteps(checkpoint.keep_every_steps))
-        options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy(save),
-            preservation_policy=policies.AnyPreservationPolicy(keep),
-            create=True,
-            cleanup_tmp_directories=True,  # what a save killed half-way left behind
-            enable_async_checkpointing=True,
-        )
+        self.unreadable: set[int] = set()  # damaged steps left in place: retention skips them
+        options = manager_options(checkpoint, self.signal_policy, self.unreadable)
         self.read_only = read_only
         self.manager = open_manager(self.directory, None if read_only else options)
+        if not read_only:
+            warn_instead_of_failing_deletes(self.manager)
         self.config = config_dict(config)
         self._bytes = 0  # of the last checkpoint saved
         self.restored_step: int | None = None
@@ -139,9 +119,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, force: bool = False, extra: dict | None = None) -> bool:
         """Save ``state`` (taken after ``step`` steps) if a policy asks for it or ``force``.
 
-        ``extra``: JSON scalars saved beside it (restored as ``restored_extra``). The write
-        finishes asynchronously. Raises ``TrainingDiverged`` (saving nothing) if the state or an
-        extra is not finite.
+        ``extra``: JSON saved beside it (restored as ``restored_extra``): scalars, and lists and
+        dicts of them (the run's records). The write finishes asynchronously. Raises
+        ``TrainingDiverged`` (saving nothing) if the state or a number in extra is not finite.
         """
         latest = self.manager.latest_step()
         if latest is not None and step <= latest:
@@ -150,7 +130,9 @@ class Checkpointer:
             return False
         extra = {k: v.item() if hasattr(v, "item") else v for k, v in (extra or {}).items()}
         finite, checksums = fingerprint.summarize(state)
-        bad = [f"{k} = {v}" for k, v in extra.items() if isinstance(v, float) and not isfinite(v)]
+        leaves = jax.tree_util.tree_leaves_with_path(extra)  # e.g. history.epochs.0.loss
+        name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # noqa: E731
+        bad = [f"{name(p)} = {v}" for p, v in leaves if isinstance(v, float) and not isfinite(v)]
         bad_arrays = [path for path, ok in finite.items() if not ok]
         if bad_arrays:
             more = f" and {len(bad_arrays) - 3} more" if len(bad_arrays) > 3 else ""
@@ -257,15 +239,23 @@ class Checkpointer:
 
         Raises ``ConfigError`` if it was saved with a different config, and ``CheckpointError`` if
         checkpoints exist but every one is damaged. Damaged ones newer than the restored one are
-        moved to ``<workdir>/checkpoints_damaged/`` with a warning (left in place if read-only).
+        moved to ``<workdir>/checkpoints_damaged/`` with a warning; read-only, another run's
+        checkpoints are read as ``saved_run.newest_intact`` reads them (nothing moved).
         """
         self.restored_step, self.restored_extra = None, {}
+        if self.read_only:
+            read = lambda step: self._restore_verified(step, template)  # noqa: E731
+            found = newest_intact(self.manager, read, steps)
+            if found is None:
+                return template
+            self.restored_step, (state, self.restored_extra) = found
+            return state
         damaged: list[tuple[int, str]] = []
         steps = self.manager.all_steps() if steps is None else steps
         for step in sorted(steps, reverse=True):
             try:
                 state, extra = self._restore_verified(step, template)
-            except _Damaged as err:
+            except Damaged as err:
                 damaged.append((step, str(err)))
                 continue
             for bad_step, reason in damaged:
@@ -273,7 +263,7 @@ class Checkpointer:
                     "skipped damaged checkpoint step %d (%s); %s. Resuming from step %d.",
                     bad_step,
                     reason,
-                    "left in place" if self.read_only else self._set_aside(bad_step),
+                    self._set_aside(bad_step),
                     step,
                 )
             self.restored_step, self.restored_extra = step, extra
@@ -294,38 +284,19 @@ class Checkpointer:
             )
         try:
             return self._restore_verified(step, template)[0]
-        except _Damaged as err:
+        except Damaged as err:
             raise CheckpointError(f"checkpoint step {step} is damaged: {err}") from err
 
     def _restore_verified(self, step: int, template: Any) -> tuple[Any, dict]:
-        """Check compatibility, restore and verify one step; ``_Damaged`` if it is unreadable."""
+        """Check compatibility, restore and verify one step; ``Damaged`` if it is unreadable."""
         where = self.directory / str(step)
-        try:
-            present, meta = read_meta(self.manager, step)
-            saved = self.manager.item_metadata(step)[
-                LEGACY_ITEM if LEGACY_ITEM in present else STATE_ITEM
-            ]
-            saved_shapes = fingerprint.shapes(saved.tree if hasattr(saved, "tree") else saved)
-            if not saved_shapes:
-                raise ValueError("no array metadata")
-        except Exception as err:
-            raise _Damaged(f"its metadata cannot be read: {_short(err)}") from err
+        present, meta, saved = read_description(self.manager, step)
         if meta is not None:
             refuse_other_config(meta.get("config", {}), self.config, RESUME_FIELDS, where)
-        refuse_other_shapes(saved_shapes, template, where)
+        refuse_other_shapes(fingerprint.shapes(saved), template, where)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fingerprint.keys_as_data(template))
-        try:
-            state, extra = read_state(self.manager, step, abstract, present)
-            state = fingerprint.data_as_keys(state, template)
-        except Exception as err:
-            raise _Damaged(f"its arrays cannot be read: {_short(err)}") from err
-        if meta is None:
-            return state, {}
-        _, checksums = fingerprint.summarize(state)
-        changed = [p for p, c in checksums.items() if meta["fingerprint"].get(p) != c]
-        if changed:
-            raise _Damaged(f"{len(changed)} array(s) differ from what was saved, e.g. {changed[0]}")
-        return state, meta.get("extra", {}) if extra is None else extra
+        state, extra = read_verified(self.manager, step, abstract, present, meta)
+        return fingerprint.data_as_keys(state, template), extra
 
     def _set_aside(self, step: int) -> str:
         """Move a damaged step out of the manager's directory (kept for inspection); says where."""
@@ -340,12 +311,14 @@ class Checkpointer:
                 target_root.mkdir(parents=True, exist_ok=True)
                 (self.directory / str(step)).rename(target)
             except OSError as err:  # e.g. a directory without permissions cannot be moved
-                where = f"it stays in place: it cannot be moved ({_short(err)})"
+                where = f"it stays in place: it cannot be moved ({short_error(err)})"
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"moco_jax_set_aside_{step}")
         self.manager.reload()
+        if step in self.manager.all_steps():  # the same answer on every process
+            self.unreadable.add(step)
         return where
 
     def close(self) -> None:
@@ -364,8 +337,3 @@ class Checkpointer:
 
 def _arrays(tree: Any) -> list[Any]:
     return [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
-
-
-def _short(err: Exception) -> str:
-    text = f"{type(err).__name__}: {err}".splitlines()[0]
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -13,6 +13,7 @@ preempted jobs see the usual code, and rerunning the same command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import sys
@@ -46,7 +47,9 @@ def _exit(line: str, code: int) -> NoReturn:
     ``CheckpointManager.close()`` does not wait for the clean-up of temporary directories it
     starts when it opens: a manager closed at once (an error right after it was made) leaves that
     thread running, and at exit, when the interpreter no longer takes new thread-pool work, it
-    fails and logs a traceback after our last line. Let it finish first."""
+    fails and logs a traceback after our last line. Let it finish first. A thread of a background
+    write that failed (a disk filling during an asynchronous save) re-raises its error when
+    joined: that error is what the line reports, so it is dropped here."""
     sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)
     # Coroutines of a failed background write, collected as the interpreter shuts down, would
@@ -58,7 +61,8 @@ def _exit(line: str, code: int) -> NoReturn:
     deadline = time.monotonic() + 60.0
     for thread in threading.enumerate():
         if type(thread).__module__.startswith("orbax.") and thread.is_alive() and not thread.daemon:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(Exception):  # its failure, or still running after 60 s
+                thread.join(max(0.0, deadline - time.monotonic()))
     sys.exit(code)
 
 

@@ -55,10 +55,10 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     _check_saved(workdir_path, step, saved_steps(workdir_path))  # before the data is loaded
-    run = setup_run(config, workdir_path)
+    # Read-only: damaged checkpoints are skipped, never moved (a pretraining run's own restore
+    # sets them aside).
+    run = setup_run(config, workdir_path, read_only=True)
     try:
-        # Damaged checkpoints were set aside: what is left may be none (or not ``step``).
-        _check_saved(workdir_path, step, run.checkpointer.manager.all_steps())
         initial = run.setup.initial_state()
         state = run.checkpointer.restore(step, initial) if step is not None else run.state
         encoder = run.setup.algorithm.encoder_variables

@@ -33,6 +33,7 @@ from typing import Any
 from absl import app, flags
 from etils import epath
 
+from moco_jax import paths, regular_files
 from moco_jax.checkpointing import Checkpointer
 from moco_jax.saved_run import load_run_config, saved_steps
 from moco_jax.torch_formats import FORMATS
@@ -54,7 +55,9 @@ def define_flags() -> None:
         "official MoCo (v1/v2: both encoders and the queue; v3: base and momentum encoders and "
         "predictor) .pth.tar; deit: a ViT backbone as moco-v3's convert_to_deit.py writes it.",
     )
-    flags.DEFINE_string("output", None, "The file to write (replaced whole if it exists).")
+    flags.DEFINE_string(
+        "output", None, "The file to write: a new or regular file, replaced whole if it exists."
+    )
 
 
 def restore(workdir: epath.Path, config: Any, step: int | None = None):
@@ -76,7 +79,8 @@ def restore(workdir: epath.Path, config: Any, step: int | None = None):
     # Read-only: no lock, nothing cleaned up or moved (the run may be training and saving).
     reader = Checkpointer(workdir / "checkpoints", config, read_only=True)
     try:
-        state = reader.restore_latest(_template(setup), steps if step is None else [step])
+        # All steps: those listed now may be deleted while read, by a run still training.
+        state = reader.restore_latest(_template(setup), None if step is None else [step])
     finally:
         reader.close()
     return setup, state, reader.restored_step, reader.restored_extra
@@ -141,10 +145,10 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
     _refuse_what_does_not_apply(fmt, config, workdir)
     if fmt != "detectron2":
         torch_bridge.require_torch(f"--format={fmt}")
-    _check_output(output_path)
+    _check_output(output_path, workdir_path)
     setup, state, step, extra = restore(workdir_path, config, step)
     payload = layout(fmt, setup, state, step, extra)
-    _write_whole(output_path, encode(fmt, payload))
+    regular_files.write_whole(output_path, encode(fmt, payload), "--output")
     tensors = payload.get("model") or payload.get("state_dict") or payload
     return {"output": str(output_path), "format": fmt, "step": step, "tensors": len(tensors)}
 
@@ -180,25 +184,21 @@ def _refuse_what_does_not_apply(fmt: str, config: Any, workdir: str) -> None:
         )
 
 
-def _check_output(output: epath.Path) -> None:
+def _check_output(output: epath.Path, workdir: epath.Path) -> None:
+    """Refuse, before anything is restored, an ``--output`` that writing would not replace as a
+    file (a directory, device, FIFO, socket: ``regular_files``), in a directory that does not
+    exist, or inside the run's checkpoint directories (orbax's: a stray file there is damage)."""
     if output.is_dir():
         raise IsADirectoryError(f"--output {output} is a directory: give a file name")
+    regular_files.check_output(output, "--output")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"--output {output}: the directory {output.parent} does not exist")
-
-
-def _write_whole(path: epath.Path, data: bytes) -> None:
-    """``path`` holds all of ``data`` or keeps what it had (renamed into place when complete)."""
-    if "://" in str(path):  # an object store writes each object whole
-        path.write_bytes(data)
-        return
-    partial = path.parent / f".{path.name}.partial"
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        if partial.exists():
-            partial.unlink()
+    for name in ("checkpoints", "checkpoints_damaged"):
+        if paths.is_within(output, workdir / name):
+            raise ConfigError(
+                f"--output {output} is inside {workdir / name}, which holds the run's "
+                f"checkpoints: write the export elsewhere"
+            )
 
 
 def _notes(config: Any) -> list[str]:

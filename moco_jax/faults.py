@@ -8,6 +8,9 @@ Each variable names a step count ``N`` (the state after ``N`` optimizer steps):
   is completely written: the moment between a committed checkpoint and what follows it.
 - ``MOCO_JAX_FAULT_SIGTERM_AT_STEP=N``: send this process SIGTERM after step ``N``, as a
   scheduler preempting the job would.
+- ``MOCO_JAX_FAULT_FILL_DISK_AT_STEP=N``: right after step ``N``'s checkpoint save has started
+  (orbax writes it in the background), fill the workdir's file system with one file,
+  ``<workdir>/fault_disk_filler``: a disk that fills during an asynchronous write.
 - ``MOCO_JAX_FAULT_NAN_AT_STEP=N``: step ``N``'s loss becomes NaN and the parameters it produces
   are poisoned, as a diverging step would leave them.
 
@@ -16,6 +19,7 @@ Nothing here changes a run when the variables are unset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -36,18 +40,22 @@ class Faults:
     kill_after_commit_at: int | None = None
     sigterm_at: int | None = None
     nan_at: int | None = None
+    fill_disk_at: int | None = None
     wait_for_saves: Callable[[], None] = lambda: None
+    disk_filler: str = "fault_disk_filler"
 
     @classmethod
-    def from_env(cls, wait_for_saves: Callable[[], None]) -> Faults:
+    def from_env(cls, wait_for_saves: Callable[[], None], workdir: str = ".") -> Faults:
         """The faults the environment asks for; ``wait_for_saves`` blocks until checkpoints
-        started so far are written."""
+        started so far are written; ``workdir`` is where the disk filler goes."""
         return cls(
             kill_at=_step_from_env("MOCO_JAX_FAULT_KILL_AT_STEP"),
             kill_after_commit_at=_step_from_env("MOCO_JAX_FAULT_KILL_AFTER_COMMIT_AT_STEP"),
             sigterm_at=_step_from_env("MOCO_JAX_FAULT_SIGTERM_AT_STEP"),
             nan_at=_step_from_env("MOCO_JAX_FAULT_NAN_AT_STEP"),
+            fill_disk_at=_step_from_env("MOCO_JAX_FAULT_FILL_DISK_AT_STEP"),
             wait_for_saves=wait_for_saves,
+            disk_filler=os.path.join(str(workdir), "fault_disk_filler"),
         )
 
     def poison(self, progress) -> None:
@@ -57,6 +65,19 @@ class Faults:
         poison = lambda x: x * jnp.nan  # noqa: E731
         progress.metrics = {**progress.metrics, "loss": poison(progress.metrics["loss"])}
         progress.state = progress.state.replace(params=jax.tree.map(poison, progress.state.params))
+
+    def fill_disk(self, progress) -> None:
+        """Hook (after the checkpoint hook): at ``fill_disk_at``, write zeros until the disk is
+        full, while the step's checkpoint is being written."""
+        if progress.step != self.fill_disk_at:
+            return
+        filler = os.open(self.disk_filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            with contextlib.suppress(OSError):  # ENOSPC: full
+                while True:
+                    os.write(filler, bytes(1 << 16))
+        finally:
+            os.close(filler)
 
     def deliver_signals(self, progress) -> None:
         """Hook (after the checkpoint hook): the signal asked for at this step, if any."""

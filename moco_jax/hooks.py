@@ -64,24 +64,33 @@ def check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:
         )
 
 
+HISTORY = "history"  # the checkpoint's extra item: the run's baselines and epoch records
+
+
 class SaveCheckpoint:
     """Saves when the checkpoint policies ask for it (interval, preemption) and at every epoch's
-    end, with the running epoch loss, the epoch length and the input pipeline's counters.
+    end, with the running epoch loss, the epoch length, the input pipeline's counters and the
+    run's ``history`` so far (baselines and epoch records: small, one dict per epoch).
 
     Runs after the hooks that write records: everything a checkpoint covers is on disk before
-    the checkpoint is, so a run killed at any moment resumes with no record missing (a resumed
-    run rewinds the records written after its checkpoint and redoes them).
+    the checkpoint is, and in it, so a run killed at any moment resumes with no record missing,
+    even one a kill left cut (a resumed run rebuilds the records files from its checkpoint and
+    redoes the records after it: its kNN figures could not be measured again).
     """
 
-    def __init__(self, checkpointer: Checkpointer, views: Any):
-        self.checkpointer, self.views = checkpointer, views
+    def __init__(self, checkpointer: Checkpointer, views: Any, history: dict):
+        self.checkpointer, self.views, self.history = checkpointer, views, history
 
     def extra(self, progress: Progress) -> dict[str, Any]:
         loss = 0.0 if progress.epoch_steps == 0 else progress.epoch_loss
+        history = {"epochs": list(self.history.get("epochs", []))}  # a copy: saved later
+        if "baselines" in self.history:
+            history["baselines"] = dict(self.history["baselines"])
         return {
             "epoch_loss_sum": loss,
             "steps_per_epoch": progress.steps_per_epoch,
             **self.views.checkpoint_extra(),
+            HISTORY: history,
         }
 
     def __call__(self, progress: Progress) -> None:

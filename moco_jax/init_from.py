@@ -13,71 +13,70 @@ with another K or dim reuses one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from moco_jax import fingerprint, torch_bridge, torch_encoders, torch_formats, vit_names
-from moco_jax.checkpoint_format import LEGACY_ITEM, STATE_ITEM, open_manager, read_meta
+from moco_jax.checkpoint_format import (
+    CheckpointError,
+    open_manager,
+    read_description,
+    read_verified,
+)
 from moco_jax.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
+from moco_jax.saved_run import newest_intact
 from moco_jax.validation import ConfigError
 
 ENCODER_COLLECTIONS = ("params", "batch_stats")
 
 
-def find_checkpoint(path: str | epath.Path, what: str = "init_from") -> tuple[epath.Path, int]:
-    """``(checkpoints directory, step)`` of a workdir or checkpoints directory (its latest step)
-    or of one step's directory."""
+def find_checkpoint(
+    path: str | epath.Path, what: str = "init_from"
+) -> tuple[epath.Path, list[int] | None]:
+    """``(checkpoints directory, [step])`` of one step's directory, or ``(checkpoints directory,
+    None)`` of a workdir or checkpoints directory (read: its newest intact step)."""
     path = epath.Path(path)
     if not path.exists():
         raise ConfigError(f"{what}: {path} does not exist")
     if path.name.isdigit() and not (path / "checkpoints").is_dir():
-        return path.parent, int(path.name)
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    manager = open_manager(root)
-    step = manager.latest_step()
-    manager.close()
-    if step is None:
-        raise ConfigError(f"{what}: no checkpoint in {root}")
-    return root, step
+        return path.parent, [int(path.name)]
+    return (path / "checkpoints" if (path / "checkpoints").is_dir() else path), None
 
 
 def load_encoder_weights(path: str, template: Any, setup: Any, what: str = "init_from") -> Any:
     """``template`` (a fresh state of ``setup``) with the encoder saved at ``path``.
 
-    ``path``: a moco_jax workdir, checkpoints directory or step directory; or a file: an official
-    MoCo v1/v2 ``.pth.tar`` (its query encoder) or moco-v3 ``.pth.tar`` (its base encoder), a
-    torchvision ResNet or timm ViT state dict (bare, under ``state_dict`` or DeiT's ``model``,
-    or with DataParallel's ``module.``) or the detectron2 converter's ``.pkl``.
+    ``path``: a moco_jax workdir or checkpoints directory (its newest intact checkpoint: damaged
+    ones are skipped with a warning and left as they are) or step directory; or a file: an
+    official MoCo v1/v2 ``.pth.tar`` (its query encoder) or moco-v3 ``.pth.tar`` (its base
+    encoder), a torchvision ResNet or timm ViT state dict (bare, under ``state_dict`` or DeiT's
+    ``model``, or with DataParallel's ``module.``) or the detectron2 converter's ``.pkl``.
     The backbone must match this config's (else a ``ConfigError`` of one line naming the first
     tensor that differs); the projection head is taken when the template has one of the same
     shapes, and stays fresh otherwise. ``what`` names the setting in messages
-    (``init_from``, ``linear.pretrained``).
+    (``init_from``, ``linear.pretrained``). Nothing at ``path`` is changed.
     """
     if epath.Path(path).is_file():
         return _load_file(str(path), template, setup, what)
-    root, step = find_checkpoint(path, what)
-    where = root / str(step)
+    root, steps = find_checkpoint(path, what)
     manager = open_manager(root)
     try:
-        present, meta = read_meta(manager, step)
-        if meta is not None:
-            saved_config = meta.get("config", {})
-            current = config_dict(setup.config)
-            refuse_other_config(saved_config, current, ENCODER_FIELDS, where, f"{what} ")
-        item = LEGACY_ITEM if LEGACY_ITEM in present else STATE_ITEM
-        tree = manager.item_metadata(step)[item]
-        tree = tree.tree if hasattr(tree, "tree") else tree
-        wanted = {name: tree[name] for name in ENCODER_COLLECTIONS if name in tree}
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        restore = ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True)
-        saved = manager.restore(step, args=ocp.args.Composite(**{item: restore}))[item]
+        read = functools.partial(_read_encoder, manager, root, config_dict(setup.config), what)
+        found = newest_intact(manager, read, steps)
+    except CheckpointError as err:
+        raise CheckpointError(f"{what} {path}: {err}") from None
     finally:
         manager.close()
+    if found is None:
+        missing = f"no checkpoint step {steps[0]}" if steps else "no checkpoint"
+        raise ConfigError(f"{what}: {missing} in {root}")
+    step, saved = found
+    where = root / str(step)
     current = setup.algorithm.encoder_variables(template)
     loaded = {name: dict(current.get(name, {})) for name in ENCODER_COLLECTIONS}
     taken = []
@@ -97,6 +96,18 @@ def load_encoder_weights(path: str, template: Any, setup: Any, what: str = "init
         taken.append(part)
     logging.info("%s %s: loaded the %s", what, where, " and ".join(taken))
     return setup.algorithm.load_encoder(template, loaded)
+
+
+def _read_encoder(manager: Any, root: epath.Path, current: dict, what: str, step: int) -> dict:
+    """The encoder's collections saved at ``step`` (numpy), read and checked against their
+    checksums alone (``Damaged`` otherwise); ``ConfigError`` for another encoder's config."""
+    present, meta, saved = read_description(manager, step)
+    if meta is not None:
+        saved_config = meta.get("config", {})
+        refuse_other_config(saved_config, current, ENCODER_FIELDS, root / str(step), f"{what} ")
+    wanted = {name: saved[name] for name in ENCODER_COLLECTIONS if name in saved}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), wanted)
+    return read_verified(manager, step, abstract, present, meta)[0]
 
 
 def _parts(encoder: dict) -> list[str]:

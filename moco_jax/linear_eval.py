@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import PartitionSpec as P
 
-from moco_jax import torch_architecture, torch_formats
+from moco_jax import regular_files, torch_architecture, torch_formats
 from moco_jax.algorithms.linear import classify
 from moco_jax.data.resident import ResidentViews, make_eval_transform
 from moco_jax.knn import largest_divisor_at_most, make_feature_fn
@@ -54,6 +54,7 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     path = epath.Path(source)
     if not path.exists():
         raise ConfigError(f"linear.pretrained: {source} does not exist")
+    regular_files.check_input(path, "linear.pretrained")  # before its kind decides what is read
     saved = _workdir_config(path) if path.is_dir() else None  # a file in a workdir: its own
     if saved is not None:
         fields, whose = saved.get("model", {}), "the pretrained run's"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 from absl import logging
 from etils import epath
+
+# Whole or not at all, and never over a device, FIFO or socket (also imported from here).
+from moco_jax.regular_files import read_bytes, read_text
+from moco_jax.regular_files import write_whole as write_atomically
 
 
 class MetricsWriter:
@@ -45,25 +49,54 @@ class MetricsWriter:
 
     def write_baselines(self, baselines: dict[str, float]) -> None:
         if self.enabled:
-            write_atomically(
-                self.workdir / "baselines.json", json.dumps(baselines, indent=2) + "\n"
-            )
+            write_atomically(self.workdir / "baselines.json", baselines_text(baselines))
 
-    def rewind(self, step: int, steps_per_epoch: int) -> None:
-        """Forget records written after ``step`` (a resumed run redoes those steps and epochs)
-        and any line a killed run left half-written."""
+    def resume(self, step: int, steps_per_epoch: int, saved: dict | None) -> dict:
+        """The history (baselines, epoch records) a run resumed at ``step`` continues, with the
+        files rewound to it: records written after ``step`` are forgotten (the run redoes them).
+
+        ``saved``: the history the checkpoint of ``step`` keeps. The files are rebuilt from it, so
+        a record or a baselines file a killed run damaged comes back as it was (its kNN figures
+        cannot be measured again). None (a fresh run, or a checkpoint of an earlier version that
+        kept none): the files are the only source; a damaged record is dropped with a warning,
+        and damaged baselines are computed again.
+        """
+        self._rewind("metrics.jsonl", "step", step)
+        if saved is None:
+            self._rewind("epochs.jsonl", "epoch", step // steps_per_epoch)
+            return self.read_history()
+        history = {"epochs": list(saved.get("epochs", []))}
+        texts = {"epochs.jsonl": "".join(json.dumps(r) + "\n" for r in history["epochs"])}
+        if "baselines" in saved:
+            history["baselines"] = dict(saved["baselines"])
+            texts["baselines.json"] = baselines_text(history["baselines"])
+        for name, text in texts.items():
+            self._rebuild(name, text, step)
+        return history
+
+    def _rewind(self, name: str, key: str, last: int) -> None:
+        """Forget the records of ``name`` after ``last`` and any line a killed run left cut."""
+        path = self.workdir / name
+        if self.enabled and path.exists():
+            lines = read_text(path).splitlines()
+            kept = [json.dumps(r) for r in read_records(path, key) if r[key] <= last]
+            if kept != lines:
+                write_atomically(path, "".join(line + "\n" for line in kept))
+
+    def _rebuild(self, name: str, text: str, step: int) -> None:
+        """Make ``name`` hold ``text``, what the checkpoint of ``step`` keeps; warn when that
+        brings back something lost (not only when it forgets records written after ``step``)."""
         if not self.enabled:
             return
-        for name, key, last in [
-            ("metrics.jsonl", "step", step),
-            ("epochs.jsonl", "epoch", step // steps_per_epoch),
-        ]:
-            path = self.workdir / name
-            if path.exists():
-                lines = path.read_text().splitlines()
-                kept = [json.dumps(r) for r in read_records(path, key) if r[key] <= last]
-                if kept != lines:
-                    write_atomically(path, "".join(line + "\n" for line in kept))
+        path = self.workdir / name
+        current = read_bytes(path) if path.exists() else b""
+        if current == text.encode():
+            return
+        if not current.startswith(text.encode()):
+            logging.warning(
+                "%s was missing or damaged: rewritten from checkpoint step %d", path, step
+            )
+        write_atomically(path, text)
 
     def read_history(self) -> dict:
         """Baselines and epoch records written so far (a resumed run continues them); a file a
@@ -72,7 +105,7 @@ class MetricsWriter:
         baselines = self.workdir / "baselines.json"
         if baselines.exists():
             try:
-                history["baselines"] = dict(json.loads(baselines.read_text()))
+                history["baselines"] = dict(json.loads(read_text(baselines)))
             except ValueError:
                 logging.warning("%s is damaged; the baselines are computed again", baselines)
         epochs = self.workdir / "epochs.jsonl"
@@ -81,10 +114,14 @@ class MetricsWriter:
         return history
 
 
+def baselines_text(baselines: dict[str, float]) -> str:
+    return json.dumps(baselines, indent=2) + "\n"
+
+
 def read_records(path: epath.Path, key: str) -> list[dict]:
     """The JSON-lines records of ``path`` that have ``key``; others are dropped with a warning."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         try:
             record = json.loads(line)
         except ValueError:
@@ -94,17 +131,6 @@ def read_records(path: epath.Path, key: str) -> list[dict]:
         elif line.strip():
             logging.warning("%s line %d is damaged (a killed run?): dropped", path, number)
     return records
-
-
-def write_atomically(path: epath.Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file renamed over it (an object store
-    writes each object whole anyway)."""
-    if "://" in str(path):
-        path.write_text(text)
-        return
-    temporary = path.parent / f".{path.name}.tmp"
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 KNN_CURVES = [("knn_head", "head (output)"), ("knn_backbone", "backbone (pooled)")]
@@ -149,6 +175,7 @@ def plot_history(
         ax.set_xlim(0.5, last_epoch + 0.5)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    with path.open("wb") as f:  # epath: the workdir may be a bucket
-        fig.savefig(f, dpi=100, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
+    write_atomically(path, png.getvalue())

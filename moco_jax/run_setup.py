@@ -62,8 +62,11 @@ class Run:
             self.lock.release()
 
 
-def setup_run(config: Any, workdir: str | epath.Path) -> Run:
-    """Validate, load the data, build the algorithm and restore the latest checkpoint if any."""
+def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -> Run:
+    """Validate, load the data, build the algorithm and restore the latest checkpoint if any.
+
+    ``read_only``: the run's checkpoints are only read (``evaluate knn``): damaged ones are
+    skipped but left in place, and nothing is checked for saving."""
     mesh = mesh_for(config)  # every config rule that needs no data, once
     early = build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data
     inputs = early.algorithm.inputs
@@ -81,8 +84,9 @@ def setup_run(config: Any, workdir: str | epath.Path) -> Run:
         # Algorithm and state (fresh or restored).
         setup = build(config, views.steps_per_epoch, mesh=mesh)
         state = setup.initial_state()
-        checkpointer = Checkpointer(workdir / "checkpoints", config)
-        checkpointer.check_can_save(state)  # read-only or full disk: fail before training
+        checkpointer = Checkpointer(workdir / "checkpoints", config, read_only=read_only)
+        if not read_only:
+            checkpointer.check_can_save(state)  # read-only or full disk: fail before training
         state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
         _check_epoch_length(checkpointer, views.steps_per_epoch)
         if checkpointer.restored_step is None and config.get("init_from"):

@@ -54,8 +54,8 @@ def _train(run: Run) -> tuple[dict, Any]:
     total_steps = steps_per_epoch * config.epochs
     is_main = jax.process_index() == 0
     writer = MetricsWriter(run.workdir, enabled=is_main)
-    writer.rewind(int(run.state.step), steps_per_epoch)
-    history = writer.read_history()
+    saved = checkpointer.restored_extra.get(hooks.HISTORY)  # None: fresh, or an earlier version
+    history = writer.resume(int(run.state.step), steps_per_epoch, saved)
     if is_main:
         write_atomically(run.workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     if "baselines" not in history and run.monitor is not None:  # what pretraining has to beat
@@ -69,8 +69,8 @@ def _train(run: Run) -> tuple[dict, Any]:
     views.restore(checkpointer.restored_extra)  # e.g. streamed data's skipped-image count
     bar = _progress_bar(total_steps, progress.step, enabled=is_main)
     # Test-only fault injection; inert unless MOCO_JAX_FAULT_* is set.
-    faults = Faults.from_env(wait_for_saves=checkpointer.manager.wait_until_finished)
-    save = hooks.SaveCheckpoint(checkpointer, views)
+    faults = Faults.from_env(checkpointer.manager.wait_until_finished, run.workdir)
+    save = hooks.SaveCheckpoint(checkpointer, views, history)
     log = hooks.LogMetrics(
         config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
     )
@@ -85,6 +85,7 @@ def _train(run: Run) -> tuple[dict, Any]:
         log,
         end_of_epoch,
         save,
+        faults.fill_disk,
         faults.deliver_signals,
         hooks.StopWhenPreempted(save, bar),
     ]

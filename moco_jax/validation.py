@@ -16,6 +16,7 @@ from typing import Any
 
 from etils import epath
 
+from moco_jax import regular_files
 from moco_jax.algorithms import available_algorithms
 from moco_jax.config_checks import (  # noqa: F401 - ConfigError is this module's API too
     ConfigError,
@@ -118,6 +119,8 @@ def _validate_run_fields(config: Any) -> None:
         init_from is None or (isinstance(init_from, str) and init_from.strip() != ""),
         f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
     )
+    if init_from is not None:  # a FIFO would block its reader, /dev/zero fill memory
+        regular_files.check_input(init_from, "init_from")
     require(
         init_from is None
         or is_remote(init_from)  # a bucket is not asked before the run (paths.py)

@@ -124,6 +124,18 @@ ROWS = [
         "no workdir",
     ),
     (
+        "init-from-a-fifo",  # was read by its loader, which blocked for ever
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.init_from={t}/fifo.pth"],
+        "error: init_from {t}/fifo.pth is a FIFO (named pipe), not a regular file",
+        "no workdir",
+    ),
+    (
+        "linear-pretrained-a-fifo",
+        [*EVALUATE, "linear", *LINEAR, "--workdir", "{w}", "--pretrained", "{t}/fifo.pth"],
+        "error: linear.pretrained {t}/fifo.pth is a FIFO (named pipe), not a regular file",
+        "no workdir",
+    ),
+    (
         "image-too-large-for-memory",
         [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.dataset.image_size=100000"],
         "error: the run needs at least 4.77e+03 GiB per device (state",
@@ -242,7 +254,7 @@ ROWS = [
 
 
 def _prepare(tmp_path: pathlib.Path) -> None:
-    """Bad config files, and workdirs with a config.json (whose data directory must stay
+    """Bad config files, a FIFO, and workdirs with a config.json (whose data directory must stay
     absent: a run that loaded the data first would prepare the dataset there)."""
     for name, text in CONFIG_FILES.items():
         (tmp_path / name).write_text(text)
@@ -258,6 +270,7 @@ def _prepare(tmp_path: pathlib.Path) -> None:
     ]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(text)
+    os.mkfifo(tmp_path / "fifo.pth")  # weights that would block their reader
     (tmp_path / "cwd").mkdir()
 
 

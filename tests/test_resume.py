@@ -83,11 +83,15 @@ def runs(tmp_path_factory):
     records_after_commit_kill = _records(interrupted / "epochs.jsonl", "epoch", drop="")
     kill = _wait(_start(interrupted, *RUN, fault=("KILL", 12)))
     after_kill = _steps_on_disk(interrupted)
-    # What a kill in the middle of a write would leave: a half line, a truncated JSON file.
+    # What a kill in the middle of a write would leave: a half line, a truncated JSON file, and
+    # epoch 1's record cut (the checkpoint, at step 9 or 12, is past it: it keeps that record).
     with (interrupted / "metrics.jsonl").open("a") as f:
         f.write('{"step": 13, "loss": 5.')
     baselines = interrupted / "baselines.json"
     baselines.write_text(baselines.read_text()[:20])
+    epochs = interrupted / "epochs.jsonl"
+    epoch_1 = epochs.read_text()
+    epochs.write_text(epoch_1[: len(epoch_1) // 2])
     finish = _wait(_start(interrupted, *RUN))
     return {
         "root": root,
@@ -97,6 +101,7 @@ def runs(tmp_path_factory):
         "commit_kill": commit_kill,
         "after_commit_kill": after_commit_kill,
         "records_after_commit_kill": records_after_commit_kill,
+        "epoch_1": epoch_1,
         "kill": kill,
         "after_kill": after_kill,
         "finish": finish,
@@ -153,7 +158,22 @@ def test_records_survive_a_kill_right_after_a_committed_checkpoint(runs):
     assert sorted(runs["records_after_commit_kill"]) == [1]
     finish = runs["finish"].stderr
     assert "metrics.jsonl line" in finish and "is damaged" in finish  # the half line
-    assert "baselines.json is damaged; the baselines are computed again" in finish
+
+
+def test_a_cut_record_and_damaged_baselines_come_back_from_the_checkpoint(runs):
+    """Epoch 1's record, cut after the checkpoint passed it, is rewritten as it was (its kNN
+    figures and timing included); the baselines too, taken from the checkpoint, not recomputed."""
+    interrupted, finish = runs["root"] / "interrupted", runs["finish"].stderr
+    assert runs["finish"].returncode == 0, finish[-3000:]
+    for name in ("epochs.jsonl", "baselines.json"):
+        assert f"{name} was missing or damaged: rewritten from checkpoint step" in finish, name
+    assert "computed again" not in finish
+    epoch_1 = runs["epoch_1"]
+    assert [json.loads(line)["epoch"] for line in epoch_1.splitlines()] == [1]
+    assert "knn_head" in epoch_1 and "knn_seconds" in epoch_1
+    assert (interrupted / "epochs.jsonl").read_text().startswith(epoch_1)
+    expected = (runs["root"] / "reference" / "baselines.json").read_text()
+    assert (interrupted / "baselines.json").read_text() == expected
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs):

@@ -10,6 +10,7 @@ import sys
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
+from moco_jax import trainer
 from moco_jax.data.tfds_source import DatasetError
 from moco_jax.evaluate import evaluate_knn
 from moco_jax.trainer import train_and_evaluate
@@ -41,7 +42,11 @@ def data_dir():
     return fashion_mnist_data_dir()
 
 
-def test_smoke_pretraining_through_train_py(tmp_path, data_dir):
+def _no_baselines_pass(run):
+    raise AssertionError("the baselines were computed again")
+
+
+def test_smoke_pretraining_through_train_py(tmp_path, data_dir, monkeypatch):
     result = _train_py(tmp_path, f"--config.dataset.data_dir={data_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("metrics.jsonl", "epochs.jsonl", "baselines.json", "pretraining.png"):
@@ -60,6 +65,19 @@ def test_smoke_pretraining_through_train_py(tmp_path, data_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(steps)
+
+    # The last record cut and the baselines file lost after the final checkpoint: a rerun takes
+    # both back from that checkpoint, as they were, without computing the baselines again.
+    saved = {name: (tmp_path / name).read_bytes() for name in ("epochs.jsonl", "baselines.json")}
+    assert b'"knn_head"' in saved["epochs.jsonl"]
+    (tmp_path / "epochs.jsonl").write_bytes(saved["epochs.jsonl"][:-20])
+    (tmp_path / "baselines.json").unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_baselines", _no_baselines_pass)
+        assert train_and_evaluate(tiny_config(**{"dataset.data_dir": data_dir}), str(tmp_path))
+    for name, expected in saved.items():
+        assert (tmp_path / name).read_bytes() == expected, name
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
     # The standalone evaluation of the saved run reproduces the final kNN numbers.
     result = evaluate_knn(str(tmp_path))

@@ -1,0 +1,230 @@
+"""Reading another run's workdir (export, ``init_from`` / ``linear.pretrained``, ``evaluate knn``)
+never changes it: the newest intact checkpoint with a warning naming a damaged newer one, one
+error naming the workdir when none is intact, and a step deleted while it is read (the run is
+still saving; its retention deleted it) taken for what it is, not for damage.
+
+One tiny saved run (smoke.py's ResNet, steps 2, 4 and 6 of distinct states, no training); each
+test damages or deletes in a copy of it.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+import moco_jax
+from moco_jax import checkpoint_format, export
+from moco_jax.checkpointing import Checkpointer, CheckpointError
+from moco_jax.init_from import load_encoder_weights
+from tiny import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = (2, 4, 6)
+
+
+def _state_of(setup, step):
+    """A state of random arrays, distinct per step (so reading the wrong step shows), made from
+    the state's shapes (nothing to compile)."""
+    rng = np.random.default_rng(step)
+
+    def fill(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(jax.random.key(step), x.sharding)
+        values = rng.uniform(0.5, 1.5, x.shape) if x.shape else np.full((), step)
+        return jax.device_put(values.astype(x.dtype), x.sharding)
+
+    return jax.tree.map(fill, setup.abstract_state())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``(workdir, setup)``: config.json and checkpoints of ``STEPS``."""
+    config = tiny_config()
+    setup = moco_jax.build(config, 8, devices=jax.devices()[:1])
+    workdir = tmp_path_factory.mktemp("saved") / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", config)
+    for step in STEPS:
+        extra = {"epoch_loss_sum": 0.0, "steps_per_epoch": 8}  # smoke.py: 512 / 64
+        checkpointer.save(step, _state_of(setup, step), force=True, extra=extra)
+    checkpointer.close()
+    return workdir, setup
+
+
+@pytest.fixture
+def workdir(saved, tmp_path):
+    shutil.copytree(saved[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _tree(path):
+    """Every file and directory under ``path`` (itself included): size and modification time."""
+    return {
+        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in [path, *path.rglob("*")]
+    }
+
+
+def _truncate_arrays(step_dir):
+    """Every data file of the step's arrays cut to half (whichever holds the backbone)."""
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            os.truncate(path, path.stat().st_size // 2)
+
+
+def _backbone(state):
+    return jax.device_get({"params": state.params["backbone"], "bs": state.batch_stats["backbone"]})
+
+
+def _assert_same(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _load(workdir, setup):
+    """The encoder of ``workdir`` loaded into a fresh state, as linear evaluation loads it."""
+    return load_encoder_weights(str(workdir), _state_of(setup, 0), setup, "linear.pretrained")
+
+
+# Orbax leaves its read coroutines of a damaged array un-awaited (harmless, reported at collection).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_pretrained_weights_come_from_the_newest_intact_checkpoint(saved, workdir, caplog):
+    _, setup = saved
+    _truncate_arrays(workdir / "checkpoints" / "6")
+    before = _tree(workdir)
+    with caplog.at_level("WARNING"):
+        loaded = _load(workdir, setup)
+    _assert_same(_backbone(loaded), _backbone(_state_of(setup, 4)))
+    assert "skipped damaged checkpoint step 6 of" in caplog.text
+    assert "left in place. Reading step 4" in caplog.text
+    assert _tree(workdir) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_pretrained_workdir_without_an_intact_checkpoint_is_one_error(saved, workdir):
+    _, setup = saved
+    for step in STEPS:
+        _truncate_arrays(workdir / "checkpoints" / str(step))
+    before = _tree(workdir)
+    with pytest.raises(CheckpointError) as error:
+        _load(workdir, setup)
+    message = str(error.value)
+    assert message.startswith(
+        f"linear.pretrained {workdir}: every checkpoint in {workdir}/checkpoints is damaged (step 6"
+    )
+    assert "nothing there was changed" in message and "Move the directory" not in message
+    assert "\n" not in message
+    assert _tree(workdir) == before
+
+
+def _edit_checksum(step_dir, name):
+    """The checksum the step saved for array ``name`` changed: that array reads back other."""
+    path = step_dir / "_CHECKPOINT_METADATA"
+    metadata = json.loads(path.read_text())
+    checks = metadata["custom_metadata"]["fingerprint"][name]
+    checks[0] = (checks[0] + 1) % 2**32
+    path.write_text(json.dumps(metadata))
+
+
+def test_the_arrays_read_are_checked_against_their_checksums(saved, workdir, caplog):
+    """Only the encoder is read: its arrays are verified, the others (the queue) not needed."""
+    _, setup = saved
+    names = json.loads((workdir / "checkpoints/6/_CHECKPOINT_METADATA").read_text())
+    kernel = next(n for n in names["custom_metadata"]["fingerprint"] if "params/backbone" in n)
+    _edit_checksum(workdir / "checkpoints" / "6", "queue")
+    _assert_same(_backbone(_load(workdir, setup)), _backbone(_state_of(setup, 6)))
+    _edit_checksum(workdir / "checkpoints" / "6", kernel)
+    with caplog.at_level("WARNING"):
+        loaded = _load(workdir, setup)
+    _assert_same(_backbone(loaded), _backbone(_state_of(setup, 4)))
+    expected = f"step 6 of {workdir}/checkpoints (1 array(s) differ from what was saved, e.g. "
+    assert f"{expected}{kernel})" in caplog.text
+
+
+def _run_export(workdir, output, before=""):
+    """``python -m moco_jax.export`` (detectron2: no torch needed), ``before`` run first."""
+    args = [f"--workdir={workdir}", "--format=detectron2", f"--output={output}"]
+    code = f"import runpy, sys, warnings\n{before}\nsys.argv = ['export', *{args!r}]\n"
+    # ``before`` may have imported moco_jax.export: runpy's warning about it is not the test's.
+    code += "warnings.filterwarnings('ignore', '.*moco_jax.export', RuntimeWarning)\n"
+    code += "runpy.run_module('moco_jax.export', run_name='__main__')"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+
+
+def test_export_of_a_workdir_without_an_intact_checkpoint_is_only_the_error_line(workdir, tmp_path):
+    for step in STEPS:
+        _truncate_arrays(workdir / "checkpoints" / str(step))
+    before = _tree(workdir)
+    result = _run_export(workdir, tmp_path / "x.pkl")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: every checkpoint in {workdir}/checkpoints is damaged")
+    assert result.stderr.count("\n") == 1, result.stderr  # no traceback before or after
+    assert "Move the directory" not in result.stderr
+    assert _tree(workdir) == before and not (tmp_path / "x.pkl").exists()
+
+
+def delete_as_read(saves_newer):
+    """What a run saving every few steps does to a reader: as a step is read, its retention
+    deletes it (once it saved step 8, with ``saves_newer``)."""
+    real_read_meta = checkpoint_format.read_meta
+
+    def read_meta(manager, step):
+        if step != 8:
+            where = manager.directory / str(step)
+            if saves_newer:
+                shutil.copytree(where, manager.directory / "8")
+            shutil.rmtree(where)
+        return real_read_meta(manager, step)
+
+    checkpoint_format.read_meta = read_meta
+
+
+def test_export_reads_the_newest_step_left_when_a_run_deletes_the_one_read(
+    workdir, tmp_path, monkeypatch
+):
+    """Step 6 is deleted as it is read, once step 8 is saved: step 8 is exported."""
+    monkeypatch.setattr(checkpoint_format, "read_meta", checkpoint_format.read_meta)  # restored
+    delete_as_read(saves_newer=True)
+    result = export.export_weights(str(workdir), "detectron2", str(tmp_path / "x.pkl"))
+    assert result["step"] == 8
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "8"]
+
+
+def test_checkpoints_all_deleted_while_read_are_not_called_damaged(workdir, tmp_path):
+    patch = "from test_reading_runs import delete_as_read; delete_as_read(saves_newer=False)"
+    result = _run_export(workdir, tmp_path / "x.pkl", patch)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: the checkpoints of {workdir}/checkpoints were deleted while being read (steps 6, "
+        f"4, 2): is a run still saving there and deleting older ones (checkpoint.keep)? Rerun, or "
+        f"read a step it keeps for good (checkpoint.keep_every_steps)\n"
+    )
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_evaluate_knn_leaves_a_damaged_checkpoint_where_it_is(workdir, caplog):
+    """``evaluate knn`` writes its result (``knn_eval.json``) beside the run's checkpoints, and
+    changes nothing among them."""
+    from data_fixtures import fashion_mnist_data_dir
+
+    from moco_jax.evaluate import evaluate_knn
+
+    data_dir = fashion_mnist_data_dir()
+    _truncate_arrays(workdir / "checkpoints" / "6")
+    before = _tree(workdir / "checkpoints")
+    with caplog.at_level("WARNING"):
+        result = evaluate_knn(str(workdir), data_dir=data_dir)
+    assert result["step"] == 4
+    assert "skipped damaged checkpoint step 6 of" in caplog.text
+    assert _tree(workdir / "checkpoints") == before
+    assert not (workdir / "checkpoints_damaged").exists()
