@@ -71,6 +71,30 @@ def make_norm(num_splits: int):
     return lambda channels: SplitBatchNorm(channels, num_splits)
 
 
+class DownsampleConv(nn.Conv2d):
+    """The shortcut's strided 1x1 convolution (``downsample.0``), an ``nn.Conv2d`` with its
+    parameters; on CPU, with fewer than 16 input channels, it subsamples first and convolves with
+    stride 1, the same function.
+
+    Why: oneDNN v3.12.0 (bundled in torch 2.14.x) writes past its scratchpad in the weight
+    gradient of a strided 1x1 convolution on a channels-last input with fewer input channels than
+    its channel block (8 for AVX2, 16 for AVX-512), the "reduce to unit stride" path. On an AVX2
+    CPU a bare channels-last ``nn.Conv2d(4, 8, 1, stride=2)`` backward kills the process with 1
+    thread ("free(): invalid next size", SIGSEGV) and now and then hangs with 2; upstream
+    uxlfoundation/oneDNN#6035 (open) also reports wrong gradients. The thin smoke and test
+    ResNets (4 to 8 channels) have such shortcuts. Stride-1 1x1 convolutions take another path,
+    and turning oneDNN off instead costs the parity tests their 1e-4 agreement (PyTorch's native
+    CPU convolutions are less accurate in float32); full-width ResNets and CUDA are unaffected.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        plain = self.kernel_size != (1, 1) or self.padding != (0, 0) or (sh, sw) == (1, 1)
+        if plain or x.device.type != "cpu" or self.in_channels >= 16:
+            return super().forward(x)
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias, groups=self.groups)
+
+
 class BasicBlock(nn.Module):
     """torchvision's ResNet-18/34 block."""
 
@@ -86,7 +110,7 @@ class BasicBlock(nn.Module):
         self.downsample = None
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), norm(planes)
+                DownsampleConv(in_planes, planes, 1, stride, bias=False), norm(planes)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +138,7 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride != 1 or in_planes != out_planes:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), norm(out_planes)
+                DownsampleConv(in_planes, out_planes, 1, stride, bias=False), norm(out_planes)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

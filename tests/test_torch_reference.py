@@ -364,3 +364,38 @@ def test_load_torch_file_refuses_pickled_code(tmp_path, nested):
     # Control: the payload is live, so the refusal above is what kept the command from running.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+DOWNSAMPLE_BACKWARD = """
+import torch
+from benchmarks.torch_reference import DownsampleConv
+torch.set_num_threads(1)
+torch.manual_seed(0)
+conv = DownsampleConv(4, 8, 1, 2, bias=False).to(memory_format=torch.channels_last)
+ref = torch.nn.Conv2d(4, 8, 1, 2, bias=False).double()
+ref.weight.data.copy_(conv.weight.data)
+x = torch.randn(8, 4, 16, 16)
+for _ in range(10):
+    conv.weight.grad = None
+    conv(x.contiguous(memory_format=torch.channels_last)).square().sum().backward()
+ref(x.double()).square().sum().backward()
+torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-4)
+"""
+
+
+def test_thin_downsample_convolution_backward_on_cpu():
+    """oneDNN 3.12's weight gradient of a strided 1x1 channels-last convolution with few input
+    channels writes past its buffer (uxlfoundation/oneDNN#6035): one thread aborted the process,
+    two hung now and then. DownsampleConv steers around it; checked in a child process, which a
+    relapse kills instead of the test worker."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", DOWNSAMPLE_BACKWARD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
