@@ -15,7 +15,7 @@ import pytest
 
 import numpy_moco as ref_v2
 from moco_jax import build
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 from moco_jax.mesh import shard_batch
 
 ATOL = RTOL = 1e-5

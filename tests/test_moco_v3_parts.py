@@ -16,7 +16,7 @@ from test_moco_v3 import STEPS_PER_EPOCH, v3_config
 from moco_jax import build
 from moco_jax.algorithms.contrastive import contrastive_loss, gathered_keys, positive_indices
 from moco_jax.algorithms.momentum_schedule import momentum_schedule
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 from moco_jax.mesh import DATA_AXIS, make_data_mesh, shard_batch
 from moco_jax.models import build_encoder, resnet
 from moco_jax.models.encoder import build_predictor

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import moco_v2_imagenet, smoke
-from moco_jax import torch_bridge, torch_formats
+from moco_jax.interop import torch_bridge, torch_formats
 from moco_jax.models import build_encoder
 
 

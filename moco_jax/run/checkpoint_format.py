@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from moco_jax import fingerprint
+from moco_jax.run import fingerprint
 
 STATE_ITEM, EXTRA_ITEM = "state", "extra"
 META_ITEM, LEGACY_ITEM = "meta", "default"  # earlier formats (read only)

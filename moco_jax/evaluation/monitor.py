@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from moco_jax.data.resident import make_eval_transform
-from moco_jax.knn import accuracy_of, make_feature_fn, make_knn_counts_fn, pixel_features
+from moco_jax.evaluation.knn import accuracy_of, make_feature_fn, make_knn_counts_fn, pixel_features
 
 Source = Callable[[], Iterable[tuple[jax.Array, jax.Array]]]
 
@@ -55,7 +55,7 @@ class KnnMonitor:
     num_classes: int
 
     def __post_init__(self):
-        # The jitted functions (also compiled without running by ``moco_jax.compile_for``).
+        # The jitted functions (also compiled without running by ``moco_jax.pod.compile_for``).
         transform = make_eval_transform(self.config)
         self.features_fn = make_feature_fn(self.mesh, self.model, transform)
         knn = self.config.knn

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moco_jax.assemble import Setup, build, mesh_for
+from moco_jax.config.validation import ConfigError
 from moco_jax.data.resident import EPOCH_TABLE_SPEC, make_view_fn
 from moco_jax.data.streaming import make_crop_augment_fn
 from moco_jax.data.tfds_source import RESIDENT_DATASETS, get_builder
+from moco_jax.evaluation.monitor import KnnMonitor
 from moco_jax.mesh import DATA_AXIS
-from moco_jax.monitor import KnnMonitor
-from moco_jax.setup import Setup, build, mesh_for
-from moco_jax.validation import ConfigError
 
 # Examples per split of the datasets this project runs, for compiling without the data (TFDS
 # catalog: tensorflow.org/datasets/catalog/<name>). A prepared dataset's own metadata wins.
@@ -189,7 +189,7 @@ def _view_target(setup: Setup, sizes: Sizes, bank_rows: int, steps: int) -> Targ
 
 
 def _feature_width(setup: Setup, images) -> int:
-    from moco_jax.linear_eval import ClassifierMonitor
+    from moco_jax.evaluation.linear_eval import ClassifierMonitor
 
     monitor = ClassifierMonitor(setup, None)
     variables = setup.abstract_state().backbone_variables()
@@ -227,7 +227,7 @@ def _knn_targets(setup, state, images, sizes, bank_rows, test_rows, held) -> lis
 def _linear_targets(setup, state, images, test_rows, held) -> list[Target]:
     """Linear evaluation's functions: backbone features of a batch and the classifier's top-1 /
     top-5 counts over the test split."""
-    from moco_jax.linear_eval import ClassifierMonitor
+    from moco_jax.evaluation.linear_eval import ClassifierMonitor
 
     mesh = setup.mesh
     monitor = ClassifierMonitor(setup, None)

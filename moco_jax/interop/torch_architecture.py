@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax import vit_names
+from moco_jax.interop import vit_names
 from moco_jax.models.resnet import RESNET_SPECS, Bottleneck
 from moco_jax.models.vit import VIT_SPECS
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moco_jax.config_checks import require
+from moco_jax.config.checks import require
 from moco_jax.models.resnet import RESNET_SPECS, total_stride
 from moco_jax.models.vit import VIT_SPECS, vit_width
 

@@ -4,7 +4,7 @@ Every field of ``config_defaults.base_config`` is checked for its type and range
 that tie fields together (K >= global batch, batch divisible by the devices, BN groups, image size
 and width vs. the backbone's shape (``shape_rules``), kNN k vs. the training subset).
 ``validate`` runs everything once, in order (the devices asked for, these rules, one
-normalisation mean and std per channel): ``moco_jax.setup`` calls it before the mesh is made.
+normalisation mean and std per channel): ``moco_jax.assemble`` calls it before the mesh is made.
 Rules that need the data (channels, image size without cropping, dataset size) are in
 ``run_setup``.
 """
@@ -18,7 +18,7 @@ from etils import epath
 
 from moco_jax import regular_files
 from moco_jax.algorithms import available_algorithms
-from moco_jax.config_checks import (  # noqa: F401 - ConfigError is this module's API too
+from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module's API too
     ConfigError,
     are_numbers,
     check_flag,
@@ -31,10 +31,10 @@ from moco_jax.config_checks import (  # noqa: F401 - ConfigError is this module'
     is_number,
     require,
 )
+from moco_jax.config.shape_rules import check_model_shapes
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
 from moco_jax.paths import is_remote
-from moco_jax.shape_rules import check_model_shapes
 
 SCHEDULES = ("cosine", "step", "constant", "warmup_cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")

@@ -22,10 +22,10 @@ from typing import Any
 import jax
 from absl import logging
 
-from moco_jax import compiled_stats
-from moco_jax.compile_targets import Target, run_targets, step_target, with_batch
-from moco_jax.topology import GIB, Topology, topology_devices
-from moco_jax.validation import ConfigError, validate_config
+from moco_jax.config.validation import ConfigError, validate_config
+from moco_jax.pod import compiled_stats
+from moco_jax.pod.compile_targets import Target, run_targets, step_target, with_batch
+from moco_jax.pod.topology import GIB, Topology, topology_devices
 
 MAX_BATCH_DOUBLINGS = 6  # --compile_search_batch tries up to 64x the config's per-chip batch
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax import torch_bridge, vit_names
-from moco_jax.torch_bridge import MOCO_PREFIX, WeightBridgeError, checked_array
+from moco_jax.interop import torch_bridge, vit_names
+from moco_jax.interop.torch_bridge import MOCO_PREFIX, WeightBridgeError, checked_array
 
 BASE_PREFIX = f"{MOCO_PREFIX}base_encoder."
 MOMENTUM_PREFIX = f"{MOCO_PREFIX}momentum_encoder."

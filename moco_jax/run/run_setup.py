@@ -17,7 +17,8 @@ from jax.sharding import Mesh
 
 from moco_jax import paths
 from moco_jax.algorithms import State
-from moco_jax.checkpointing import Checkpointer
+from moco_jax.assemble import Setup, build, mesh_for
+from moco_jax.config.validation import ConfigError
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import StreamingViews, eval_batches
 from moco_jax.data.tfds_source import (
@@ -26,12 +27,11 @@ from moco_jax.data.tfds_source import (
     load_arrays,
     prepared_builder,
 )
-from moco_jax.init_from import load_encoder_weights
+from moco_jax.evaluation.monitor import KnnMonitor
+from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.mesh import DATA_AXIS, shard_batch
-from moco_jax.monitor import KnnMonitor
-from moco_jax.setup import Setup, build, mesh_for
-from moco_jax.validation import ConfigError
-from moco_jax.workdir_lock import WorkdirLock
+from moco_jax.run.checkpointing import Checkpointer
+from moco_jax.run.workdir_lock import WorkdirLock
 
 
 @dataclasses.dataclass

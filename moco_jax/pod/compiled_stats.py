@@ -1,7 +1,7 @@
 """What a compiled function says about itself: memory, FLOPs, collectives; and the chips' peaks.
 
 Read from ``jax.jit(f).lower(...).compile()``, for attached devices or a TPU topology's
-compile-only ones (``moco_jax.compile_for``); nothing runs.
+compile-only ones (``moco_jax.pod.compile_for``); nothing runs.
 
 - Memory (``Compiled.memory_analysis()``): XLA's buffer assignment for one call on one device.
   ``peak_bytes_estimate = argument + output - alias + temp``: inputs and outputs live at once

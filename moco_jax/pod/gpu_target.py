@@ -16,7 +16,7 @@ import importlib.metadata
 import os
 from typing import Any
 
-from moco_jax.validation import ConfigError
+from moco_jax.config.validation import ConfigError
 
 PER_HOST = 8
 PACKAGE = "jax-cuda12-pjrt"
@@ -44,7 +44,7 @@ TARGETS = {"h100": (H100_SXM, 84942979072)}
 
 @dataclasses.dataclass(frozen=True)
 class GpuTopology:
-    """GPUs to compile for (read like ``moco_jax.topology.Topology``: one device a chip)."""
+    """GPUs to compile for (read like ``moco_jax.pod.topology.Topology``: one device a chip)."""
 
     name: str
     devices: list[Any]

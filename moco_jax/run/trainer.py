@@ -14,12 +14,12 @@ from typing import Any
 import jax
 from absl import logging
 
-from moco_jax import hooks
-from moco_jax.checkpointing import TrainingDiverged
-from moco_jax.faults import Faults
-from moco_jax.init_from import load_encoder_weights
-from moco_jax.metrics_io import MetricsWriter, plot_history, write_atomically
-from moco_jax.run_setup import Run, setup_run
+from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.run import hooks
+from moco_jax.run.checkpointing import TrainingDiverged
+from moco_jax.run.faults import Faults
+from moco_jax.run.metrics_io import MetricsWriter, plot_history, write_atomically
+from moco_jax.run.run_setup import Run, setup_run
 
 __all__ = ["TrainingDiverged", "train_and_evaluate"]
 

@@ -4,7 +4,7 @@ Training, evaluation, the benchmarks and any later tool (linear evaluation, comp
 topology) build through here, so every one of them checks the config once, the same way, and
 starts from the same state for the same ``config.seed``::
 
-    setup = moco_jax.setup.build(config, steps_per_epoch)
+    setup = moco_jax.assemble.build(config, steps_per_epoch)
     state = setup.initial_state()
     state, metrics = setup.algorithm.train_step(state, view_q, view_k)
 
@@ -24,8 +24,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.algorithms import Algorithm, State, build_algorithm, image_shape
+from moco_jax.config.validation import ConfigError, validate
 from moco_jax.mesh import make_data_mesh, replicated
-from moco_jax.validation import ConfigError, validate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,10 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from moco_jax.checkpoint_format import CheckpointError, Damaged
+from moco_jax.config.validation import ConfigError
 from moco_jax.paths import check_reachable
 from moco_jax.regular_files import read_text
-from moco_jax.validation import ConfigError
+from moco_jax.run.checkpoint_format import CheckpointError, Damaged
 
 if TYPE_CHECKING:
     from orbax.checkpoint import CheckpointManager
@@ -59,7 +59,7 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
 
 def saved_steps(workdir: epath.Path) -> list[int]:
     """The steps of the checkpoints in ``workdir`` (read-only: creates nothing)."""
-    from moco_jax.checkpoint_format import open_manager
+    from moco_jax.run.checkpoint_format import open_manager
 
     directory = workdir / "checkpoints"
     if not directory.is_dir():

@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax import regular_files, torch_bridge, torch_encoders, vit_names
-from moco_jax.torch_bridge import MOCO_PREFIX, WeightBridgeError
-from moco_jax.torch_encoders import BASE_PREFIX
+from moco_jax import regular_files
+from moco_jax.interop import torch_bridge, torch_encoders, vit_names
+from moco_jax.interop.torch_bridge import MOCO_PREFIX, WeightBridgeError
+from moco_jax.interop.torch_encoders import BASE_PREFIX
 
 FORMATS = ("torchvision", "detectron2", "moco", "deit")
 QUERY_PREFIX = f"{MOCO_PREFIX}encoder_q."

@@ -45,7 +45,7 @@ class WorkdirLock:
         if "://" in str(self.workdir):
             logging.warning(
                 "%s is not a local directory: it cannot be locked, so make sure no other run "
-                "uses it (see moco_jax/workdir_lock.py)",
+                "uses it (see moco_jax/run/workdir_lock.py)",
                 self.workdir,
             )
             return self

@@ -28,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from moco_jax.config_checks import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.data.tfds_source import DatasetError
 
 EXPECTED_ERRORS = (ConfigError, DatasetError, OSError)
@@ -103,7 +103,7 @@ def _unless_from_orbax(hook):
 def run_with_clear_errors(fn: Callable[..., Any], *args: Any) -> Any:
     """Call ``fn``; a config, dataset, file-system, checkpoint or divergence error prints one line
     and exits with 2; a preemption prints one line and exits with 143."""
-    from moco_jax.checkpointing import CheckpointError, Preempted, TrainingDiverged
+    from moco_jax.run.checkpointing import CheckpointError, Preempted, TrainingDiverged
 
     try:
         return fn(*args)

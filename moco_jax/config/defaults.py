@@ -2,8 +2,8 @@
 
 The defaults are MoCo v1 on ImageNet with the paper's hyper-parameters. Override any field from
 the command line (``--config.moco.queue_size=4096``): ml_collections refuses a value of another
-type there (``--config.batch_size=abc``), and ``moco_jax.validation`` checks ranges and the rules
-that tie fields together before anything is built.
+type there (``--config.batch_size=abc``), and ``moco_jax.config.validation`` checks ranges and
+the rules that tie fields together before anything is built.
 """
 
 from __future__ import annotations

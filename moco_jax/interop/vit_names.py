@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from moco_jax.interop.torch_bridge import WeightBridgeError, checked_array
 from moco_jax.models.vit import flax_path, sincos_position_embedding
-from moco_jax.torch_bridge import WeightBridgeError, checked_array
 
 BLOCK_MODULES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 TIMM_VIT_NAME = re.compile(

@@ -2,7 +2,7 @@
 
 ``topology_devices("v5e:16x16")`` returns the 256 devices of a v5e pod (64 hosts of 4 chips) on
 any machine with ``libtpu`` installed (``requirements-tpu.txt``); jitted functions lowered with
-shardings over a mesh of them compile with the real TPU compiler (``moco_jax.compile_for``).
+shardings over a mesh of them compile with the real TPU compiler (``moco_jax.pod.compile_for``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib.util
 import os
 from typing import Any
 
-from moco_jax.validation import ConfigError
+from moco_jax.config.validation import ConfigError
 
 GIB = 2**30
 
@@ -75,7 +75,7 @@ LIBTPU_ENV = {
 
 def topology_devices(name: str) -> Topology:
     """The compile-only devices of the TPU slice ``name`` (``generation:AxB[xC]``), or of
-    ``h100[:N]`` (N H100 GPUs, 8 a host; default 8; ``moco_jax.gpu_target``)."""
+    ``h100[:N]`` (N H100 GPUs, 8 a host; default 8; ``moco_jax.pod.gpu_target``)."""
     added = {key: value for key, value in LIBTPU_ENV.items() if key not in os.environ}
     os.environ.update(added)
     try:
@@ -88,7 +88,7 @@ def topology_devices(name: str) -> Topology:
 def _devices(name: str) -> Topology:
     generation, _, shape = name.partition(":")
     if generation == "h100":
-        from moco_jax.gpu_target import PER_HOST, gpu_topology_devices
+        from moco_jax.pod.gpu_target import PER_HOST, gpu_topology_devices
 
         if shape and not shape.isdigit():
             raise ConfigError(f"--compile_for {name!r}: give h100 or h100:N (N GPUs)")

@@ -20,19 +20,20 @@ from absl import logging
 from etils import epath
 from jax.sharding import PartitionSpec as P
 
-from moco_jax import regular_files, torch_architecture, torch_formats
+from moco_jax import regular_files
 from moco_jax.algorithms.linear import classify
+from moco_jax.assemble import Setup
+from moco_jax.config.validation import ConfigError
 from moco_jax.data.resident import ResidentViews, make_eval_transform
-from moco_jax.knn import largest_divisor_at_most, make_feature_fn
+from moco_jax.evaluation.knn import largest_divisor_at_most, make_feature_fn
+from moco_jax.evaluation.monitor import collect
+from moco_jax.interop import torch_architecture, torch_formats
+from moco_jax.interop.torch_bridge import WeightBridgeError
 from moco_jax.mesh import DATA_AXIS
-from moco_jax.metrics_io import plot_history, write_atomically
-from moco_jax.monitor import collect
 from moco_jax.paths import absolute, canonical, check_reachable, is_within
-from moco_jax.run_setup import Run, setup_run
-from moco_jax.saved_run import load_run_config
-from moco_jax.setup import Setup
-from moco_jax.torch_bridge import WeightBridgeError
-from moco_jax.validation import ConfigError
+from moco_jax.run.metrics_io import plot_history, write_atomically
+from moco_jax.run.run_setup import Run, setup_run
+from moco_jax.run.saved_run import load_run_config
 
 # Architecture fields a pretraining workdir's config.json (or a torch file) decides for the run.
 ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "cifar_stem")
@@ -126,7 +127,7 @@ class ClassifierMonitor:
     cached_test: tuple[jax.Array, jax.Array] | None = None  # (features, labels) when cached
 
     def __post_init__(self):
-        # The jitted functions (also compiled without running by ``moco_jax.compile_for``).
+        # The jitted functions (also compiled without running by ``moco_jax.pod.compile_for``).
         mesh, model = self.setup.mesh, self.setup.algorithm.model
         transform = make_eval_transform(self.setup.config)
         self.features_fn = make_feature_fn(mesh, model, transform, normalize=False)
@@ -215,7 +216,7 @@ def setup_linear_run(config: Any, workdir: str | epath.Path) -> Run:
 def backbone_unchanged(run: Run, state: Any) -> bool:
     """The official sanity check: every backbone array (weights and BN statistics) equals the
     pretrained one bit for bit (the random-init one without ``pretrained``)."""
-    from moco_jax.init_from import load_encoder_weights
+    from moco_jax.interop.init_from import load_encoder_weights
 
     reference = run.setup.initial_state()
     if run.config.init_from:
@@ -249,7 +250,7 @@ def linear_summary(history: dict, config: Any) -> dict[str, Any]:
 def evaluate_linear(config: Any, workdir: str, pretrained: str | None = None) -> dict[str, Any]:
     """Train and evaluate the linear classifier (or fine-tune) as ``config`` says, in ``workdir``
     (rerunning resumes). Writes ``summary.json`` and ``linear.png``; returns the summary."""
-    from moco_jax.trainer import _train
+    from moco_jax.run.trainer import _train
 
     config = with_pretrained(config, pretrained)
     check_own_workdir(workdir, config.linear.pretrained)

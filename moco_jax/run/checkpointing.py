@@ -43,8 +43,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from moco_jax import fingerprint
-from moco_jax.checkpoint_format import (
+from moco_jax.config.compatibility import (
+    SCHEDULE_FIELDS,
+    SOURCE_FIELDS,
+    STATE_FIELDS,
+    config_dict,
+    refuse_other_config,
+    refuse_other_shapes,
+)
+from moco_jax.run import fingerprint
+from moco_jax.run.checkpoint_format import (
     EXTRA_ITEM,
     FORMAT,
     STATE_ITEM,
@@ -55,20 +63,12 @@ from moco_jax.checkpoint_format import (
     read_verified,
     short_error,
 )
-from moco_jax.checkpoint_policies import (
+from moco_jax.run.checkpoint_policies import (
     SignalPolicy,
     manager_options,
     warn_instead_of_failing_deletes,
 )
-from moco_jax.compatibility import (
-    SCHEDULE_FIELDS,
-    SOURCE_FIELDS,
-    STATE_FIELDS,
-    config_dict,
-    refuse_other_config,
-    refuse_other_shapes,
-)
-from moco_jax.saved_run import newest_intact
+from moco_jax.run.saved_run import newest_intact
 
 RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS + SOURCE_FIELDS  # a resumed run must keep these
 

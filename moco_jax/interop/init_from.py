@@ -21,16 +21,17 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from moco_jax import fingerprint, torch_bridge, torch_encoders, torch_formats, vit_names
-from moco_jax.checkpoint_format import (
+from moco_jax.config.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
+from moco_jax.config.validation import ConfigError
+from moco_jax.interop import torch_bridge, torch_encoders, torch_formats, vit_names
+from moco_jax.run import fingerprint
+from moco_jax.run.checkpoint_format import (
     CheckpointError,
     open_manager,
     read_description,
     read_verified,
 )
-from moco_jax.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
-from moco_jax.saved_run import newest_intact
-from moco_jax.validation import ConfigError
+from moco_jax.run.saved_run import newest_intact
 
 ENCODER_COLLECTIONS = ("params", "batch_stats")
 

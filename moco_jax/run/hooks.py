@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from moco_jax.checkpointing import Checkpointer, TrainingDiverged
 from moco_jax.mesh import put_replicated
+from moco_jax.run.checkpointing import Checkpointer, TrainingDiverged
 
 
 @dataclasses.dataclass
