@@ -24,7 +24,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.algorithms import Algorithm, State, build_algorithm, image_shape
-from moco_jax.config.validation import ConfigError, validate
+from moco_jax.config.checks import ConfigError
+from moco_jax.config.validation import validate
 from moco_jax.mesh import make_data_mesh, replicated
 
 

@@ -34,7 +34,7 @@ from absl import app, flags
 from etils import epath
 
 from moco_jax import paths, regular_files
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.interop.torch_formats import FORMATS
 from moco_jax.run.checkpointing import Checkpointer
 from moco_jax.run.saved_run import load_run_config, saved_steps

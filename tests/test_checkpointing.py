@@ -19,7 +19,7 @@ from saved_checkpoints import (
     with_step,
 )
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.run import checkpointing
 from moco_jax.run.checkpointing import Checkpointer, TrainingDiverged

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.pod import compile_for, topology
 from moco_jax.pod.compile_targets import run_targets
 from moco_jax.run import cli_errors

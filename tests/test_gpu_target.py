@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.pod.gpu_target import gpu_topology_devices
 
 

@@ -25,8 +25,8 @@ from workdirs import assert_same_final_state, records
 
 import moco_jax
 from configs import linear_fashion_mnist
+from moco_jax.config.checks import ConfigError
 from moco_jax.config.defaults import linear_config
-from moco_jax.config.validation import ConfigError
 from moco_jax.mesh import shard_batch
 from tiny import set_fields, tiny_config
 

@@ -24,7 +24,7 @@ from test_disk_full import small_disk  # noqa: F401 - the 3 MiB tmpfs fixture
 
 from configs import linear_fashion_mnist
 from moco_jax import export, regular_files
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.evaluation.linear_eval import with_pretrained
 from moco_jax.interop import torch_bridge
 from moco_jax.interop.init_from import load_encoder_weights

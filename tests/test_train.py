@@ -10,7 +10,7 @@ import sys
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.data.tfds_source import DatasetError
 from moco_jax.evaluate import evaluate_knn
 from moco_jax.run import trainer

@@ -14,7 +14,7 @@ from typing import Any
 from absl import logging
 
 from moco_jax import paths
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.run import fingerprint
 
 # Config fields that decide the shapes of the state: a checkpoint saved with other values cannot

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from moco_jax import regular_files
 from moco_jax.algorithms.linear import classify
 from moco_jax.assemble import Setup
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.data.resident import ResidentViews, make_eval_transform
 from moco_jax.evaluation.knn import largest_divisor_at_most, make_feature_fn
 from moco_jax.evaluation.monitor import collect

@@ -21,8 +21,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from moco_jax.config.checks import ConfigError
 from moco_jax.config.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
-from moco_jax.config.validation import ConfigError
 from moco_jax.interop import torch_bridge, torch_encoders, torch_formats, vit_names
 from moco_jax.run import fingerprint
 from moco_jax.run.checkpoint_format import (

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 
 MOCO_PREFIX = "module."
 ENCODERS = ("encoder_q", "encoder_k")

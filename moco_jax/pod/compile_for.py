@@ -22,7 +22,8 @@ from typing import Any
 import jax
 from absl import logging
 
-from moco_jax.config.validation import ConfigError, validate_config
+from moco_jax.config.checks import ConfigError
+from moco_jax.config.validation import validate_config
 from moco_jax.pod import compiled_stats
 from moco_jax.pod.compile_targets import Target, run_targets, step_target, with_batch
 from moco_jax.pod.topology import GIB, Topology, topology_devices

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moco_jax.assemble import Setup, build, mesh_for
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.data.resident import EPOCH_TABLE_SPEC, make_view_fn
 from moco_jax.data.streaming import make_crop_augment_fn
 from moco_jax.data.tfds_source import RESIDENT_DATASETS, get_builder

@@ -16,7 +16,7 @@ import importlib.metadata
 import os
 from typing import Any
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 
 PER_HOST = 8
 PACKAGE = "jax-cuda12-pjrt"

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from typing import Any
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 
 GIB = 2**30
 

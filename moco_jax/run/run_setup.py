@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from moco_jax import paths
 from moco_jax.algorithms import State
 from moco_jax.assemble import Setup, build, mesh_for
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import StreamingViews, eval_batches
 from moco_jax.data.tfds_source import (

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from moco_jax.config.validation import ConfigError
+from moco_jax.config.checks import ConfigError
 from moco_jax.paths import check_reachable
 from moco_jax.regular_files import read_text
 from moco_jax.run.checkpoint_format import CheckpointError, Damaged
