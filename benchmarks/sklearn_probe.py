@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
 
     builder = prepared_builder("fashion_mnist", args.data_dir)
     (train_x, train_y), (test_x, test_y) = (load_arrays(builder, s) for s in ("train", "test"))
-    flat = lambda x: x.reshape(len(x), -1).astype(np.float64)  # noqa: E731
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float64)
     start = time.time()
     result = {"pixels_top1": _fit_score(flat(train_x), train_y, flat(test_x), test_y, 1000)}
     result["pixels_seconds"] = time.time() - start

@@ -90,7 +90,7 @@ def check_memory(setup: Setup) -> None:
     available = device_memory(setup.mesh.devices.flat[0])
     needed = state_bytes + views_bytes
     if available is not None and needed > available:
-        gib = lambda n: f"{n / 2**30:.3g} GiB"  # noqa: E731
+        gib = lambda n: f"{n / 2**30:.3g} GiB"
         raise ConfigError(
             f"the run needs at least {gib(needed)} per device (state {gib(state_bytes)}, two "
             f"views of {per_device} images of {'x'.join(map(str, setup.image_shape))}: "

@@ -94,7 +94,7 @@ def _template(setup: Any) -> Any:
 
     abstract = setup.abstract_state()
     key = jax.random.key(0)
-    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
+    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
     if any(is_key(x) and (x.dtype, x.shape) != (key.dtype, ()) for x in jax.tree.leaves(abstract)):
         return setup.initial_state()  # a key of another kind: let the algorithm make it
     return jax.tree.map(lambda x: jax.device_put(key, x.sharding) if is_key(x) else x, abstract)

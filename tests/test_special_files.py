@@ -62,7 +62,7 @@ def _finishes(fn, *args, seconds=30):
         try:
             fn(*args)
             outcome["error"] = None
-        except BaseException as err:  # noqa: BLE001 - handed to the test
+        except BaseException as err:  # handed to the test
             outcome["error"] = err
 
     thread = threading.Thread(target=call, daemon=True)

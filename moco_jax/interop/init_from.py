@@ -178,7 +178,7 @@ def _check_backbone(named: dict, current: dict, where: str, config: Any) -> bool
     zeros = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), np.float32), x.shape), backbone)
     image_size = config.dataset.image_size
     state_dict = torch_encoders.encoder_to_torch(zeros, image_size, head=False)
-    skip = lambda name: name.endswith("num_batches_tracked")  # noqa: E731
+    skip = lambda name: name.endswith("num_batches_tracked")
     expected = {name: value.shape for name, value in state_dict.items() if not skip(name)}
     got = {
         name: tuple(np.shape(value))

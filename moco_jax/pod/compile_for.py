@@ -182,7 +182,7 @@ def _collectives(entry: dict) -> str:
 
 
 def _row(entry: dict) -> str:
-    mib = lambda key: f"{entry.get(key, 0) / 2**20:9.1f}"  # noqa: E731
+    mib = lambda key: f"{entry.get(key, 0) / 2**20:9.1f}"
     sent = entry["collective_bytes_sent_per_chip"] / 2**20
     flops = "-" if entry["flops_per_chip"] is None else f"{entry['flops_per_chip'] / 1e9:.1f}"
     return (

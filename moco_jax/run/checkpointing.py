@@ -131,7 +131,7 @@ class Checkpointer:
         extra = {k: v.item() if hasattr(v, "item") else v for k, v in (extra or {}).items()}
         finite, checksums = fingerprint.summarize(state)
         leaves = jax.tree_util.tree_leaves_with_path(extra)  # e.g. history.epochs.0.loss
-        name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")  # noqa: E731
+        name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")
         bad = [f"{name(p)} = {v}" for p, v in leaves if isinstance(v, float) and not isfinite(v)]
         bad_arrays = [path for path, ok in finite.items() if not ok]
         if bad_arrays:
@@ -244,7 +244,7 @@ class Checkpointer:
         """
         self.restored_step, self.restored_extra = None, {}
         if self.read_only:
-            read = lambda step: self._restore_verified(step, template)  # noqa: E731
+            read = lambda step: self._restore_verified(step, template)
             found = newest_intact(self.manager, read, steps)
             if found is None:
                 return template

@@ -197,7 +197,7 @@ class _ConfigFileParser(ConfigFileFlagParser):
             raise ConfigFileError(
                 f"--{self.name} {file}: syntax error (line {err.lineno}): {err.msg}"
             ) from None
-        except Exception as err:  # noqa: BLE001 - whatever the file's code raised
+        except Exception as err:  # whatever the file's code raised
             # ml_collections re-raises a TypeError/ValueError with the traceback as its message.
             cause = err.__context__ if "Error whilst parsing" in str(err) else err
             where = _line_in(cause or err, file)

@@ -62,7 +62,7 @@ class Faults:
         """Hook: the step's loss and parameters become NaN if the step is ``nan_at``."""
         if progress.step != self.nan_at:
             return
-        poison = lambda x: x * jnp.nan  # noqa: E731
+        poison = lambda x: x * jnp.nan
         progress.metrics = {**progress.metrics, "loss": poison(progress.metrics["loss"])}
         progress.state = progress.state.replace(params=jax.tree.map(poison, progress.state.params))
 

@@ -100,7 +100,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
         lock.release()
         raise
     encoder = setup.algorithm.encoder_variables
-    evaluate = lambda state: monitor.evaluate(encoder(state))  # noqa: E731
+    evaluate = lambda state: monitor.evaluate(encoder(state))
     return Run(
         setup, workdir, views, state, checkpointer, monitor, lock, evaluate,
         config.knn.every_epochs, data,
@@ -226,7 +226,7 @@ def _check_workdir(workdir: epath.Path) -> None:
         probe = workdir / ".write_test"
         probe.write_text("ok")
         probe.unlink()
-    except Exception as err:  # noqa: BLE001 - a bucket's file system raises its own kinds
+    except Exception as err:  # a bucket's file system raises its own kinds
         if paths.is_remote(workdir):
             raise paths.unreachable("workdir", workdir, err, "write to") from None
         if isinstance(err, OSError):
