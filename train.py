@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags, logging
 
-from moco_jax import cli_errors
+from moco_jax.run import cli_errors
 
 FLAGS = flags.FLAGS
 cli_errors.define_config_file("config", "Config file (configs/*.py).")
@@ -45,7 +45,7 @@ def main(argv):
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
 
-    from moco_jax.trainer import train_and_evaluate
+    from moco_jax.run.trainer import train_and_evaluate
 
     summary = cli_errors.run_with_clear_errors(train_and_evaluate, FLAGS.config, FLAGS.workdir)
     if summary is not None and jax.process_index() == 0:
@@ -55,7 +55,7 @@ def main(argv):
 def compile_only():
     """--compile_for: one process compiles for the whole slice; nothing trains or is read."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the slice's devices come from libtpu
-    from moco_jax import compile_for
+    from moco_jax.pod import compile_for
 
     os.makedirs(FLAGS.workdir, exist_ok=True)
     report = FLAGS.compile_report or os.path.join(FLAGS.workdir, "compile_report.json")

@@ -18,7 +18,7 @@ from typing import Any
 
 from absl import flags
 
-from moco_jax.cli_errors import (
+from moco_jax.run.cli_errors import (
     EXIT_USAGE,
     EXPECTED_ERRORS,
     define_config_file,

@@ -1,5 +1,5 @@
 """The step's collectives by MoCo payload (benchmarks); the generic readers of a compiled
-function (memory, FLOPs, collectives, peaks) live in ``moco_jax.compiled_stats``."""
+function (memory, FLOPs, collectives, peaks) live in ``moco_jax.pod.compiled_stats``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax.compiled_stats import (  # noqa: F401  (re-exported for the benchmarks)
+from moco_jax.pod.compiled_stats import (  # noqa: F401  (re-exported for the benchmarks)
     PEAK_BF16_FLOPS,
     cost_report,
     memory_report,

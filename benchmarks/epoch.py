@@ -34,7 +34,7 @@ from absl import flags
 
 import moco_jax
 from benchmarks import cli
-from moco_jax.run_setup import load_data
+from moco_jax.run.run_setup import load_data
 
 TARGET_OVERHEAD = 0.05
 

@@ -46,12 +46,12 @@ def main(argv=None) -> dict:
     import moco_jax
     from configs import linear_fashion_mnist
     from moco_jax.data.tfds_source import load_arrays, prepared_builder
-    from moco_jax.init_from import load_encoder_weights
-    from moco_jax.linear_eval import with_pretrained
+    from moco_jax.evaluation.linear_eval import with_pretrained
+    from moco_jax.interop.init_from import load_encoder_weights
 
     builder = prepared_builder("fashion_mnist", args.data_dir)
     (train_x, train_y), (test_x, test_y) = (load_arrays(builder, s) for s in ("train", "test"))
-    flat = lambda x: x.reshape(len(x), -1).astype(np.float64)  # noqa: E731
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float64)
     start = time.time()
     result = {"pixels_top1": _fit_score(flat(train_x), train_y, flat(test_x), test_y, 1000)}
     result["pixels_seconds"] = time.time() - start

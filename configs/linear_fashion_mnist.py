@@ -25,7 +25,7 @@ Expected (README "Linear evaluation", the 10-epoch reference pretraining): 80.93
 85.09% with cached features (its kNN monitor: 83.13%; raw pixels: 81.84%, scikit-learn 83.47%).
 """
 
-from moco_jax.config_defaults import linear_config
+from moco_jax.config.defaults import linear_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ A pretraining workdir's or PyTorch file's architecture (backbone, width, stem) r
 model fields here.
 """
 
-from moco_jax.config_defaults import linear_config
+from moco_jax.config.defaults import linear_config
 
 
 def get_config():

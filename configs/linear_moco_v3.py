@@ -11,7 +11,7 @@ centre crop 224). Expected linear top-1 (the moco-v3 README, batch 4096 pretrain
 The official commands set ``--lr`` per model: override ``--config.optim.base_lr`` likewise.
 """
 
-from moco_jax.config_defaults import linear_config
+from moco_jax.config.defaults import linear_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ k1)``, both views' keys enqueued: needs K >= 2 x batch, as here). The demo's kNN
 figures (its README, ResNet-18, 200 / 400 / 800 epochs): asymmetric 82.6 / 86.3 / 88.7,
 symmetric 85.3 / 88.5 / 89.7 ("behaves like 2x epochs of the asymmetric counterpart")."""
 
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 
 
 def get_config():

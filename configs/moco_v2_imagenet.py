@@ -1,6 +1,6 @@
 """MoCo v2, ResNet-50 on ImageNet (Chen et al. 2020): v1 plus MLP head, T=0.2, cosine lr, aug+."""
 
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 
 
 def get_config():

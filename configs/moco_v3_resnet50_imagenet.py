@@ -13,7 +13,7 @@ CONFIG.md): 68.9% linear top-1 after 100 epochs; for 300 epochs (72.8%) set
 ``--config.epochs=300 --config.optim.base_lr=0.3``.
 """
 
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 
 
 def get_config():

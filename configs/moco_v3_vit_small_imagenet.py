@@ -13,7 +13,7 @@ random patch projection (--stop-grad-conv1), SyncBN in the heads; projector 384-
 """
 
 from configs.moco_v3_resnet50_imagenet import set_v3_augmentation
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 
 BACKBONE = "vit_small"
 

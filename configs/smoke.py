@@ -1,6 +1,6 @@
 """A tiny config that compiles and runs in seconds on CPU: for smoke tests and first contact."""
 
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 
 
 def get_config():

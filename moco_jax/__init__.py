@@ -1,7 +1,7 @@
 """moco_jax: MoCo v1/v2/v3 (Momentum Contrast) in JAX/Flax for TPU, GPU and CPU.
 
 The names below load their modules on first use (PEP 562), so that reading a config file or a
-command line (``moco_jax.config_defaults``, ``moco_jax.cli_errors``) does not import JAX and
+command line (``moco_jax.config.defaults``, ``moco_jax.run.cli_errors``) does not import JAX and
 Flax: a bad command line fails in a fraction of a second.
 """
 
@@ -12,11 +12,11 @@ _EXPORTS = {
     "available_algorithms": "moco_jax.algorithms",
     "register_algorithm": "moco_jax.algorithms",
     "MoCoState": "moco_jax.algorithms.moco",
-    "Setup": "moco_jax.setup",
-    "build": "moco_jax.setup",
-    "mesh_for": "moco_jax.setup",
-    "ConfigError": "moco_jax.config_checks",
-    "validate_config": "moco_jax.validation",
+    "Setup": "moco_jax.assemble",
+    "build": "moco_jax.assemble",
+    "mesh_for": "moco_jax.assemble",
+    "ConfigError": "moco_jax.config.checks",
+    "validate_config": "moco_jax.config.validation",
 }
 __all__ = sorted(_EXPORTS)
 

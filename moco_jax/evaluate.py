@@ -8,7 +8,8 @@ from pretraining is visible. The result is printed and written to ``DIR/knn_eval
 ``python -m moco_jax.evaluate linear --config configs/linear_imagenet.py --pretrained P
 --workdir OUT``: the paper's linear classification protocol on frozen features (or fine-tuning,
 ``--config.linear.train_backbone=True``), from a pretraining workdir or a ``.pth`` file ``P``;
-``OUT/summary.json`` holds ``test_top1`` and ``test_top5`` (see ``moco_jax.linear_eval``).
+``OUT/summary.json`` holds ``test_top1`` and ``test_top5`` (see
+``moco_jax.evaluation.linear_eval``).
 Rerunning the same command resumes. On a pod every host runs the same command, as ``train.py``
 (``--distributed``).
 """
@@ -20,8 +21,8 @@ import json
 from absl import app, flags
 from etils import epath
 
-from moco_jax.cli_errors import define_config_file, define_distributed_flag
-from moco_jax.saved_run import load_run_config, saved_steps
+from moco_jax.run.cli_errors import define_config_file, define_distributed_flag
+from moco_jax.run.saved_run import load_run_config, saved_steps
 
 FLAGS = flags.FLAGS
 
@@ -48,7 +49,7 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     """kNN top-1 (%) of a saved checkpoint, with the baselines."""
     import jax
 
-    from moco_jax.run_setup import setup_run
+    from moco_jax.run.run_setup import setup_run
 
     workdir_path = epath.Path(workdir)
     config = load_run_config(workdir_path)
@@ -79,7 +80,7 @@ def _check_saved(workdir: epath.Path, step: int | None, steps: list[int]) -> Non
 
 
 def main(argv):
-    from moco_jax.cli_errors import (
+    from moco_jax.run.cli_errors import (
         fail,
         initialize_distributed,
         quiet_library_logs,
@@ -93,7 +94,7 @@ def main(argv):
         fail("knn evaluates a pretraining workdir: --config and --pretrained are for linear")
     initialize_distributed(FLAGS.distributed)
     if argv[1] == "linear":
-        from moco_jax.linear_eval import evaluate_linear
+        from moco_jax.evaluation.linear_eval import evaluate_linear
 
         summary = run_with_clear_errors(
             evaluate_linear, FLAGS.config, FLAGS.workdir, FLAGS.pretrained
@@ -117,6 +118,6 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    from moco_jax.cli_errors import flags_parser
+    from moco_jax.run.cli_errors import flags_parser
 
     app.run(main, flags_parser=flags_parser(required=("workdir",), commands=("knn", "linear")))

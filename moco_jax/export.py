@@ -34,10 +34,10 @@ from absl import app, flags
 from etils import epath
 
 from moco_jax import paths, regular_files
-from moco_jax.checkpointing import Checkpointer
-from moco_jax.saved_run import load_run_config, saved_steps
-from moco_jax.torch_formats import FORMATS
-from moco_jax.validation import ConfigError
+from moco_jax.config.checks import ConfigError
+from moco_jax.interop.torch_formats import FORMATS
+from moco_jax.run.checkpointing import Checkpointer
+from moco_jax.run.saved_run import load_run_config, saved_steps
 
 FLAGS = flags.FLAGS
 
@@ -65,7 +65,7 @@ def restore(workdir: epath.Path, config: Any, step: int | None = None):
     ``step``), on one device whatever the run used (the state is replicated)."""
     import jax
 
-    from moco_jax.setup import build
+    from moco_jax.assemble import build
 
     steps = saved_steps(workdir)
     if not steps:
@@ -94,7 +94,7 @@ def _template(setup: Any) -> Any:
 
     abstract = setup.abstract_state()
     key = jax.random.key(0)
-    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
+    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
     if any(is_key(x) and (x.dtype, x.shape) != (key.dtype, ()) for x in jax.tree.leaves(abstract)):
         return setup.initial_state()  # a key of another kind: let the algorithm make it
     return jax.tree.map(lambda x: jax.device_put(key, x.sharding) if is_key(x) else x, abstract)
@@ -104,7 +104,7 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
     """The payload of format ``fmt`` (numpy arrays) from a restored ``state``."""
     import jax
 
-    from moco_jax import torch_formats
+    from moco_jax.interop import torch_formats
 
     encoder = jax.device_get(setup.algorithm.encoder_variables(state))
     image_size = setup.config.dataset.image_size
@@ -136,7 +136,7 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
 def export_weights(workdir: str, fmt: str, output: str, step: int | None = None) -> dict:
     """Write the weights of ``workdir``'s newest intact checkpoint to ``output`` as ``fmt``;
     returns what was written."""
-    from moco_jax import torch_bridge
+    from moco_jax.interop import torch_bridge
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
@@ -155,7 +155,7 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
 
 def encode(fmt: str, payload: dict[str, Any]) -> bytes:
     """The file's bytes: a plain pickle for ``detectron2``, ``torch.save``'s format otherwise."""
-    from moco_jax import torch_bridge
+    from moco_jax.interop import torch_bridge
 
     return pickle.dumps(payload) if fmt == "detectron2" else torch_bridge.save_torch_file(payload)
 
@@ -229,7 +229,7 @@ def main(argv):
     del argv
     import jax
 
-    from moco_jax.cli_errors import quiet_library_logs, run_with_clear_errors
+    from moco_jax.run.cli_errors import quiet_library_logs, run_with_clear_errors
 
     quiet_library_logs()
     if "JAX_PLATFORMS" not in os.environ:  # the run may hold the accelerator: no need for it
@@ -248,6 +248,6 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    from moco_jax.cli_errors import flags_parser
+    from moco_jax.run.cli_errors import flags_parser
 
     app.run(main, flags_parser=flags_parser(required=("workdir", "format", "output")))

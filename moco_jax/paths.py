@@ -81,5 +81,5 @@ def check_reachable(what: str, path: str | epath.Path) -> None:
         return
     try:
         epath.Path(path).exists()
-    except Exception as err:  # noqa: BLE001 - each file-system layer raises its own kinds
+    except Exception as err:  # each file-system layer raises its own kinds
         raise unreachable(what, path, err) from None

@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 # triton's LLVM; loaded after TensorFlow's (TFDS), it segfaults the process (torch 2.14.1 +
 # torchvision 0.29.1, tensorflow-cpu 2.x). Imported first, both work.
 try:
-    import torchvision  # noqa: E402,F401
-except Exception:  # noqa: BLE001 - not installed, or a build for another torch
+    import torchvision  # noqa: F401
+except Exception:  # not installed, or a build for another torch
     pass
 
 import jax  # noqa: E402

@@ -138,10 +138,10 @@ class MoCoV3Reference:
 
     def __init__(self, params, batch_stats, *, layout, temperature, optimizer, weight_decay,
                  momentum=0.9, betas=(0.9, 0.999)):  # fmt: skip
-        f64 = lambda a: np.array(a, dtype=np.float64)  # noqa: E731
+        f64 = lambda a: np.array(a, dtype=np.float64)
         self.params = tree_map(f64, params)
         self.batch_stats = tree_map(f64, batch_stats)
-        encoder = lambda tree: {k: copy.deepcopy(tree[k]) for k in ("backbone", "head")}  # noqa: E731
+        encoder = lambda tree: {k: copy.deepcopy(tree[k]) for k in ("backbone", "head")}
         self.ema_params = encoder(self.params)  # builder.py copies the base encoder's init
         self.ema_batch_stats = encoder(self.batch_stats)
         self.proj_layers, self.proj_last_bn, self.pred_layers, self.pred_last_bn = LAYOUTS[layout]

@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 
-from moco_jax.checkpointing import Checkpointer
+from moco_jax.run.checkpointing import Checkpointer
 from tiny import build, tiny_config
 
 

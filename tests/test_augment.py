@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist_reference, moco_v2_imagenet
-from moco_jax import augment
+from moco_jax.data import augment
 
 
 @pytest.fixture(scope="module")

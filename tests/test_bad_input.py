@@ -343,8 +343,8 @@ def test_the_error_stays_the_last_line_after_a_checkpoint_manager_closed(tmp_pat
     (a run failing right after ``setup_run`` made its Checkpointer) unless the exit waits."""
     script = (
         "from configs.smoke import get_config\n"
-        "from moco_jax.checkpointing import Checkpointer\n"
-        "from moco_jax.cli_errors import fail\n"
+        "from moco_jax.run.checkpointing import Checkpointer\n"
+        "from moco_jax.run.cli_errors import fail\n"
         f"Checkpointer({str(tmp_path / 'checkpoints')!r}, get_config()).close()\n"
         "fail('the last line')\n"
     )

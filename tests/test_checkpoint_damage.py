@@ -16,8 +16,8 @@ from saved_checkpoints import (
     with_step,
 )
 
-from moco_jax import checkpoint_format
-from moco_jax.checkpointing import Checkpointer, CheckpointError
+from moco_jax.run import checkpoint_format
+from moco_jax.run.checkpointing import Checkpointer, CheckpointError
 
 tiny = pytest.fixture(scope="module")(make_tiny)
 pristine = pytest.fixture(scope="module")(make_pristine)

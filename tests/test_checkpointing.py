@@ -19,11 +19,11 @@ from saved_checkpoints import (
     with_step,
 )
 
-from moco_jax import checkpointing
-from moco_jax.checkpointing import Checkpointer, TrainingDiverged
-from moco_jax.fingerprint import summarize
-from moco_jax.init_from import load_encoder_weights
-from moco_jax.validation import ConfigError
+from moco_jax.config.checks import ConfigError
+from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.run import checkpointing
+from moco_jax.run.checkpointing import Checkpointer, TrainingDiverged
+from moco_jax.run.fingerprint import summarize
 from tiny import setup
 
 tiny = pytest.fixture(scope="module")(make_tiny)
@@ -97,7 +97,7 @@ def test_checkpoints_of_the_previous_format_still_resume(tmp_path, tiny):
     extra) instead of orbax's step metadata and an ``extra`` item."""
     import orbax.checkpoint as ocp
 
-    from moco_jax.compatibility import config_dict
+    from moco_jax.config.compatibility import config_dict
 
     config, state = tiny
     saved = with_step(state, 1)

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from moco_jax import cli_errors, compile_for, topology
-from moco_jax.compile_targets import run_targets
-from moco_jax.validation import ConfigError
+from moco_jax.config.checks import ConfigError
+from moco_jax.pod import compile_for, topology
+from moco_jax.pod.compile_targets import run_targets
+from moco_jax.run import cli_errors
 
 pytestmark = [
     pytest.mark.skipif(

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.compiled_stats import collectives_by_kind
 from moco_jax.mesh import DATA_AXIS, batch_sharding, make_data_mesh
+from moco_jax.pod.compiled_stats import collectives_by_kind
 
 
 def test_a_collective_in_a_loop_counts_once_per_iteration():

@@ -105,7 +105,7 @@ def test_a_background_write_failing_after_the_error_line_stays_below_it(tmp_path
         "import asyncio, errno\n"
         "from orbax.checkpoint._src.futures.future import CommitFuture\n"
         "from absl import flags, logging\n"
-        "from moco_jax.cli_errors import fail, quiet_library_logs\n"
+        "from moco_jax.run.cli_errors import fail, quiet_library_logs\n"
         "flags.FLAGS(['script'])\n"
         "logging.use_absl_handler()\n"
         "quiet_library_logs()  # as train.py starts\n"

@@ -17,9 +17,10 @@ import pytest
 from etils import epath
 
 import moco_jax
-from moco_jax import export, torch_bridge, torch_formats
-from moco_jax.checkpointing import Checkpointer
-from moco_jax.init_from import load_encoder_weights
+from moco_jax import export
+from moco_jax.interop import torch_bridge, torch_formats
+from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.run.checkpointing import Checkpointer
 from tests.test_torch_bridge import _Runs, torchvision_resnet_state_shapes
 from tiny import tiny_config
 

@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.gpu_target import gpu_topology_devices
-from moco_jax.validation import ConfigError
+from moco_jax.config.checks import ConfigError
+from moco_jax.pod.gpu_target import gpu_topology_devices
 
 
 def _plugin_version():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moco_jax.data.resident import put_sharded
-from moco_jax.knn import (
+from moco_jax.evaluation.knn import (
     knn_predict,
     largest_divisor_at_most,
     make_knn_accuracy_fn,

@@ -15,7 +15,7 @@ import pytest
 
 import numpy_moco as ref_v2
 from moco_jax import build
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 from moco_jax.mesh import shard_batch
 
 ATOL = RTOL = 1e-5
@@ -92,7 +92,7 @@ def v3_config(num_devices, bn_mode, head, optimizer, base_lr, weight_decay, batc
 def _optimizer_buffers(opt_state, optimizer):
     """``{"mu": ...}`` (LARS momentum) or ``{"mu", "nu"}`` (AdamW moments) of the optax state."""
     kind = optax.TraceState if optimizer == "lars" else optax.ScaleByAdamState
-    is_kind = lambda x: isinstance(x, kind)  # noqa: E731
+    is_kind = lambda x: isinstance(x, kind)
     nodes = [x for x in jax.tree.leaves(opt_state, is_leaf=is_kind) if is_kind(x)]
     assert len(nodes) == 1, nodes
     if optimizer == "lars":
@@ -194,7 +194,7 @@ def test_reference_gradients_match_finite_differences():
     k = rng.normal(size=(n, dim))
 
     def stats():
-        fresh = lambda width: {"mean": np.zeros(width), "var": np.ones(width)}  # noqa: E731
+        fresh = lambda width: {"mean": np.zeros(width), "var": np.ones(width)}
         return {"fc1": fresh(hidden), "fc4": fresh(hidden), "fc7": fresh(dim)}
 
     def loss_and_grads(p):

@@ -16,7 +16,7 @@ from test_moco_v3 import STEPS_PER_EPOCH, v3_config
 from moco_jax import build
 from moco_jax.algorithms.contrastive import contrastive_loss, gathered_keys, positive_indices
 from moco_jax.algorithms.momentum_schedule import momentum_schedule
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 from moco_jax.mesh import DATA_AXIS, make_data_mesh, shard_batch
 from moco_jax.models import build_encoder, resnet
 from moco_jax.models.encoder import build_predictor
@@ -46,7 +46,7 @@ def test_positive_index_across_devices():
     )(shard_batch(mesh, q), shard_batch(mesh, k))
     np.testing.assert_array_equal(labels, np.arange(8 * rows))
     np.testing.assert_array_equal(indices, np.arange(8 * rows))
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     logits = unit(q.astype(np.float64)) @ unit(k.astype(np.float64)).T / t
     per_row = np.log(np.exp(logits).sum(1)) - np.diag(logits)
     expected = 2 * t * per_row.reshape(8, rows).mean(1)  # each device's mean, times 2T
@@ -129,7 +129,7 @@ def test_lars_masks_and_optax_lars_at_a_constant_lr():
         ub, state_b = official.update(grads, state_b, pb)
         pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), pa, pb)
-    one_d = lambda u: u["backbone"]["fc"]["bias"]  # noqa: E731
+    one_d = lambda u: u["backbone"]["fc"]["bias"]
     u, _ = ours.update(grads, ours.init(params), params)
     np.testing.assert_allclose(one_d(u), -0.1 * 0.3, rtol=1e-6)  # no ratio, no decay
 

@@ -45,7 +45,7 @@ def _config(data_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from moco_jax.trainer import train_and_evaluate
+    from moco_jax.run.trainer import train_and_evaluate
 
     root = tmp_path_factory.mktemp("v3_workflow")
     config = _config(fashion_mnist_data_dir())
@@ -83,7 +83,7 @@ def test_a_killed_v3_run_resumes_bit_for_bit(runs):
 
 
 def test_linear_evaluation_of_a_v3_vit_workdir(runs, tmp_path):
-    from moco_jax.linear_eval import evaluate_linear
+    from moco_jax.evaluation.linear_eval import evaluate_linear
 
     root, _, _ = runs
     config = linear_fashion_mnist.get_config()

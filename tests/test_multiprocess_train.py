@@ -221,7 +221,7 @@ def test_process_count_and_id_come_from_the_environment(monkeypatch):
     JAX_COORDINATOR_ADDRESS (which jax reads itself)."""
     import jax
 
-    from moco_jax import cli_errors
+    from moco_jax.run import cli_errors
 
     def fail(message):
         raise SystemExit(message)

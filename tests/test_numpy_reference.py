@@ -20,7 +20,7 @@ import numpy_moco as ref
 from moco_jax import build
 from moco_jax.algorithms.info_nce import info_nce, l2_normalize, moco_logits
 from moco_jax.algorithms.shuffle_bn import shuffle_permutations
-from moco_jax.config_defaults import base_config
+from moco_jax.config.defaults import base_config
 from moco_jax.mesh import shard_batch
 
 ATOL = RTOL = 1e-5

@@ -20,9 +20,10 @@ import pytest
 from etils import epath
 
 import moco_jax
-from moco_jax import checkpoint_format, export
-from moco_jax.checkpointing import Checkpointer, CheckpointError
-from moco_jax.init_from import load_encoder_weights
+from moco_jax import export
+from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.run import checkpoint_format
+from moco_jax.run.checkpointing import Checkpointer, CheckpointError
 from tiny import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ SIGKILL right after step 12's checkpoint save has started (the write may be cut 
 Rerun each time with the same command, it must end with parameters, EMA parameters, BN
 statistics, optimizer state, queue, step, RNG and metrics bit-for-bit equal to an uninterrupted
 run. A NaN injected into the loss must stop a run with one clear line and exit code 2, leaving the
-last good checkpoint intact. The faults come from moco_jax/faults.py's environment hooks; the
+last good checkpoint intact. The faults come from moco_jax/run/faults.py's environment hooks; the
 uninterrupted run and the NaN run go alongside the interrupted one to save wall time.
 """
 
@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
-from moco_jax.fingerprint import summarize
+from moco_jax.run.fingerprint import summarize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 2, 8  # smoke.py: 512 examples / batch 64

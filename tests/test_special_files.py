@@ -23,12 +23,13 @@ import pytest
 from test_disk_full import small_disk  # noqa: F401 - the 3 MiB tmpfs fixture
 
 from configs import linear_fashion_mnist
-from moco_jax import export, regular_files, torch_bridge
-from moco_jax.init_from import load_encoder_weights
-from moco_jax.linear_eval import with_pretrained
-from moco_jax.metrics_io import MetricsWriter, read_records, write_atomically
-from moco_jax.saved_run import load_run_config
-from moco_jax.validation import ConfigError
+from moco_jax import export, regular_files
+from moco_jax.config.checks import ConfigError
+from moco_jax.evaluation.linear_eval import with_pretrained
+from moco_jax.interop import torch_bridge
+from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.run.metrics_io import MetricsWriter, read_records, write_atomically
+from moco_jax.run.saved_run import load_run_config
 from tests.test_export import _fresh, saved_run
 from tiny import tiny_config
 
@@ -61,7 +62,7 @@ def _finishes(fn, *args, seconds=30):
         try:
             fn(*args)
             outcome["error"] = None
-        except BaseException as err:  # noqa: BLE001 - handed to the test
+        except BaseException as err:  # handed to the test
             outcome["error"] = err
 
     thread = threading.Thread(target=call, daemon=True)
@@ -208,7 +209,7 @@ def test_init_from_a_special_file_is_refused_before_reading(run, tmp_path, no_wh
     kind = "a FIFO (named pipe)" if source == "fifo" else "a character device"
     assert str(error) == f"{path} is {kind}, not a regular file: only a file or a directory is read"
     # And the config is refused up front, before a run makes its workdir.
-    from moco_jax.validation import validate_config
+    from moco_jax.config.validation import validate_config
 
     with pytest.raises(regular_files.FileRefused, match=re.escape(f"init_from {path} is {kind}")):
         validate_config(config, 1)

@@ -16,7 +16,7 @@ from test_augment import (
     torchvision_window,
 )
 
-from moco_jax.augment import crop_box, crop_window
+from moco_jax.data.augment import crop_box, crop_window
 from moco_jax.data.streaming import (
     StreamingViews,
     _crop_window,
@@ -26,7 +26,7 @@ from moco_jax.data.streaming import (
     tf_namespace,
 )
 from moco_jax.mesh import make_data_mesh
-from moco_jax.trainer import train_and_evaluate
+from moco_jax.run.trainer import train_and_evaluate
 from tiny import tiny_config
 
 
@@ -230,7 +230,7 @@ def test_undecodable_images_are_counted_by_the_end_of_their_epoch(data_dir, monk
 
 
 def _linear_config(data_dir, **overrides):
-    from moco_jax.config_defaults import linear_config
+    from moco_jax.config.defaults import linear_config
 
     config = linear_config()
     base = _config(data_dir)
@@ -246,7 +246,7 @@ def _linear_config(data_dir, **overrides):
 def test_linear_evaluation_streams_one_view_with_its_label(data_dir, tmp_path):
     """Each streamed view keeps its image's label (the colour class survives crop and flip), and
     a linear run on the stream trains and evaluates its classifier on the streamed test split."""
-    from moco_jax.linear_eval import evaluate_linear
+    from moco_jax.evaluation.linear_eval import evaluate_linear
 
     config = _linear_config(data_dir, **{"optim.base_lr": 0.3, "linear.eval_every_epochs": 3})
     config.epochs = 3

@@ -1,13 +1,14 @@
-"""The backbone a PyTorch file holds (``moco_jax.torch_architecture``), as linear evaluation of a
-``.pth`` takes it: from names and shapes written out independently (torchvision's ResNet in
-``test_torch_bridge``, the torch restatement of moco-v3's ViT in ``torch_moco_v3``)."""
+"""The backbone a PyTorch file holds (``moco_jax.interop.torch_architecture``), as linear
+evaluation of a ``.pth`` takes it: from names and shapes written out independently
+(torchvision's ResNet in ``test_torch_bridge``, the torch restatement of moco-v3's ViT in
+``torch_moco_v3``)."""
 
 import numpy as np
 import pytest
 
-from moco_jax.config_defaults import linear_config
-from moco_jax.linear_eval import with_pretrained
-from moco_jax.torch_architecture import backbone_fields
+from moco_jax.config.defaults import linear_config
+from moco_jax.evaluation.linear_eval import with_pretrained
+from moco_jax.interop.torch_architecture import backbone_fields
 from tests.test_torch_bridge import torchvision_resnet_state_shapes
 
 

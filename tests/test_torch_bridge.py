@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import moco_v2_imagenet, smoke
-from moco_jax import torch_bridge, torch_formats
+from moco_jax.interop import torch_bridge, torch_formats
 from moco_jax.models import build_encoder
 
 
@@ -280,7 +280,7 @@ def _torchvision():
     """torchvision, or a skip saying why (a build for another torch fails at import)."""
     try:
         import torchvision
-    except Exception as err:  # noqa: BLE001 - ImportError, or RuntimeError of a mismatched build
+    except Exception as err:  # ImportError, or RuntimeError of a mismatched build
         pytest.skip(f"torchvision is not usable here ({type(err).__name__}: {err})")
     return torchvision
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import moco_jax
-from moco_jax import export, torch_bridge, torch_encoders, torch_formats, vit_names
-from moco_jax.config_defaults import linear_config
-from moco_jax.init_from import load_encoder_weights
-from moco_jax.validation import ConfigError
+from moco_jax import export
+from moco_jax.config.checks import ConfigError
+from moco_jax.config.defaults import linear_config
+from moco_jax.interop import torch_bridge, torch_encoders, torch_formats, vit_names
+from moco_jax.interop.init_from import load_encoder_weights
 from tests.test_export import STEP, _assert_equal, _random_state, saved_run
 from tiny import tiny_config
 

@@ -260,7 +260,7 @@ def float64_library():
 
 
 def _to_float64(tree):
-    is_float = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+    is_float = lambda x: jnp.issubdtype(x.dtype, jnp.floating)
     return jax.tree.map(lambda x: x.astype(jnp.float64) if is_float(x) else x, tree)
 
 
@@ -304,7 +304,7 @@ def _run(case, float64):
             epoch = step / STEPS_PER_EPOCH
             lr = ref.warmup_cosine_lr(peak, epoch, WARMUP_EPOCHS, EPOCHS)
             m = ref.cosine_momentum(M0, epoch, EPOCHS)
-            to_torch = lambda x: torch.from_numpy(x.transpose(0, 3, 1, 2).copy())  # noqa: E731
+            to_torch = lambda x: torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
             loss = ref.train_step(model, optimizer, to_torch(x1), to_torch(x2), lr, m)
             metrics = jax.device_get(metrics)
             record = {

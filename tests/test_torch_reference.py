@@ -19,8 +19,9 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 
 from configs import smoke  # noqa: E402
-from moco_jax import build, torch_bridge  # noqa: E402
+from moco_jax import build  # noqa: E402
 from moco_jax.algorithms.shuffle_bn import shuffle_permutations  # noqa: E402
+from moco_jax.interop import torch_bridge  # noqa: E402
 from moco_jax.mesh import shard_batch  # noqa: E402
 from moco_jax.models import base_width  # noqa: E402
 from moco_jax.optim import scaled_learning_rate  # noqa: E402

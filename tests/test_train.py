@@ -10,11 +10,11 @@ import sys
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
-from moco_jax import trainer
+from moco_jax.config.checks import ConfigError
 from moco_jax.data.tfds_source import DatasetError
 from moco_jax.evaluate import evaluate_knn
-from moco_jax.trainer import train_and_evaluate
-from moco_jax.validation import ConfigError
+from moco_jax.run import trainer
+from moco_jax.run.trainer import train_and_evaluate
 from tiny import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

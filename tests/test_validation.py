@@ -6,7 +6,7 @@ import pytest
 import moco_jax
 from moco_jax import ConfigError, validate_config
 from moco_jax.algorithms import moco
-from moco_jax.validation import validate_run_config
+from moco_jax.config.validation import validate_run_config
 from tiny import tiny_config
 
 V3 = {"algorithm": "moco_v3", "model.head": "v3_resnet", "model.bn_mode": "sync"}
@@ -183,7 +183,7 @@ def test_bad_config_is_refused_with_a_specific_message(overrides, devices, messa
 
 
 def _linear_tiny(**overrides):
-    from moco_jax.config_defaults import linear_config
+    from moco_jax.config.defaults import linear_config
 
     config = linear_config()
     config.dataset, config.model = tiny_config().dataset, tiny_config().model
@@ -217,14 +217,14 @@ LINEAR_BAD_VALUES = [
 
 @pytest.mark.parametrize("overrides,message", LINEAR_BAD_VALUES)
 def test_bad_linear_config_is_refused_with_a_specific_message(overrides, message):
-    from moco_jax.linear_eval import with_pretrained
+    from moco_jax.evaluation.linear_eval import with_pretrained
 
     with pytest.raises(ConfigError, match=message):
         validate_config(with_pretrained(_linear_tiny(**overrides)), 1)
 
 
 def test_every_linear_field_has_a_bad_value_above():
-    from moco_jax.config_defaults import linear_config
+    from moco_jax.config.defaults import linear_config
 
     covered = {field for overrides, _ in LINEAR_BAD_VALUES for field in overrides}
     assert {f"linear.{key}" for key in linear_config().linear} - covered == set()
@@ -232,7 +232,7 @@ def test_every_linear_field_has_a_bad_value_above():
 
 def test_every_config_field_has_a_bad_value_above():
     """The table covers every field of base_config (a new field needs a rule and a row)."""
-    from moco_jax.config_defaults import base_config
+    from moco_jax.config.defaults import base_config
 
     def leaves(config, prefix=""):
         for key, value in config.items():
@@ -261,7 +261,7 @@ RUN_BAD_VALUES = [
 
 @pytest.mark.parametrize("overrides,message", RUN_BAD_VALUES)
 def test_bad_run_config_is_refused_before_the_mesh(overrides, message, tmp_path):
-    from moco_jax.run_setup import setup_run
+    from moco_jax.run.run_setup import setup_run
 
     with pytest.raises(ConfigError, match=message):
         validate_run_config(tiny_config(**overrides), visible_devices=8)
@@ -335,7 +335,7 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated
 def test_a_resumed_run_must_cut_epochs_as_the_saved_one():
     from types import SimpleNamespace
 
-    from moco_jax.run_setup import _check_epoch_length
+    from moco_jax.run.run_setup import _check_epoch_length
 
     saved = SimpleNamespace(restored_step=16, restored_extra={"steps_per_epoch": 8})
     _check_epoch_length(saved, 8)

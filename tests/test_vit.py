@@ -184,7 +184,7 @@ def test_stop_grad_conv1_freezes_the_patch_projection(frozen):
     model = _backbone("vit_test", stop_grad_conv1=frozen)
     assert model.stop_grad_conv1 == frozen
     params, x = _init(model, (16, 16, 3))
-    loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=False) ** 2)  # noqa: E731
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=False) ** 2)
     grads = jax.jit(jax.grad(loss))(params)
     for path, grad in _flat(grads).items():
         assert grad.any() != (frozen and path[0] == "patch_embed"), path

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from moco_jax.workdir_lock import WorkdirLock, WorkdirLocked
+from moco_jax.run.workdir_lock import WorkdirLock, WorkdirLocked
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOLDER = (
     "import sys, time; sys.path.insert(0, sys.argv[2]);"
-    "from moco_jax.workdir_lock import WorkdirLock;"
+    "from moco_jax.run.workdir_lock import WorkdirLock;"
     "WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)"
 )
 

@@ -24,7 +24,7 @@ def final_arrays(workdir):
 def records(workdir, name="epochs.jsonl"):
     """A records file's rows without their timings (``*_seconds``, ``images_per_sec``)."""
     rows = [json.loads(line) for line in (workdir / name).read_text().splitlines()]
-    timing = lambda key: key.endswith("_seconds") or key == "images_per_sec"  # noqa: E731
+    timing = lambda key: key.endswith("_seconds") or key == "images_per_sec"
     return [{k: v for k, v in row.items() if not timing(k)} for row in rows]
 
 

@@ -8,7 +8,7 @@ schedule, LARS/AdamW) is a sibling module, not a change to them:
 - ``init_state(rng)``: a fresh state, a ``flax.struct.dataclass`` whose leaves are arrays only and
   which holds everything needed to resume bit-for-bit, including ``step`` (int32 scalar, the
   number of optimizer steps taken) and ``params`` (the trained weights). Unjitted: the set-up path
-  (``moco_jax.setup``) jits it with replicated outputs on the mesh.
+  (``moco_jax.assemble``) jits it with replicated outputs on the mesh.
 - ``train_step(state, view_q, view_k) -> (state, metrics)``: jitted, donates ``state``; the views
   are global ``[batch, H, W, C]`` float arrays sharded over the mesh's ``data`` axis; metrics is a
   dict of replicated scalars with at least ``loss`` and ``learning_rate``. ``inputs`` says when

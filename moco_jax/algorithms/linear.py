@@ -9,7 +9,8 @@ decay, lr 30 per 256 images, x0.1 at epochs 60 and 80 of 100 in MoCo v1/v2). Two
   (statistics as ``model.bn_mode`` says), the backbone at ``linear.backbone_lr`` per 256 under
   the same schedule shape as the classifier.
 - ``linear.cached_features``: the step takes each image's features, computed once without
-  augmentation (``moco_jax.linear_eval``), instead of images: a faster, different protocol.
+  augmentation (``moco_jax.evaluation.linear_eval``), instead of images: a faster, different
+  protocol.
 
 One step per device (inside ``jax.shard_map``), state replicated, batch sharded:
 ``(state, images or features, labels) -> (state, {"loss", "top1", "learning_rate"})``.

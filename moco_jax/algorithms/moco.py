@@ -94,7 +94,7 @@ def create_state(rng, model, optimizer, image_shape, queue_size: int) -> MoCoSta
 def load_encoder(state: MoCoState, variables: dict[str, Any]) -> MoCoState:
     """``state`` with ``variables`` in both encoders (the key encoder starts as a copy)."""
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
     return state.replace(
         params=params,
         batch_stats=batch_stats,
@@ -116,11 +116,11 @@ def make_train_step(
     """
     num_devices = mesh.shape[DATA_AXIS]
     if ordered:
-        device_mean = lambda tree: jax.tree.map(  # noqa: E731
+        device_mean = lambda tree: jax.tree.map(
             lambda x: x / num_devices, ordered_sum(tree, DATA_AXIS)
         )
     else:
-        device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)  # noqa: E731
+        device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)
 
     def per_device(state: MoCoState, images_q: jax.Array, images_k: jax.Array):
         rng, shuffle_rng = jax.random.split(state.rng)
@@ -186,7 +186,7 @@ def make_train_step(
 
 def _metrics(loss, similarities, ema_params, params, queue_ptr, device_mean):
     """Replicated scalars of one step; ``similarities`` are the logits times T (cosines)."""
-    mean = lambda x: device_mean(jnp.mean(x))  # noqa: E731
+    mean = lambda x: device_mean(jnp.mean(x))
     squares = jax.tree.map(lambda x, y: jnp.sum(jnp.square(x - y)), ema_params, params)
     return {
         "loss": loss,

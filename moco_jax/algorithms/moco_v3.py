@@ -87,7 +87,7 @@ def create_state(rng, encoder, predictor, optimizer, image_shape) -> MoCoV3State
         **variables.get("batch_stats", {}),
         "predictor": predictor_vars.get("batch_stats", {}),
     }
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
     return MoCoV3State(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -103,7 +103,7 @@ def load_encoder(state: MoCoV3State, variables: dict[str, Any]) -> MoCoV3State:
     the predictor and the optimizer state stay as they are."""
     params = encoder_part(variables["params"])
     batch_stats = encoder_part(variables.get("batch_stats", {}))
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
     return state.replace(
         params={**state.params, **params},
         batch_stats={**state.batch_stats, **batch_stats},
@@ -174,7 +174,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
 
         if bn_mode != "sync":  # per-device running statistics: keep their mean
-            device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)  # noqa: E731
+            device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)
             batch_stats, ema_stats = device_mean(batch_stats), device_mean(ema_stats)
         new_state = MoCoV3State(
             state.step + 1, params, batch_stats, ema_params, ema_stats, opt_state
@@ -189,7 +189,7 @@ def make_train_step(
 
 def _metrics(loss, logits, labels, temperature, ema_params, params) -> dict[str, jax.Array]:
     """Replicated scalars of one step (both loss terms' rows; similarities are cosines)."""
-    mean = lambda x: jax.lax.pmean(jnp.mean(x), DATA_AXIS)  # noqa: E731
+    mean = lambda x: jax.lax.pmean(jnp.mean(x), DATA_AXIS)
     cosines = jnp.concatenate(logits) * temperature
     labels = jnp.concatenate([labels, labels])
     positive = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]

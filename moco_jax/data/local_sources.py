@@ -83,7 +83,7 @@ class LocalFashionMNIST(tfds.image_classification.FashionMNIST, skip_registratio
 
     name = "fashion_mnist"
 
-    def _split_generators(self, dl_manager):  # noqa: ARG002 (TFDS's is replaced)
+    def _split_generators(self, dl_manager):  # TFDS's is replaced
         files = _VerifiedLocalFiles(
             FASHION_MNIST_DIR, FASHION_MNIST_CONTENT_SHA256, _extract_dir(self)
         )

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.augment import augment_batch, normalize_only, two_views
+from moco_jax.data.augment import augment_batch, normalize_only, two_views
 from moco_jax.mesh import DATA_AXIS, DeviceViews, put_process_local, shard_batch, shard_views
 
 # The epoch's index table: one row per step, its columns split over the devices like the batch.

@@ -2,11 +2,11 @@
 
 Per example the host (tf.data, parallel) decodes the JPEG only inside two independent
 random-resized-crop windows and resizes each to the training size as uint8. The windows follow
-the rule the device crop follows too (``moco_jax.augment.crop_window``, torchvision's sampler):
+the rule the device crop follows too (``moco_jax.data.augment.crop_window``, torchvision's sampler):
 area in ``augment.crop_scale``, log-uniform aspect ratio in ``augment.crop_ratio``, 10 tries,
 then the largest centred crop whose aspect ratio is clamped into ``crop_ratio`` (the whole image
 when its own aspect ratio is within). Flip, colour jitter, grayscale, blur, solarize and
-normalisation then run on device (``moco_jax.augment`` with the crop turned off).
+normalisation then run on device (``moco_jax.data.augment`` with the crop turned off).
 
 Every random choice is a stateless function of ``(seed, epoch, example index)`` and the record
 order of an epoch is a fixed shuffle of ``(seed, epoch)``, so the stream of step ``s`` can be
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax.augment import CROP_TRIES, augment_batch, crop_window, two_views
+from moco_jax.data.augment import CROP_TRIES, augment_batch, crop_window, two_views
 from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384

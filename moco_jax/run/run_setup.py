@@ -1,0 +1,234 @@
+"""Everything a run needs before its first step, shared by training and evaluation.
+
+Order matters: config checks and the dataset name come first (cheap, before any data is read or
+anything is compiled), then the data, then the algorithm and the state (fresh or restored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from moco_jax import paths
+from moco_jax.algorithms import State
+from moco_jax.assemble import Setup, build, mesh_for
+from moco_jax.config.checks import ConfigError
+from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
+from moco_jax.data.streaming import StreamingViews, eval_batches
+from moco_jax.data.tfds_source import (
+    RESIDENT_DATASETS,
+    get_builder,
+    load_arrays,
+    prepared_builder,
+)
+from moco_jax.evaluation.monitor import KnnMonitor
+from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.mesh import DATA_AXIS, shard_batch
+from moco_jax.run.checkpointing import Checkpointer
+from moco_jax.run.workdir_lock import WorkdirLock
+
+
+@dataclasses.dataclass
+class Run:
+    """A configured run: its set-up (mesh, algorithm), data on device, state and checkpoints."""
+
+    setup: Setup
+    workdir: epath.Path
+    train_views: ResidentViews | StreamingViews  # step -> (view_q, view_k) on the mesh
+    state: State
+    checkpointer: Checkpointer
+    monitor: KnnMonitor | None  # kNN and its baselines (None: a run that reports otherwise)
+    lock: WorkdirLock
+    # state -> the epoch record's evaluation entries, every ``eval_every_epochs`` and at the end.
+    evaluate: Callable[[State], dict[str, float]]
+    eval_every_epochs: int
+    data: Data  # the training views and the evaluation sources
+
+    @property
+    def config(self) -> Any:
+        return self.setup.config
+
+    def close(self) -> None:
+        """Wait for the last checkpoint to be written, then let the next run in."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self.lock.release()
+
+
+def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -> Run:
+    """Validate, load the data, build the algorithm and restore the latest checkpoint if any.
+
+    ``read_only``: the run's checkpoints are only read (``evaluate knn``): damaged ones are
+    skipped but left in place, and nothing is checked for saving."""
+    mesh = mesh_for(config)  # every config rule that needs no data, once
+    early = build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data
+    inputs = early.algorithm.inputs
+    get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
+    workdir = epath.Path(workdir)
+    what = "linear.pretrained" if "linear" in config else "init_from"
+    paths.check_reachable(what, config.get("init_from") or "")  # a bucket: before the workdir
+    _check_workdir(workdir)
+    lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
+    checkpointer = None
+    try:
+        data = load_data(config, mesh, inputs)
+        views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
+
+        # Algorithm and state (fresh or restored).
+        setup = build(config, views.steps_per_epoch, mesh=mesh)
+        state = setup.initial_state()
+        checkpointer = Checkpointer(workdir / "checkpoints", config, read_only=read_only)
+        if not read_only:
+            checkpointer.check_can_save(state)  # read-only or full disk: fail before training
+        state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
+        _check_epoch_length(checkpointer, views.steps_per_epoch)
+        if checkpointer.restored_step is None and config.get("init_from"):
+            source = paths.absolute(config.init_from)  # orbax reads absolute paths only
+            state = load_encoder_weights(source, state, setup, what)
+        model = setup.algorithm.model
+        monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
+    except BaseException:
+        if checkpointer is not None:  # else orbax's threads print a traceback at exit
+            checkpointer.close()
+        lock.release()
+        raise
+    encoder = setup.algorithm.encoder_variables
+    evaluate = lambda state: monitor.evaluate(encoder(state))
+    return Run(
+        setup, workdir, views, state, checkpointer, monitor, lock, evaluate,
+        config.knn.every_epochs, data,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Data:
+    """A run's data on the mesh: training views and the kNN monitor's two sources."""
+
+    train_views: ResidentViews | StreamingViews
+    bank_source: Any  # () -> iterable of (images, labels) on the mesh: the kNN memory bank
+    test_source: Any  # () -> the same for the evaluated split
+    num_classes: int
+
+
+def load_data(config: Any, mesh: Mesh, inputs: str = "two_views") -> Data:
+    """Prepare the dataset once and load this process's share (small datasets stay on device);
+    the training views are what the algorithm's step takes (``Algorithm.inputs``)."""
+    dataset = config.dataset
+    builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
+    if dataset.name in RESIDENT_DATASETS:
+        sources = _resident_data(config, mesh, builder, inputs)
+    else:
+        sources = _streaming_data(config, mesh, builder, inputs)
+    return Data(*sources, builder.info.features["label"].num_classes)
+
+
+def _resident_data(config: Any, mesh: Mesh, builder, inputs: str):
+    """Train set on device (sampled by index) and the kNN sources over the resident arrays."""
+    dataset, num_devices = config.dataset, mesh.shape[DATA_AXIS]
+    train_images, train_labels = load_arrays(builder, "train", dataset.max_train_examples)
+    test_images, test_labels = load_arrays(builder, "test", dataset.max_test_examples)
+    per_device_batch = config.batch_size // num_devices
+    _check_data_fits(config, train_images, per_device_batch, num_devices)
+    images, labels, per_device = put_sharded(mesh, train_images, train_labels, pad=False)
+    train_set = ResidentTrainSet(mesh, images, labels, per_device, per_device_batch, config.seed)
+    test = put_sharded(mesh, test_images, test_labels, pad=True)[:2]
+    return ResidentViews(train_set, config, inputs), lambda: [(images, labels)], lambda: [test]
+
+
+def _streaming_data(config: Any, mesh: Mesh, builder, inputs: str):
+    """Host-cropped training stream and streamed kNN sources (centre crops)."""
+    dataset = config.dataset
+    if not config.augment.crop:
+        raise ConfigError("augment.crop must be on for streamed datasets (the host crops)")
+    if inputs == "features":
+        raise ConfigError(
+            f"linear.cached_features is for datasets that fit on the devices "
+            f"({', '.join(sorted(RESIDENT_DATASETS))}); {dataset.name} is streamed"
+        )
+    views = StreamingViews(mesh, builder, config, inputs)
+    if views.num_records < views.local_batch:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than the {views.num_records} training "
+            f"examples of {dataset.name}"
+        )
+    eval_batch = config.batch_size // jax.process_count()
+
+    def source(split: str, limit: int):
+        def batches():
+            for images, labels in eval_batches(builder, split, config, eval_batch, limit):
+                short = eval_batch - len(labels)  # pad the last batch; label -1 is ignored
+                if short:
+                    images = np.concatenate(
+                        [images, np.zeros((short, *images.shape[1:]), np.uint8)]
+                    )
+                    labels = np.concatenate([labels, np.full(short, -1, np.int32)])
+                yield shard_batch(mesh, images), shard_batch(mesh, labels.astype(np.int32))
+
+        return batches
+
+    test_split = "validation" if "validation" in builder.info.splits else "test"
+    return (
+        views,
+        source("train", dataset.max_train_examples),
+        source(test_split, dataset.max_test_examples),
+    )
+
+
+def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num_devices: int):
+    """Dataset-vs-config rules that need the data: channels, image size, batch vs dataset size."""
+    height, width, channels = images.shape[1:]
+    if channels != config.dataset.num_channels:
+        raise ConfigError(
+            f"dataset.num_channels is {config.dataset.num_channels} but {config.dataset.name} "
+            f"images have {channels} channel(s)"
+        )
+    if not config.augment.crop and (height, width) != (config.dataset.image_size,) * 2:
+        raise ConfigError(
+            f"dataset.image_size {config.dataset.image_size} differs from the images' "
+            f"{height}x{width} and augment.crop is off (nothing would resize them)"
+        )
+    if len(images) < config.batch_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than the {len(images)} training examples"
+        )
+    if len(images) // num_devices < per_device_batch:
+        raise ConfigError(
+            f"each of the {num_devices} devices holds {len(images) // num_devices} examples, "
+            f"fewer than its batch of {per_device_batch}"
+        )
+
+
+def _check_epoch_length(checkpointer: Checkpointer, steps_per_epoch: int) -> None:
+    """A resumed run must cut the data into epochs as the saved one did."""
+    saved = checkpointer.restored_extra.get("steps_per_epoch")
+    if saved is not None and saved != steps_per_epoch:
+        raise ConfigError(
+            f"the checkpoint at step {checkpointer.restored_step} was saved by a run with "
+            f"{saved} steps per epoch, this one has {steps_per_epoch} (another device count?); "
+            f"resume with the saved settings, or start another --workdir with "
+            f"--config.init_from to take its encoder"
+        )
+
+
+def _check_workdir(workdir: epath.Path) -> None:
+    """Fail before training if the workdir cannot be written (local path or bucket: one line
+    naming the bucket when it cannot be reached)."""
+    paths.check_reachable("workdir", workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as err:  # a bucket's file system raises its own kinds
+        if paths.is_remote(workdir):
+            raise paths.unreachable("workdir", workdir, err, "write to") from None
+        if isinstance(err, OSError):
+            raise OSError(f"workdir {workdir} is not writable: {err.strerror or err}") from err
+        raise

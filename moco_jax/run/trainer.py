@@ -1,0 +1,135 @@
+"""The pretraining loop: set-up, baselines, the steps with their periodic actions, the results.
+
+Side effects (data loading, logging, checkpoints, plots) live here and in ``hooks.py``; the step
+itself is the algorithm's pure ``train_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.run import hooks
+from moco_jax.run.checkpointing import TrainingDiverged
+from moco_jax.run.faults import Faults
+from moco_jax.run.metrics_io import MetricsWriter, plot_history, write_atomically
+from moco_jax.run.run_setup import Run, setup_run
+
+__all__ = ["TrainingDiverged", "train_and_evaluate"]
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+    """Pretrain as ``config`` says, writing everything under ``workdir``.
+
+    Rerunning with the same ``workdir`` resumes from its latest checkpoint, exactly: the data
+    order is a function of the step, and the running epoch loss is saved with the state. SIGTERM
+    saves the current step and raises ``Preempted``; a NaN/inf loss or state raises
+    ``TrainingDiverged`` and is never saved.
+    Returns the final summary (last epoch's loss, kNN top-1 and the baselines).
+    """
+    run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, init_from)
+    try:
+        history, _ = _train(run)
+        summary = _summary(history)  # the results: summary and plot
+        if jax.process_index() == 0:
+            plot_history(history, run.workdir / "pretraining.png", config.dataset.name)
+            write_atomically(run.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    finally:
+        run.close()  # waits for the last checkpoint, then lets the next run in
+    return summary
+
+
+def _train(run: Run) -> tuple[dict, Any]:
+    """The loop: one step, then each periodic action in order; returns the run's history and
+    its final state."""
+    config, algorithm = run.config, run.setup.algorithm
+    checkpointer, views = run.checkpointer, run.train_views
+    steps_per_epoch = views.steps_per_epoch
+    total_steps = steps_per_epoch * config.epochs
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(run.workdir, enabled=is_main)
+    saved = checkpointer.restored_extra.get(hooks.HISTORY)  # None: fresh, or an earlier version
+    history = writer.resume(int(run.state.step), steps_per_epoch, saved)
+    if is_main:
+        write_atomically(run.workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    if "baselines" not in history and run.monitor is not None:  # what pretraining has to beat
+        history["baselines"] = _baselines(run)
+        writer.write_baselines(history["baselines"])
+
+    progress = hooks.Progress(int(run.state.step), steps_per_epoch, run.state)
+    progress.epoch_loss, progress.epoch_steps = hooks.resumed_epoch_loss(
+        checkpointer.restored_extra, progress.step, steps_per_epoch, run.setup.mesh
+    )
+    views.restore(checkpointer.restored_extra)  # e.g. streamed data's skipped-image count
+    bar = _progress_bar(total_steps, progress.step, enabled=is_main)
+    # Test-only fault injection; inert unless MOCO_JAX_FAULT_* is set.
+    faults = Faults.from_env(checkpointer.manager.wait_until_finished, run.workdir)
+    save = hooks.SaveCheckpoint(checkpointer, views, history)
+    log = hooks.LogMetrics(
+        config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
+    )
+    end_of_epoch = hooks.EndOfEpoch(
+        config.epochs, run.eval_every_epochs, run.evaluate, views.checkpoint_extra,
+        writer, history, bar.write, checkpointer,
+    )  # fmt: skip
+    # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
+    actions = [
+        faults.poison,
+        hooks.Progress.add_loss,
+        log,
+        end_of_epoch,
+        save,
+        faults.fill_disk,
+        faults.deliver_signals,
+        hooks.StopWhenPreempted(save, bar),
+    ]
+    checkpointer.watch_sigterm()
+    for step in range(progress.step, total_steps):
+        with jax.transfer_guard("disallow"):  # a step sends nothing implicitly host<->device
+            progress.state, progress.metrics = algorithm.train_step(progress.state, *views(step))
+        progress.step = step + 1
+        for action in actions:
+            action(progress)
+        if progress.end_of_epoch:
+            log.restart_clock()  # kNN time is not training time
+    bar.close()
+    return history, progress.state
+
+
+def _baselines(run: Run) -> dict[str, float]:
+    """kNN of raw pixels and of the random-init encoder, and for a run started with
+    ``init_from`` of the weights it loaded (also when a resumed run lost its baselines file)."""
+    t0 = time.time()
+    encoder, fresh = run.setup.algorithm.encoder_variables, run.checkpointer.restored_step is None
+    init_from = run.config.get("init_from")
+    initial = run.state if fresh and not init_from else run.setup.initial_state()
+    if init_from:
+        loaded = run.state if fresh else load_encoder_weights(init_from, initial, run.setup)
+        baselines = run.monitor.baselines(encoder(initial), encoder(loaded))
+    else:
+        baselines = run.monitor.baselines(encoder(initial))
+    logging.info("baselines (%.0fs): %s", time.time() - t0, baselines)
+    return baselines
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    disabled = not enabled or bool(os.environ.get("MOCO_JAX_NO_PROGRESS"))
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=disabled)
+
+
+def _summary(history: dict) -> dict[str, float]:
+    summary = dict(history.get("baselines", {}))
+    epochs = history.get("epochs", [])
+    if epochs:
+        summary.update(
+            {f"final_{k}": v for k, v in epochs[-1].items() if not k.endswith("_seconds")}
+        )
+    return summary
