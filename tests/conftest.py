@@ -25,7 +25,8 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-# The slowest test files (cold, quiet 2-core machine, pytest -n 2 --dist loadfile), first: each
+# The slowest test files (cold, quiet 2-core machine, pytest -n 2 --dist loadfile; with
+# --no-loadscope-reorder, or pytest-xdist 3.8 orders files by their number of tests), first: each
 # file runs whole on one worker, so starting the long ones first lets the two workers end
 # together instead of one finishing a long file alone at the end.
 SLOW_FIRST = (
