@@ -51,6 +51,7 @@ from moco_jax.config.compatibility import (
     refuse_other_config,
     refuse_other_shapes,
 )
+from moco_jax.paths import is_remote
 from moco_jax.run import fingerprint
 from moco_jax.run.checkpoint_format import (
     EXTRA_ITEM,
@@ -95,7 +96,7 @@ class Checkpointer:
         checkpoint = config.checkpoint
         self.keep = checkpoint.keep
         self.directory = epath.Path(directory)
-        if "://" not in str(self.directory):
+        if not is_remote(self.directory):
             self.directory = self.directory.absolute()
         self.signal_policy = SignalPolicy()
         self.unreadable: set[int] = set()  # damaged steps left in place: retention skips them

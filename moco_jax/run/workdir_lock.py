@@ -24,6 +24,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from moco_jax.paths import is_remote
+
 LOCK_NAME = ".lock"
 
 
@@ -42,7 +44,7 @@ class WorkdirLock:
         """Take the lock or raise ``WorkdirLocked`` naming the holder (never waits)."""
         if jax.process_index() != 0 or self._fd is not None:
             return self
-        if "://" in str(self.workdir):
+        if is_remote(self.workdir):
             logging.warning(
                 "%s is not a local directory: it cannot be locked, so make sure no other run "
                 "uses it (see moco_jax/run/workdir_lock.py)",
