@@ -33,7 +33,7 @@ from typing import Any
 from absl import app, flags
 from etils import epath
 
-from moco_jax import paths, regular_files
+from moco_jax import storage
 from moco_jax.config.checks import ConfigError
 from moco_jax.interop.torch_formats import FORMATS
 from moco_jax.run.checkpointing import Checkpointer
@@ -148,7 +148,7 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
     _check_output(output_path, workdir_path)
     setup, state, step, extra = restore(workdir_path, config, step)
     payload = layout(fmt, setup, state, step, extra)
-    regular_files.write_whole(output_path, encode(fmt, payload), "--output")
+    storage.write_whole(output_path, encode(fmt, payload), "--output")
     tensors = payload.get("model") or payload.get("state_dict") or payload
     return {"output": str(output_path), "format": fmt, "step": step, "tensors": len(tensors)}
 
@@ -186,15 +186,15 @@ def _refuse_what_does_not_apply(fmt: str, config: Any, workdir: str) -> None:
 
 def _check_output(output: epath.Path, workdir: epath.Path) -> None:
     """Refuse, before anything is restored, an ``--output`` that writing would not replace as a
-    file (a directory, device, FIFO, socket: ``regular_files``), in a directory that does not
+    file (a directory, device, FIFO, socket: ``storage``), in a directory that does not
     exist, or inside the run's checkpoint directories (orbax's: a stray file there is damage)."""
     if output.is_dir():
         raise IsADirectoryError(f"--output {output} is a directory: give a file name")
-    regular_files.check_output(output, "--output")
+    storage.check_output(output, "--output")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"--output {output}: the directory {output.parent} does not exist")
     for name in ("checkpoints", "checkpoints_damaged"):
-        if paths.is_within(output, workdir / name):
+        if storage.is_within(output, workdir / name):
             raise ConfigError(
                 f"--output {output} is inside {workdir / name}, which holds the run's "
                 f"checkpoints: write the export elsewhere"

@@ -1,4 +1,4 @@
-"""Only regular files are read or replaced (``moco_jax.regular_files``): an export's ``--output``
+"""Only regular files are read or replaced (``moco_jax.storage``): an export's ``--output``
 or a workdir file that is a FIFO, a symlink to ``/dev/null`` or a directory is refused and left
 as it was; a write that fails (full disk) is one error naming the file, with no temporary file
 left; ``--output`` inside the run's checkpoints is refused; weights named by ``init_from`` or
@@ -23,7 +23,7 @@ import pytest
 from test_disk_full import small_disk  # noqa: F401 - the 3 MiB tmpfs fixture
 
 from configs import linear_fashion_mnist
-from moco_jax import export, regular_files
+from moco_jax import export, storage
 from moco_jax.config.checks import ConfigError
 from moco_jax.evaluation.linear_eval import with_pretrained
 from moco_jax.interop import torch_bridge
@@ -119,7 +119,7 @@ def test_an_export_onto_a_full_disk_is_one_error_naming_the_output(run, small_di
     filler = small_disk / "filler"
     filler.write_bytes(bytes(shutil.disk_usage(small_disk).free))
     output = small_disk / "model.pkl"
-    with pytest.raises(regular_files.WriteFailed) as failed:
+    with pytest.raises(storage.WriteFailed) as failed:
         export.export_weights(str(workdir), "detectron2", str(output))
     assert failed.value.errno == errno.ENOSPC
     assert str(failed.value) == (
@@ -156,7 +156,7 @@ def test_export_cli_to_a_fifo_is_one_error_line_and_writes_nothing(run, tmp_path
 def test_an_atomic_write_refuses_to_replace_what_is_not_a_regular_file(tmp_path, make):
     target = make(tmp_path / "summary.json")
     error = _finishes(write_atomically, target, "{}\n")
-    assert isinstance(error, regular_files.FileRefused), error
+    assert isinstance(error, storage.FileRefused), error
     assert str(error).startswith(f"{target} is a ")
     assert os.lstat(target).st_mode == os.lstat(make(tmp_path / "again")).st_mode
     assert sorted(os.listdir(tmp_path)) == ["again", "summary.json"]
@@ -166,7 +166,7 @@ def test_an_atomic_write_onto_a_full_disk_leaves_no_temporary_file(small_disk): 
     target = small_disk / "summary.json"
     target.write_text("old\n")
     (small_disk / "filler").write_bytes(bytes(shutil.disk_usage(small_disk).free))
-    with pytest.raises(regular_files.WriteFailed, match=r"No space left on device") as failed:
+    with pytest.raises(storage.WriteFailed, match=r"No space left on device") as failed:
         write_atomically(target, "new " * 100_000)
     assert failed.value.errno == errno.ENOSPC and str(target) in str(failed.value)
     assert target.read_text() == "old\n"
@@ -188,7 +188,7 @@ def test_a_workdir_file_that_is_a_fifo_is_refused_not_read(tmp_path, name):
         "baselines.json": MetricsWriter(tmp_path, enabled=False).read_history,
     }[name]
     error = _finishes(reads)
-    assert isinstance(error, regular_files.FileRefused), error
+    assert isinstance(error, storage.FileRefused), error
     assert str(error) == (
         f"{path} is a FIFO (named pipe), not a regular file: only a file or a directory is read"
     )
@@ -205,13 +205,13 @@ def test_init_from_a_special_file_is_refused_before_reading(run, tmp_path, no_wh
         os.symlink("/dev/zero", path)
     config = tiny_config(init_from=str(path))
     error = _finishes(load_encoder_weights, str(path), _fresh(setup), setup)
-    assert isinstance(error, regular_files.FileRefused), error
+    assert isinstance(error, storage.FileRefused), error
     kind = "a FIFO (named pipe)" if source == "fifo" else "a character device"
     assert str(error) == f"{path} is {kind}, not a regular file: only a file or a directory is read"
     # And the config is refused up front, before a run makes its workdir.
     from moco_jax.config.validation import validate_config
 
-    with pytest.raises(regular_files.FileRefused, match=re.escape(f"init_from {path} is {kind}")):
+    with pytest.raises(storage.FileRefused, match=re.escape(f"init_from {path} is {kind}")):
         validate_config(config, 1)
 
 
@@ -219,7 +219,7 @@ def test_init_from_a_special_file_is_refused_before_reading(run, tmp_path, no_wh
 def test_linear_pretrained_a_special_file_is_refused(tmp_path, no_whole_reads, source):
     path = str(_fifo(tmp_path / "w.pth")) if source == "fifo" else source
     error = _finishes(with_pretrained, linear_fashion_mnist.get_config(), path)
-    assert isinstance(error, regular_files.FileRefused), error
+    assert isinstance(error, storage.FileRefused), error
     assert str(error).startswith(f"linear.pretrained {path} is a ")
 
 
@@ -232,12 +232,12 @@ def test_a_weights_file_larger_than_the_limit_is_refused(
     with open(path, "wb") as sparse:
         sparse.truncate(3 * 2**20)
     if limit == "stated":
-        monkeypatch.setattr(regular_files, "MAX_INPUT_BYTES", 2**20)
+        monkeypatch.setattr(storage, "MAX_INPUT_BYTES", 2**20)
         why = r"the largest file read \(1\.0 MiB\)"
     else:
-        monkeypatch.setattr(regular_files, "available_memory", lambda: 2**20)
+        monkeypatch.setattr(storage, "available_memory", lambda: 2**20)
         why = r"the memory available now \(1\.0 MiB\)"
-    with pytest.raises(regular_files.FileRefused, match=f"big.pth is 3.0 MiB, more than {why}"):
+    with pytest.raises(storage.FileRefused, match=f"big.pth is 3.0 MiB, more than {why}"):
         load_encoder_weights(str(path), _fresh(setup), setup)
-    with pytest.raises(regular_files.FileRefused, match=f"^linear.pretrained {path} is 3.0 MiB"):
+    with pytest.raises(storage.FileRefused, match=f"^linear.pretrained {path} is 3.0 MiB"):
         with_pretrained(linear_fashion_mnist.get_config(), str(path))

@@ -13,7 +13,7 @@ from typing import Any
 
 from absl import logging
 
-from moco_jax import paths
+from moco_jax import storage
 from moco_jax.config.checks import ConfigError
 from moco_jax.run import fingerprint
 
@@ -38,7 +38,7 @@ SCHEDULE_FIELDS = ("batch_size", "dataset.name", "dataset.max_train_examples")
 ENCODER_FIELDS = ("model.backbone", "model.width_multiplier", "model.cifar_stem")
 # Where a linear evaluation's backbone came from: its checkpoints hold a classifier trained on
 # those features, so a resumed run must read the same source. Compared as the place each path
-# names (``paths.canonical``): a relative and an absolute spelling of one directory agree.
+# names (``storage.canonical``): a relative and an absolute spelling of one directory agree.
 SOURCE_FIELDS = ("linear.pretrained",)
 # Fields that may change between a run and its resumption without a warning.
 UNREMARKABLE_FIELDS = ("dataset.data_dir", "init_from")
@@ -95,7 +95,7 @@ def refuse_other_config(
 
 def _same(field: str, old: Any, new: Any) -> bool:
     if field in SOURCE_FIELDS and isinstance(old, str) and isinstance(new, str):
-        return paths.canonical(old) == paths.canonical(new)
+        return storage.canonical(old) == storage.canonical(new)
     return old == new
 
 

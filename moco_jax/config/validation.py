@@ -16,7 +16,7 @@ from typing import Any
 
 from etils import epath
 
-from moco_jax import regular_files
+from moco_jax import storage
 from moco_jax.algorithms import available_algorithms
 from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module's API too
     ConfigError,
@@ -34,7 +34,7 @@ from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module'
 from moco_jax.config.shape_rules import check_model_shapes
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
-from moco_jax.paths import is_remote
+from moco_jax.storage import is_remote
 
 SCHEDULES = ("cosine", "step", "constant", "warmup_cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -120,10 +120,10 @@ def _validate_run_fields(config: Any) -> None:
         f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
     )
     if init_from is not None:  # a FIFO would block its reader, /dev/zero fill memory
-        regular_files.check_input(init_from, "init_from")
+        storage.check_input(init_from, "init_from")
     require(
         init_from is None
-        or is_remote(init_from)  # a bucket is not asked before the run (paths.py)
+        or is_remote(init_from)  # a bucket is not asked before the run (storage.py)
         or not epath.Path(init_from).is_file()
         or init_from.endswith(WEIGHT_FILE_SUFFIXES),
         f"init_from must be another run's workdir, checkpoints directory or step directory, "

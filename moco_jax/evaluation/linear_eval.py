@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import PartitionSpec as P
 
-from moco_jax import regular_files
+from moco_jax import storage
 from moco_jax.algorithms.linear import classify
 from moco_jax.assemble import Setup
 from moco_jax.config.checks import ConfigError
@@ -30,10 +30,10 @@ from moco_jax.evaluation.monitor import collect
 from moco_jax.interop import torch_architecture, torch_formats
 from moco_jax.interop.torch_bridge import WeightBridgeError
 from moco_jax.mesh import DATA_AXIS
-from moco_jax.paths import absolute, canonical, check_reachable, is_within
 from moco_jax.run.metrics_io import plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
 from moco_jax.run.saved_run import load_run_config
+from moco_jax.storage import absolute, canonical, check_reachable, is_within
 
 # Architecture fields a pretraining workdir's config.json (or a torch file) decides for the run.
 ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "cifar_stem")
@@ -55,7 +55,7 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     path = epath.Path(source)
     if not path.exists():
         raise ConfigError(f"linear.pretrained: {source} does not exist")
-    regular_files.check_input(path, "linear.pretrained")  # before its kind decides what is read
+    storage.check_input(path, "linear.pretrained")  # before its kind decides what is read
     saved = _workdir_config(path) if path.is_dir() else None  # a file in a workdir: its own
     if saved is not None:
         fields, whose = saved.get("model", {}), "the pretrained run's"

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax import regular_files
+from moco_jax import storage
 from moco_jax.interop import torch_bridge, torch_encoders, vit_names
 from moco_jax.interop.torch_bridge import MOCO_PREFIX, WeightBridgeError
 from moco_jax.interop.torch_encoders import BASE_PREFIX
@@ -151,9 +151,9 @@ def torch_name_from_detectron2(name: str) -> str:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     """``(torchvision-named state dict, what the file is)`` of a ``.pth``/``.pth.tar`` (read with
     ``weights_only=True``) or of the detectron2 converter's ``.pkl`` (numpy arrays only). Every
-    weights file is read here, once ``regular_files.check_input`` has let it through (a FIFO
+    weights file is read here, once ``storage.check_input`` has let it through (a FIFO
     would block, ``/dev/zero`` fill memory)."""
-    regular_files.check_input(path)
+    storage.check_input(path)
     if torch_bridge.is_torch_file(path):
         state_dict = torch_bridge.load_torch_file(path)
         prefix = encoder_prefix(state_dict)

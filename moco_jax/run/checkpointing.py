@@ -51,7 +51,6 @@ from moco_jax.config.compatibility import (
     refuse_other_config,
     refuse_other_shapes,
 )
-from moco_jax.paths import is_remote
 from moco_jax.run import fingerprint
 from moco_jax.run.checkpoint_format import (
     EXTRA_ITEM,
@@ -70,6 +69,7 @@ from moco_jax.run.checkpoint_policies import (
     warn_instead_of_failing_deletes,
 )
 from moco_jax.run.saved_run import newest_intact
+from moco_jax.storage import is_remote
 
 RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS + SOURCE_FIELDS  # a resumed run must keep these
 

@@ -9,8 +9,8 @@ from absl import logging
 from etils import epath
 
 # Whole or not at all, and never over a device, FIFO or socket (also imported from here).
-from moco_jax.regular_files import read_bytes, read_text
-from moco_jax.regular_files import write_whole as write_atomically
+from moco_jax.storage import read_bytes, read_text
+from moco_jax.storage import write_whole as write_atomically
 
 
 class MetricsWriter:

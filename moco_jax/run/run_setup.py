@@ -15,7 +15,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from moco_jax import paths
+from moco_jax import storage
 from moco_jax.algorithms import State
 from moco_jax.assemble import Setup, build, mesh_for
 from moco_jax.config.checks import ConfigError
@@ -73,7 +73,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
     what = "linear.pretrained" if "linear" in config else "init_from"
-    paths.check_reachable(what, config.get("init_from") or "")  # a bucket: before the workdir
+    storage.check_reachable(what, config.get("init_from") or "")  # a bucket: before the workdir
     _check_workdir(workdir)
     lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
     checkpointer = None
@@ -90,7 +90,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
         state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
         _check_epoch_length(checkpointer, views.steps_per_epoch)
         if checkpointer.restored_step is None and config.get("init_from"):
-            source = paths.absolute(config.init_from)  # orbax reads absolute paths only
+            source = storage.absolute(config.init_from)  # orbax reads absolute paths only
             state = load_encoder_weights(source, state, setup, what)
         model = setup.algorithm.model
         monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
@@ -220,15 +220,15 @@ def _check_epoch_length(checkpointer: Checkpointer, steps_per_epoch: int) -> Non
 def _check_workdir(workdir: epath.Path) -> None:
     """Fail before training if the workdir cannot be written (local path or bucket: one line
     naming the bucket when it cannot be reached)."""
-    paths.check_reachable("workdir", workdir)
+    storage.check_reachable("workdir", workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
         probe.write_text("ok")
         probe.unlink()
     except Exception as err:  # a bucket's file system raises its own kinds
-        if paths.is_remote(workdir):
-            raise paths.unreachable("workdir", workdir, err, "write to") from None
+        if storage.is_remote(workdir):
+            raise storage.unreachable("workdir", workdir, err, "write to") from None
         if isinstance(err, OSError):
             raise OSError(f"workdir {workdir} is not writable: {err.strerror or err}") from err
         raise

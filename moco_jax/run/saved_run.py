@@ -20,9 +20,8 @@ from absl import logging
 from etils import epath
 
 from moco_jax.config.checks import ConfigError
-from moco_jax.paths import check_reachable
-from moco_jax.regular_files import read_text
 from moco_jax.run.checkpoint_format import CheckpointError, Damaged
+from moco_jax.storage import check_reachable, read_text
 
 if TYPE_CHECKING:
     from orbax.checkpoint import CheckpointManager

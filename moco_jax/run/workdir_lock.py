@@ -24,7 +24,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from moco_jax.paths import is_remote
+from moco_jax.storage import is_remote
 
 LOCK_NAME = ".lock"
 
