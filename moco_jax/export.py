@@ -2,7 +2,7 @@
 
 Reads ``W/config.json`` and the newest intact checkpoint of ``W`` (or ``--step``) without
 writing anything there and without the workdir's lock, so it works while that run trains.
-Formats (``torch_formats.py``):
+Formats (``interop/formats.py``):
 
 - ``torchvision``: a ``.pth`` state dict of the backbone with torchvision's ResNet names;
   ``torchvision.models.resnet50()`` loads it with ``strict=False``, missing only ``fc`` (a linear
@@ -35,7 +35,7 @@ from etils import epath
 
 from moco_jax import storage
 from moco_jax.config.checks import ConfigError
-from moco_jax.interop.torch_formats import FORMATS
+from moco_jax.interop.formats import FORMATS
 from moco_jax.run.checkpointing import Checkpointer
 from moco_jax.run.saved_run import load_run_config, saved_steps
 
@@ -104,7 +104,7 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
     """The payload of format ``fmt`` (numpy arrays) from a restored ``state``."""
     import jax
 
-    from moco_jax.interop import torch_formats
+    from moco_jax.interop import formats
 
     encoder = jax.device_get(setup.algorithm.encoder_variables(state))
     image_size = setup.config.dataset.image_size
@@ -113,10 +113,10 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
         classifier = params.get("classifier") if isinstance(params, Mapping) else None
         classifier = jax.device_get(classifier)
         if fmt == "deit":
-            return torch_formats.deit_model(encoder, image_size, classifier)
-        return torch_formats.torchvision_state_dict(encoder, classifier)
+            return formats.deit_model(encoder, image_size, classifier)
+        return formats.torchvision_state_dict(encoder, classifier)
     if fmt == "detectron2":
-        return torch_formats.detectron2_model(encoder)
+        return formats.detectron2_model(encoder)
     key = jax.device_get({"params": state.ema_params, "batch_stats": state.ema_batch_stats})
     steps_per_epoch = extra.get("steps_per_epoch")
     epoch = step // steps_per_epoch if steps_per_epoch else 0  # completed epochs
@@ -124,19 +124,15 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
     if setup.config.get("algorithm", "moco") == "moco_v3":
         predictor = {k: getattr(state, k)["predictor"] for k in ("params", "batch_stats")}
         predictor = jax.device_get(predictor)
-        return torch_formats.moco_v3_checkpoint(
-            encoder, key, predictor, image_size, backbone, epoch
-        )
+        return formats.moco_v3_checkpoint(encoder, key, predictor, image_size, backbone, epoch)
     queue, queue_ptr = jax.device_get(state.queue), int(state.queue_ptr)
-    return torch_formats.moco_checkpoint(
-        encoder, key, queue, queue_ptr, backbone, epoch, image_size
-    )
+    return formats.moco_checkpoint(encoder, key, queue, queue_ptr, backbone, epoch, image_size)
 
 
 def export_weights(workdir: str, fmt: str, output: str, step: int | None = None) -> dict:
     """Write the weights of ``workdir``'s newest intact checkpoint to ``output`` as ``fmt``;
     returns what was written."""
-    from moco_jax.interop import torch_bridge
+    from moco_jax.interop import torch_files
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
@@ -144,7 +140,7 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
     config = load_run_config(workdir_path)
     _refuse_what_does_not_apply(fmt, config, workdir)
     if fmt != "detectron2":
-        torch_bridge.require_torch(f"--format={fmt}")
+        torch_files.require_torch(f"--format={fmt}")
     _check_output(output_path, workdir_path)
     setup, state, step, extra = restore(workdir_path, config, step)
     payload = layout(fmt, setup, state, step, extra)
@@ -155,9 +151,9 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
 
 def encode(fmt: str, payload: dict[str, Any]) -> bytes:
     """The file's bytes: a plain pickle for ``detectron2``, ``torch.save``'s format otherwise."""
-    from moco_jax.interop import torch_bridge
+    from moco_jax.interop import torch_files
 
-    return pickle.dumps(payload) if fmt == "detectron2" else torch_bridge.save_torch_file(payload)
+    return pickle.dumps(payload) if fmt == "detectron2" else torch_files.save_torch_file(payload)
 
 
 def _refuse_what_does_not_apply(fmt: str, config: Any, workdir: str) -> None:
@@ -202,12 +198,12 @@ def _check_output(output: epath.Path, workdir: epath.Path) -> None:
 
 
 def _notes(config: Any) -> list[str]:
-    from moco_jax.models.vit import VIT_SPECS
+    from moco_jax.models.vit import VIT_SPECS, vit_width
 
     model = config.model
     if model.backbone in VIT_SPECS:
-        patch, width, depth, heads = VIT_SPECS[model.backbone]
-        width = int(round(width * model.width_multiplier))
+        patch, _, depth, heads = VIT_SPECS[model.backbone]
+        width = vit_width(model.backbone, model.width_multiplier)
         if model.backbone in ("vit_small", "vit_base") and model.width_multiplier == 1:
             return []
         return [

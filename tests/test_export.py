@@ -18,10 +18,12 @@ from etils import epath
 
 import moco_jax
 from moco_jax import export
-from moco_jax.interop import torch_bridge, torch_formats
+from moco_jax.interop import formats
+from moco_jax.interop.errors import WeightBridgeError
 from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.run.checkpointing import Checkpointer
 from tests.test_torch_bridge import _Runs, torchvision_resnet_state_shapes
+from tests.torch_helpers import moco_checkpoint_to_flax
 from tiny import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -125,7 +127,7 @@ def test_moco_checkpoint_has_the_official_layout(run):
     assert state_dict["module.queue_ptr"].dtype == torch.int64
     assert state_dict["module.queue_ptr"].tolist() == [int(saved.queue_ptr)]
     arrays = {k: v.numpy() for k, v in state_dict.items()}
-    converted = torch_bridge.moco_checkpoint_to_flax(arrays)
+    converted = moco_checkpoint_to_flax(arrays)
     _assert_equal(converted["encoder_q"], _encoder(saved))
     _assert_equal(
         converted["encoder_k"], {"params": saved.ema_params, "batch_stats": saved.ema_batch_stats}
@@ -214,7 +216,7 @@ def _template_file(run, tmp_path, edit):
 def test_a_file_that_does_not_fit_is_one_line_naming_the_tensor(run, tmp_path, edit, message):
     _, setup, _, _ = run
     path = _template_file(run, tmp_path, edit)
-    with pytest.raises(torch_bridge.WeightBridgeError, match=message) as error:
+    with pytest.raises(WeightBridgeError, match=message) as error:
         load_encoder_weights(str(path), _fresh(setup), setup)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
@@ -311,7 +313,7 @@ def test_a_linear_classifier_becomes_torchvisions_fc(run):
     rng = np.random.default_rng(0)
     classifier = {"kernel": rng.standard_normal((32, 10)), "bias": rng.standard_normal(10)}
     backbone = _BackboneOnly.encoder_variables(jax.device_get(saved))
-    state_dict = torch_formats.torchvision_state_dict(backbone, classifier)
+    state_dict = formats.torchvision_state_dict(backbone, classifier)
     assert list(state_dict)[-2:] == ["fc.weight", "fc.bias"]
     np.testing.assert_array_equal(state_dict["fc.weight"], classifier["kernel"].T)
     np.testing.assert_array_equal(state_dict["fc.bias"], classifier["bias"])
@@ -336,6 +338,6 @@ def test_a_pth_that_runs_code_is_refused_by_init_from(run, tmp_path):
     torch.save(
         {"epoch": 1, "state_dict": {"conv1.weight": _Runs(os.system, f"touch {marker}")}}, path
     )
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"^init_from .*evil\.pth\.tar: not a"):
+    with pytest.raises(WeightBridgeError, match=r"^init_from .*evil\.pth\.tar: not a"):
         load_encoder_weights(str(path), _fresh(setup), setup)
     assert not marker.exists()

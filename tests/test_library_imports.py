@@ -1,6 +1,6 @@
 """The library stays a library: the benchmarks and the PyTorch re-statement live beside it in
-``benchmarks/``, and training or evaluating never imports torch (``torch_bridge`` imports it only
-at the moment it reads a ``.pth`` file); the layering of ``.importlinter`` holds."""
+``benchmarks/``, and training or evaluating never imports torch (``interop.torch_files`` imports
+it only at the moment it reads a ``.pth`` file); the layering of ``.importlinter`` holds."""
 
 import os
 import pathlib

@@ -26,7 +26,7 @@ from configs import linear_fashion_mnist
 from moco_jax import export, storage
 from moco_jax.config.checks import ConfigError
 from moco_jax.evaluation.linear_eval import with_pretrained
-from moco_jax.interop import torch_bridge
+from moco_jax.interop import torch_files
 from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.run.metrics_io import MetricsWriter, read_records, write_atomically
 from moco_jax.run.saved_run import load_run_config
@@ -81,7 +81,7 @@ def no_whole_reads(monkeypatch):
         raise AssertionError(f"{path} was read")
 
     for name in ("load_torch_file", "load_pickle_file", "is_torch_file"):
-        monkeypatch.setattr(torch_bridge, name, refuse)
+        monkeypatch.setattr(torch_files, name, refuse)
 
 
 # --- Export's --output. ---

@@ -1,4 +1,4 @@
-"""The backbone a PyTorch file holds (``moco_jax.interop.torch_architecture``), as linear
+"""The backbone a PyTorch file holds (``moco_jax.interop.architecture``), as linear
 evaluation of a ``.pth`` takes it: from names and shapes written out independently
 (torchvision's ResNet in ``test_torch_bridge``, the torch restatement of moco-v3's ViT in
 ``torch_moco_v3``)."""
@@ -8,7 +8,7 @@ import pytest
 
 from moco_jax.config.defaults import linear_config
 from moco_jax.evaluation.linear_eval import with_pretrained
-from moco_jax.interop.torch_architecture import backbone_fields
+from moco_jax.interop.architecture import backbone_fields
 from tests.test_torch_bridge import torchvision_resnet_state_shapes
 
 

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from configs import moco_v2_imagenet, smoke
-from moco_jax.interop import torch_bridge, torch_formats
+from moco_jax.interop import formats, names_resnet, torch_files
+from moco_jax.interop.errors import WeightBridgeError
 from moco_jax.models import build_encoder
+from tests.torch_helpers import moco_checkpoint_to_flax
 
 
 def torchvision_resnet_state_shapes(layers, bottleneck, in_channels=3, width=64, head=None):
@@ -87,7 +89,7 @@ def _assert_trees_equal(a, b):
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_resnet50_state_dict_has_torchvision_names_shapes_and_order(head):
     variables = _random_variables(_resnet50_config(head), (64, 64, 3))
-    state_dict = torch_bridge.flax_to_torch(variables)
+    state_dict = names_resnet.flax_to_torch(variables)
     expected = torchvision_resnet_state_shapes([3, 4, 6, 3], bottleneck=True, head=head)
     assert list(state_dict) == list(expected)  # same names in torchvision's order
     assert {k: v.shape for k, v in state_dict.items()} == expected
@@ -96,7 +98,7 @@ def test_resnet50_state_dict_has_torchvision_names_shapes_and_order(head):
 def test_cifar_resnet18_names_and_grayscale_input():
     config = smoke.get_config().model
     config.update(width_multiplier=0.25, cifar_stem=True, head="linear")
-    state_dict = torch_bridge.flax_to_torch(_random_variables(config, (28, 28, 1)))
+    state_dict = names_resnet.flax_to_torch(_random_variables(config, (28, 28, 1)))
     expected = torchvision_resnet_state_shapes([2, 2, 2, 2], False, in_channels=1, width=16)
     expected["conv1.weight"] = (16, 1, 3, 3)  # the CIFAR stem
     expected["fc.weight"], expected["fc.bias"] = (config.dim, 128), (config.dim,)
@@ -106,9 +108,9 @@ def test_cifar_resnet18_names_and_grayscale_input():
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_round_trip_is_exact_both_ways(head):
     variables = _random_variables(_resnet50_config(head), (64, 64, 3))
-    state_dict = torch_bridge.flax_to_torch(variables)
-    _assert_trees_equal(variables, torch_bridge.torch_to_flax(state_dict))
-    again = torch_bridge.flax_to_torch(torch_bridge.torch_to_flax(state_dict))
+    state_dict = names_resnet.flax_to_torch(variables)
+    _assert_trees_equal(variables, names_resnet.torch_to_flax(state_dict))
+    again = names_resnet.flax_to_torch(names_resnet.torch_to_flax(state_dict))
     assert list(again) == list(state_dict)
     for name, value in state_dict.items():
         np.testing.assert_array_equal(again[name], value, err_msg=name)
@@ -116,7 +118,7 @@ def test_round_trip_is_exact_both_ways(head):
 
 def test_conv_and_dense_layouts_are_transposed_as_torch_expects():
     variables = _random_variables(_resnet50_config("mlp"), (64, 64, 3))
-    state_dict = torch_bridge.flax_to_torch(variables)
+    state_dict = names_resnet.flax_to_torch(variables)
     kernel = variables["params"]["backbone"]["layer2_0"]["conv2"]["kernel"]  # [H, W, I, O]
     np.testing.assert_array_equal(
         state_dict["layer2.0.conv2.weight"][5, 3, 1, 2], kernel[1, 2, 3, 5]
@@ -141,13 +143,13 @@ def test_official_moco_v2_checkpoint_maps_every_tensor():
     checkpoint["module.queue"] = rng.standard_normal((128, 65536)).astype(np.float32)
     checkpoint["module.queue_ptr"] = np.asarray([256], np.int64)
 
-    converted = torch_bridge.moco_checkpoint_to_flax(checkpoint)
+    converted = moco_checkpoint_to_flax(checkpoint)
     template = _random_variables(_resnet50_config("mlp"), (64, 64, 3))
     for encoder in ("encoder_q", "encoder_k"):
         variables = converted[encoder]
         assert jax.tree.structure(variables) == jax.tree.structure(template)
         assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, template)
-        back = torch_bridge.flax_to_torch(variables, f"module.{encoder}.")
+        back = names_resnet.flax_to_torch(variables, f"module.{encoder}.")
         for name, value in back.items():
             if not name.endswith("num_batches_tracked"):
                 np.testing.assert_array_equal(value, checkpoint[name], err_msg=name)
@@ -155,18 +157,18 @@ def test_official_moco_v2_checkpoint_maps_every_tensor():
     np.testing.assert_array_equal(converted["queue"], checkpoint["module.queue"].T)
     assert converted["queue_ptr"] == 256
 
-    exported = torch_bridge.flax_to_moco_checkpoint(
-        converted["encoder_q"], converted["encoder_k"], converted["queue"], 256
-    )
+    exported = formats.moco_checkpoint(
+        converted["encoder_q"], converted["encoder_k"], converted["queue"], 256, "resnet50", 0
+    )["state_dict"]
     assert set(exported) == set(checkpoint)
     np.testing.assert_array_equal(exported["module.queue"], checkpoint["module.queue"])
 
 
 def test_unknown_tensor_names_are_rejected():
-    with pytest.raises(torch_bridge.WeightBridgeError, match="no tensor name starts with"):
-        torch_bridge.torch_to_flax({"conv1.weight": np.zeros((1, 1, 3, 3))}, "module.encoder_q.")
-    with pytest.raises(torch_bridge.WeightBridgeError, match="unexpected BatchNorm tensor"):
-        torch_bridge.torch_to_flax({"bn1.gamma": np.zeros(3)})
+    with pytest.raises(WeightBridgeError, match="no tensor name starts with"):
+        names_resnet.torch_to_flax({"conv1.weight": np.zeros((1, 1, 3, 3))}, "module.encoder_q.")
+    with pytest.raises(WeightBridgeError, match="unexpected BatchNorm tensor"):
+        names_resnet.torch_to_flax({"bn1.gamma": np.zeros(3)})
 
 
 GOOD = {"conv1.weight": np.zeros((4, 1, 3, 3), np.float32), "bn1.weight": np.ones(4, np.float32)}
@@ -194,8 +196,8 @@ GOOD = {"conv1.weight": np.zeros((4, 1, 3, 3), np.float32), "bn1.weight": np.one
     ids=["int-key", "string-value", "nested-dict", "extra-layer", "int64-weights", "nan-weights"],
 )
 def test_hostile_state_dicts_are_refused_naming_the_key(state_dict, message):
-    with pytest.raises(torch_bridge.WeightBridgeError, match=message):
-        torch_bridge.torch_to_flax(state_dict)
+    with pytest.raises(WeightBridgeError, match=message):
+        names_resnet.torch_to_flax(state_dict)
 
 
 def test_damaged_files_are_named_for_what_they_are(tmp_path):
@@ -204,13 +206,13 @@ def test_damaged_files_are_named_for_what_they_are(tmp_path):
     torch.save({"conv1.weight": torch.zeros(4, 1, 3, 3)}, path)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"not a complete PyTorch file"):
-        torch_bridge.load_torch_file(truncated)
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"is a directory, not a \.pth file"):
-        torch_bridge.load_torch_file(tmp_path)
+    with pytest.raises(WeightBridgeError, match=r"not a complete PyTorch file"):
+        torch_files.load_torch_file(truncated)
+    with pytest.raises(WeightBridgeError, match=r"is a directory, not a \.pth file"):
+        torch_files.load_torch_file(tmp_path)
     torch.save({"conv1.weight": torch.zeros(4, 1, 3, 3), "epoch": 3}, path)
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"'epoch' holds a int, not a tensor"):
-        torch_bridge.load_torch_file(path)
+    with pytest.raises(WeightBridgeError, match=r"'epoch' holds a int, not a tensor"):
+        torch_files.load_torch_file(path)
 
 
 def test_detectron2_names_follow_the_official_converter_and_invert():
@@ -226,12 +228,12 @@ def test_detectron2_names_follow_the_official_converter_and_invert():
         "fc.0.bias": "stem.fc.0.bias",
     }
     for torch_name, d2_name in table.items():
-        assert torch_formats.detectron2_name(torch_name) == d2_name
-    renamed = [torch_formats.detectron2_name(name) for name in names]
+        assert formats.detectron2_name(torch_name) == d2_name
+    renamed = [formats.detectron2_name(name) for name in names]
     assert len(set(renamed)) == len(names)
-    assert [torch_formats.torch_name_from_detectron2(name) for name in renamed] == list(names)
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"'res2_0_branch2a_w' is not a name"):
-        torch_formats.torch_name_from_detectron2("res2_0_branch2a_w")
+    assert [formats.torch_name_from_detectron2(name) for name in renamed] == list(names)
+    with pytest.raises(WeightBridgeError, match=r"'res2_0_branch2a_w' is not a name"):
+        formats.torch_name_from_detectron2("res2_0_branch2a_w")
 
 
 class _Runs:
@@ -254,9 +256,9 @@ def test_a_plain_pickle_that_runs_code_is_refused(tmp_path, function):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(payload))
     with pytest.raises(
-        torch_bridge.WeightBridgeError, match=r"evil\.pkl: not a plain weights file"
+        WeightBridgeError, match=r"evil\.pkl: not a plain weights file"
     ):
-        torch_formats.read_state_dict(path)
+        formats.read_state_dict(path)
     assert not marker.exists()
     pickle.loads(path.read_bytes())  # control: the payload is live
     assert marker.exists()
@@ -266,14 +268,14 @@ def test_a_pickle_of_arrays_reads_back(tmp_path):
     model = {"stem.conv1.weight": np.ones((4, 1, 3, 3), np.float32), "res2.0.conv1.norm.bias": 1}
     path = tmp_path / "ok.pkl"
     path.write_bytes(pickle.dumps({"model": model, "__author__": "MOCO"}))
-    state_dict, kind = torch_formats.read_state_dict(path)
+    state_dict, kind = formats.read_state_dict(path)
     assert kind == "a detectron2 pickle" and list(state_dict) == [
         "conv1.weight",
         "layer1.0.bn1.bias",
     ]
     path.write_bytes(pickle.dumps({"model": model})[:-20])
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"neither a PyTorch file nor"):
-        torch_formats.read_state_dict(path)
+    with pytest.raises(WeightBridgeError, match=r"neither a PyTorch file nor"):
+        formats.read_state_dict(path)
 
 
 def _torchvision():
@@ -311,7 +313,7 @@ def test_export_loads_into_real_torchvision_with_the_same_features(arch, tmp_pat
     config.backbone = arch
     variables = _realistic_variables(config, (32, 32, 3))
     path = tmp_path / "exported.pth"
-    path.write_bytes(torch_bridge.save_torch_file(torch_formats.torchvision_state_dict(variables)))
+    path.write_bytes(torch_files.save_torch_file(formats.torchvision_state_dict(variables)))
 
     model = getattr(torchvision.models, arch)()
     result = model.load_state_dict(torch.load(path, weights_only=True), strict=False)

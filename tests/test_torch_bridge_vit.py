@@ -17,9 +17,11 @@ import moco_jax
 from moco_jax import export
 from moco_jax.config.checks import ConfigError
 from moco_jax.config.defaults import linear_config
-from moco_jax.interop import torch_bridge, torch_encoders, torch_formats, vit_names
+from moco_jax.interop import formats, names_encoder, names_vit
+from moco_jax.interop.errors import WeightBridgeError
 from moco_jax.interop.init_from import load_encoder_weights
 from tests.test_export import STEP, _assert_equal, _random_state, saved_run
+from tests.torch_helpers import moco_v3_to_flax
 from tiny import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -125,7 +127,7 @@ def test_vit_small_has_timms_names_shapes_and_order():
         )
     )
     variables = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
-    state_dict = torch_encoders.encoder_to_torch(variables, 224)
+    state_dict = names_encoder.encoder_to_torch(variables, 224)
     with torch.device("meta"):
         expected = official_vit(224, 3, 384, 12, 12, 16).base_encoder.state_dict()
     assert list(state_dict) == list(expected)
@@ -137,9 +139,9 @@ def test_vit_small_has_timms_names_shapes_and_order():
 def test_vit_round_trip_is_exact_both_ways(vit_run):
     _, _, saved, _ = vit_run
     encoder = jax.device_get(_base(saved))
-    state_dict = torch_encoders.encoder_to_torch(encoder, IMAGE)
-    _assert_equal(torch_encoders.torch_to_encoder(state_dict), encoder)
-    again = torch_encoders.encoder_to_torch(torch_encoders.torch_to_encoder(state_dict), IMAGE)
+    state_dict = names_encoder.encoder_to_torch(encoder, IMAGE)
+    _assert_equal(names_encoder.torch_to_encoder(state_dict), encoder)
+    again = names_encoder.encoder_to_torch(names_encoder.torch_to_encoder(state_dict), IMAGE)
     assert list(again) == list(state_dict)
     for name, value in state_dict.items():
         np.testing.assert_array_equal(again[name], value, err_msg=name)
@@ -157,7 +159,7 @@ def test_exported_vit_computes_what_the_torch_model_computes(vit_run, apply):
     _, _, saved, _ = vit_run
     encoder = jax.device_get(_base(saved))
     model = official_vit().base_encoder.eval()
-    state_dict = torch_encoders.encoder_to_torch(encoder, IMAGE)
+    state_dict = names_encoder.encoder_to_torch(encoder, IMAGE)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
     images = np.random.default_rng(0).standard_normal((3, IMAGE, IMAGE, 1)).astype(np.float32)
     ours = apply(encoder, images, train=False)
@@ -183,8 +185,8 @@ def test_official_v3_checkpoint_loads_with_the_same_features(vit_run, apply, tmp
         np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-4)
     _assert_equal(loaded.ema_params, _base(loaded)["params"])  # the file's momentum: unused
     arrays = {k: v.numpy() for k, v in state_dict.items()}
-    converted = torch_encoders.moco_v3_to_flax(arrays)
-    back = torch_formats.moco_v3_checkpoint(
+    converted = moco_v3_to_flax(arrays)
+    back = formats.moco_v3_checkpoint(
         converted["base_encoder"], converted["momentum_encoder"], converted["predictor"],
         IMAGE, "vit_test", 100,
     )["state_dict"]  # fmt: skip
@@ -204,7 +206,7 @@ def _official_layout(path, saved, arch, official_model):
     assert set(checkpoint) == {"epoch", "arch", "state_dict"}
     assert checkpoint["arch"] == arch and checkpoint["epoch"] == 1  # 6 steps at 4 per epoch
     arrays = {k: v.numpy() for k, v in checkpoint["state_dict"].items()}
-    converted = torch_encoders.moco_v3_to_flax(arrays)
+    converted = moco_v3_to_flax(arrays)
     _assert_equal(converted["base_encoder"], _base(saved))
     momentum = {"params": saved.ema_params, "batch_stats": saved.ema_batch_stats}
     _assert_equal(converted["momentum_encoder"], momentum)
@@ -308,25 +310,25 @@ def _deit_edited(vit_run, tmp_path, edit):
 def test_a_vit_file_that_does_not_fit_is_one_line(vit_run, tmp_path, edit, message):
     _, setup, _, _ = vit_run
     path = _deit_edited(vit_run, tmp_path, edit)
-    with pytest.raises(torch_bridge.WeightBridgeError, match=message) as error:
+    with pytest.raises(WeightBridgeError, match=message) as error:
         load_encoder_weights(str(path), _random_state(setup, 1), setup)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
 
 
 def test_the_other_architecture_is_named(vit_run, resnet_run):
     (_, vit_setup, _, vit_files), (_, resnet_setup, _, resnet_files) = vit_run, resnet_run
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"holds a ViT \(timm's names\), but "
+    with pytest.raises(WeightBridgeError, match=r"holds a ViT \(timm's names\), but "
                        r"this config's backbone resnet18 is a ResNet$"):  # fmt: skip
         load_encoder_weights(str(vit_files["deit"]), _random_state(resnet_setup, 1), resnet_setup)
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"holds a ResNet \(torchvision's "
+    with pytest.raises(WeightBridgeError, match=r"holds a ResNet \(torchvision's "
                        r"names\), but this config's backbone vit_test is a ViT$"):  # fmt: skip
         load_encoder_weights(str(resnet_files["moco"]), _random_state(vit_setup, 1), vit_setup)
 
 
 def test_a_learned_pos_embed_is_refused_by_the_converter():
-    with pytest.raises(torch_bridge.WeightBridgeError, match=r"has 15 patch rows: not a square"):
-        vit_names.check_pos_embed("pos_embed", np.zeros((1, 16, 8), np.float32))
-    vit_names.check_pos_embed("pos_embed", ref.sincos_table(3, 8).numpy())  # the table passes
+    with pytest.raises(WeightBridgeError, match=r"has 15 patch rows: not a square"):
+        names_vit.check_pos_embed("pos_embed", np.zeros((1, 16, 8), np.float32))
+    names_vit.check_pos_embed("pos_embed", ref.sincos_table(3, 8).numpy())  # the table passes
 
 
 @pytest.mark.parametrize("which,source", [("vit", "moco"), ("vit", "deit"), ("resnet", "moco")])

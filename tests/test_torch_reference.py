@@ -21,10 +21,12 @@ import jax  # noqa: E402
 from configs import smoke  # noqa: E402
 from moco_jax import build  # noqa: E402
 from moco_jax.algorithms.shuffle_bn import shuffle_permutations  # noqa: E402
-from moco_jax.interop import torch_bridge  # noqa: E402
+from moco_jax.interop import names_resnet, torch_files  # noqa: E402
+from moco_jax.interop.errors import WeightBridgeError  # noqa: E402
 from moco_jax.mesh import shard_batch  # noqa: E402
 from moco_jax.models import base_width  # noqa: E402
 from moco_jax.optim import scaled_learning_rate  # noqa: E402
+from tests.torch_helpers import moco_checkpoint_to_flax  # noqa: E402
 from tests.torch_moco import CifarResNet18, MoCo, cosine_learning_rate, train_step  # noqa: E402
 
 TOL = 1e-4
@@ -69,7 +71,7 @@ def make_config(head):
 
 def torch_state_dict(variables):
     """Flax variables -> torchvision-named torch tensors, through the weight bridge."""
-    return {k: torch.tensor(np.array(v)) for k, v in torch_bridge.flax_to_torch(variables).items()}
+    return {k: torch.tensor(np.array(v)) for k, v in names_resnet.flax_to_torch(variables).items()}
 
 
 def split_state(state_dict):
@@ -102,8 +104,8 @@ def assert_close_dicts(actual, desired, what):
 
 def jax_side(state):
     """Both encoders of a moco_jax state as torchvision-named (params, stats) dicts."""
-    q = torch_bridge.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})
-    k = torch_bridge.flax_to_torch(
+    q = names_resnet.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats})
+    k = names_resnet.flax_to_torch(
         {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
     )
     return split_state(q), split_state(k)
@@ -275,12 +277,12 @@ def test_load_torch_file_reads_a_state_dict(reference_run, tmp_path):
     encoder = reference_run["model"].encoder_q
     path = tmp_path / "encoder.pth"
     torch.save(encoder.state_dict(), path)
-    loaded = torch_bridge.load_torch_file(path)
+    loaded = torch_files.load_torch_file(path)
     expected = _torch_numpy(encoder.state_dict())
     assert list(loaded) == list(expected)
     for name in expected:
         np.testing.assert_array_equal(loaded[name], expected[name], err_msg=name)
-    variables = torch_bridge.torch_to_flax(loaded)
+    variables = names_resnet.torch_to_flax(loaded)
     state = reference_run["state"]
     for ours, theirs in (
         (variables["params"], state.params),
@@ -312,11 +314,11 @@ def test_load_torch_file_reads_an_official_checkpoint(reference_run, tmp_path):
         },
         path,
     )
-    converted = torch_bridge.moco_checkpoint_to_flax(torch_bridge.load_torch_file(path))
+    converted = moco_checkpoint_to_flax(torch_files.load_torch_file(path))
 
     for encoder in ("encoder_q", "encoder_k"):
         expected = _torch_numpy(getattr(model, encoder).state_dict())
-        roundtrip = torch_bridge.flax_to_torch(converted[encoder])
+        roundtrip = names_resnet.flax_to_torch(converted[encoder])
         assert sorted(roundtrip) == sorted(expected)
         for name, value in expected.items():
             if not name.endswith("num_batches_tracked"):
@@ -358,8 +360,8 @@ def test_load_torch_file_refuses_pickled_code(tmp_path, nested):
     path = tmp_path / "evil.pth"
     torch.save(payload, path)
 
-    with pytest.raises(torch_bridge.WeightBridgeError):
-        torch_bridge.load_torch_file(path)
+    with pytest.raises(WeightBridgeError):
+        torch_files.load_torch_file(path)
     assert not marker.exists()
 
     # Control: the payload is live, so the refusal above is what kept the command from running.

@@ -27,8 +27,8 @@ from moco_jax.config.checks import ConfigError
 from moco_jax.data.resident import ResidentViews, make_eval_transform
 from moco_jax.evaluation.knn import largest_divisor_at_most, make_feature_fn
 from moco_jax.evaluation.monitor import collect
-from moco_jax.interop import torch_architecture, torch_formats
-from moco_jax.interop.torch_bridge import WeightBridgeError
+from moco_jax.interop import architecture, formats
+from moco_jax.interop.errors import WeightBridgeError
 from moco_jax.mesh import DATA_AXIS
 from moco_jax.run.metrics_io import plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
@@ -91,15 +91,15 @@ def check_own_workdir(workdir: str | epath.Path, pretrained: str | None) -> None
 
 def _file_backbone(path: epath.Path, backbone: str) -> dict[str, Any]:
     """The architecture fields of the backbone in the PyTorch/detectron2 file ``path``
-    (``torch_architecture``); empty when it is not such a file or holds no backbone we know:
+    (``interop.architecture``); empty when it is not such a file or holds no backbone we know:
     loading it then names the problem, with the setting and the file."""
     if not path.is_file():
         return {}
     try:
-        state_dict, _ = torch_formats.read_state_dict(path)
+        state_dict, _ = formats.read_state_dict(path)
     except WeightBridgeError:
         return {}
-    return torch_architecture.backbone_fields(torch_formats.encoder_tensors(state_dict), backbone)
+    return architecture.backbone_fields(formats.encoder_tensors(state_dict), backbone)
 
 
 def _workdir_config(path: epath.Path) -> Any | None:

@@ -3,7 +3,7 @@
 From a moco_jax workdir only the encoder's ``params`` and ``batch_stats`` are read (orbax partial
 restore). From a file (an official MoCo v1/v2 or moco-v3 ``.pth.tar``, a torchvision ResNet or
 timm ViT state dict, moco-v3's DeiT-format export, the detectron2 converter's ``.pkl``) the
-(query / base) encoder's tensors are read without running the file's code (``torch_formats``);
+(query / base) encoder's tensors are read without running the file's code (``formats``);
 a moco-v3 file's momentum encoder and predictor are not used. Either way the backbone must have
 the same shapes (else ``ConfigError`` naming what differs), the head is taken too when the run
 has one of the same shapes and stays freshly initialised otherwise. Step, optimizer state, queue
@@ -23,7 +23,8 @@ from etils import epath
 
 from moco_jax.config.checks import ConfigError
 from moco_jax.config.compatibility import ENCODER_FIELDS, config_dict, refuse_other_config
-from moco_jax.interop import torch_bridge, torch_encoders, torch_formats, vit_names
+from moco_jax.interop import formats, names_encoder, names_vit
+from moco_jax.interop.errors import WeightBridgeError
 from moco_jax.run import fingerprint
 from moco_jax.run.checkpoint_format import (
     CheckpointError,
@@ -129,9 +130,8 @@ def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
     """``load_encoder_weights`` of a PyTorch or detectron2 file (read without running code)."""
     where = f"{what} {path}"
     try:
-        state_dict, kind = torch_formats.read_state_dict(path)
-        variables, named = torch_formats.encoder_variables(state_dict)
-    except torch_bridge.WeightBridgeError as err:  # say which setting and file
+        variables, named, kind = formats.read_encoder(path)
+    except WeightBridgeError as err:  # say which setting and file
         said = str(err) if path in str(err) else f"{path}: {err}"
         raise type(err)(f"{what} {said}") from err
     current = setup.algorithm.encoder_variables(template)
@@ -140,7 +140,7 @@ def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
     _take("backbone", variables, current, loaded)
     taken = ["backbone"]
     file_head = variables["params"].get("head")
-    head_names = [n for n in named if torch_encoders.is_head_name(n, vit)]
+    head_names = [n for n in named if names_encoder.is_head_name(n, vit)]
     fc = ", ".join(f"{n} {list(np.shape(named[n]))}" for n in head_names)
     if "head" not in current.get("params", {}):
         if file_head is not None:
@@ -151,7 +151,7 @@ def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
         head = {k: {"head": variables[k].get("head")} for k in ENCODER_COLLECTIONS}
         like = {k: {"head": current.get(k, {}).get("head")} for k in ENCODER_COLLECTIONS}
         if fingerprint.shape_problems(fingerprint.shapes(head), fingerprint.shapes(like)):
-            official = (torch_formats.V1_V2_CHECKPOINT, torch_formats.V3_CHECKPOINT)
+            official = (formats.V1_V2_CHECKPOINT, formats.V3_CHECKPOINT)
             log = logging.warning if kind in official else logging.info
             log("%s: the file's %s is not this config's projection head; it starts fresh", what, fc)
         else:
@@ -166,24 +166,24 @@ def _check_backbone(named: dict, current: dict, where: str, config: Any) -> bool
     lacks, has with another shape, or has beyond this config's backbone, or saying that the
     file holds the other architecture (ViT / ResNet); whether the backbone is a ViT."""
     model = config.model
-    vit = vit_names.is_vit(current["params"]["backbone"])
-    file_vit = vit_names.has_vit_names(named)
+    vit = names_vit.is_vit(current["params"]["backbone"])
+    file_vit = names_vit.has_vit_names(named)
     if vit != file_vit:
         kinds = ("a ResNet (torchvision's names)", "a ViT (timm's names)")
-        raise torch_bridge.WeightBridgeError(
+        raise WeightBridgeError(
             f"{where} holds {kinds[file_vit]}, but this config's backbone {model.backbone} is "
             f"{kinds[vit].split(' (')[0]}"
         )
     backbone = {k: {"backbone": v["backbone"]} for k, v in current.items() if "backbone" in v}
     zeros = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), np.float32), x.shape), backbone)
     image_size = config.dataset.image_size
-    state_dict = torch_encoders.encoder_to_torch(zeros, image_size, head=False)
+    state_dict = names_encoder.encoder_to_torch(zeros, image_size, head=False)
     skip = lambda name: name.endswith("num_batches_tracked")
     expected = {name: value.shape for name, value in state_dict.items() if not skip(name)}
     got = {
         name: tuple(np.shape(value))
         for name, value in named.items()
-        if not torch_encoders.is_head_name(name, vit) and not skip(name)
+        if not names_encoder.is_head_name(name, vit) and not skip(name)
     }
     problems = []
     for name, shape in expected.items():
@@ -196,13 +196,13 @@ def _check_backbone(named: dict, current: dict, where: str, config: Any) -> bool
     if problems:
         if vit:
             params = current["params"]["backbone"]
-            dim, patch = params["cls_token"].shape[-1], vit_names.patch_size(params)
+            dim, patch = params["cls_token"].shape[-1], names_vit.patch_size(params)
             what = f"width {dim}, patch {patch}, image size {image_size}"
         else:
             stem = "CIFAR 3x3" if model.cifar_stem else "7x7"
             what = f"width_multiplier {model.width_multiplier}, {stem} stem"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise torch_bridge.WeightBridgeError(
+        raise WeightBridgeError(
             f"{where} does not fit this config's backbone ({model.backbone}, {what}): "
             f"{problems[0]}{more}"
         )

@@ -1,5 +1,5 @@
-"""Whole encoders across the PyTorch/Flax border: ResNet or ViT backbone with its projection
-head, MoCo v3's predictor, and the official moco-v3 checkpoint. Plain numpy, no torch.
+"""The official names of a whole encoder: its ResNet (``names_resnet``) or ViT (``names_vit``)
+backbone with its projection head, and MoCo v3's predictor, both ways. Plain numpy, no torch.
 
 The official code puts the projector where the classifier was: ``fc`` of a torchvision ResNet,
 ``head`` of a timm ViT. A head module ``fc`` (v1's Linear) is torch's ``fc`` / ``head`` itself;
@@ -9,9 +9,8 @@ with ``affine=False``) Linear ``3 l`` and BN ``3 l + 1`` of layer ``l``, so a 3-
 ``0, 1, 3, 4, 6, 7`` and the affine-free last BN has only ``running_mean``, ``running_var`` and
 ``num_batches_tracked``. The predictor is the same kind of MLP, named ``predictor.*``.
 
-moco-v3's ``main_moco.py`` checkpoint: ``{'epoch', 'arch', 'state_dict', ...}`` whose state dict
-holds ``module.base_encoder.*`` (backbone and projector), ``module.momentum_encoder.*`` (the same
-names) and ``module.predictor.*``.
+Where these names sit in a file (``module.encoder_q.``, ``module.base_encoder.``, ...) is
+``formats``.
 """
 
 from __future__ import annotations
@@ -22,12 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax.interop import torch_bridge, vit_names
-from moco_jax.interop.torch_bridge import MOCO_PREFIX, WeightBridgeError, checked_array
+from moco_jax.interop import names_resnet, names_vit
+from moco_jax.interop.arrays import checked_array, to_flax, to_torch
+from moco_jax.interop.errors import WeightBridgeError
 
-BASE_PREFIX = f"{MOCO_PREFIX}base_encoder."
-MOMENTUM_PREFIX = f"{MOCO_PREFIX}momentum_encoder."
-PREDICTOR_PREFIX = f"{MOCO_PREFIX}predictor."
 _HEAD_LEAF = re.compile(r"(\d+\.)?(weight|bias|running_mean|running_var|num_batches_tracked)")
 _BN_STATS = {"running_mean": "mean", "running_var": "var"}
 
@@ -54,7 +51,7 @@ def mlp_to_torch(params: Mapping, stats: Mapping, prefix: str) -> dict[str, np.n
         name = prefix if module == "fc" else f"{prefix}.{module[2:]}"
         weights, running = params.get(module, {}), stats.get(module, {})
         if "kernel" in weights:  # Linear
-            state_dict[f"{name}.weight"] = np.ascontiguousarray(np.asarray(weights["kernel"]).T)
+            state_dict[f"{name}.weight"] = to_torch(weights["kernel"])
             if "bias" in weights:
                 state_dict[f"{name}.bias"] = np.asarray(weights["bias"])
             continue
@@ -93,7 +90,7 @@ def torch_to_mlp(named: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
             if affine:
                 params[module] = affine
         elif weight is not None and weight.ndim == 2 and set(leaves) <= {"weight", "bias"}:
-            params[module] = {"kernel": np.ascontiguousarray(weight.T)}
+            params[module] = {"kernel": to_flax(weight)}
             if "bias" in leaves:
                 params[module]["bias"] = leaves["bias"]
         else:
@@ -109,15 +106,15 @@ def encoder_to_torch(
     torchvision ResNet's with the head as ``fc``, or timm's ViT (``pos_embed`` of ``image_size``,
     needed for a ViT) with the head as ``head``."""
     params, stats = variables["params"], variables.get("batch_stats", {})
-    vit = vit_names.is_vit(params["backbone"])
+    vit = names_vit.is_vit(params["backbone"])
     if vit:
         if image_size is None:
             raise ValueError("a ViT's export needs the image size (its pos_embed)")
-        state_dict = vit_names.vit_to_timm(params["backbone"], image_size, prefix)
+        state_dict = names_vit.vit_to_timm(params["backbone"], image_size, prefix)
     else:
         backbone = {"params": {"backbone": params["backbone"]}}
         backbone["batch_stats"] = {"backbone": stats.get("backbone", {})}
-        state_dict = torch_bridge.flax_to_torch(backbone, prefix)
+        state_dict = names_resnet.flax_to_torch(backbone, prefix)
     if head and "head" in params:
         head_stats = stats.get("head", {})
         state_dict.update(mlp_to_torch(params["head"], head_stats, prefix + head_key(vit)))
@@ -135,51 +132,19 @@ def torch_to_encoder(state_dict: Mapping[str, Any], prefix: str = "") -> dict[st
             named[name] = tensor
     if not named:
         raise WeightBridgeError(f"no tensor name starts with {prefix!r}")
-    vit = vit_names.has_vit_names(name[len(prefix) :] for name in named)
+    vit = names_vit.has_vit_names(name[len(prefix) :] for name in named)
     head = {n: t for n, t in named.items() if is_head_name(n[len(prefix) :], vit)}
     backbone = {n: t for n, t in named.items() if n not in head}
     if vit:
         variables: dict[str, dict] = {
-            "params": {"backbone": vit_names.timm_to_vit(backbone, prefix)}
+            "params": {"backbone": names_vit.timm_to_vit(backbone, prefix)}
         }
         variables["batch_stats"] = {}
     else:
-        variables = torch_bridge.torch_to_flax(backbone, prefix)
+        variables = names_resnet.torch_to_flax(backbone, prefix)
     if head:
         head_params, head_stats = torch_to_mlp(head, prefix + head_key(vit))
         variables["params"]["head"] = head_params
         if head_stats:
             variables["batch_stats"]["head"] = head_stats
     return variables
-
-
-def flax_to_moco_v3(
-    base: Mapping[str, Any],
-    momentum: Mapping[str, Any],
-    predictor: Mapping[str, Any],
-    image_size: Any,
-) -> dict[str, np.ndarray]:
-    """The official moco-v3 state dict of the base and momentum encoders (``{'params',
-    'batch_stats'}`` of backbone + ``head``) and the predictor (``{'params', 'batch_stats'}``)."""
-    state_dict = encoder_to_torch(base, image_size, BASE_PREFIX)
-    state_dict.update(encoder_to_torch(momentum, image_size, MOMENTUM_PREFIX))
-    stats = predictor.get("batch_stats", {})
-    state_dict.update(mlp_to_torch(predictor["params"], stats, PREDICTOR_PREFIX[:-1]))
-    return state_dict
-
-
-def moco_v3_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """An official moco-v3 ``state_dict`` -> ``{'base_encoder', 'momentum_encoder' (None when
-    absent), 'predictor' (None when absent)}``, each ``{'params', 'batch_stats'}``."""
-    names = [name for name in state_dict if isinstance(name, str)]
-    result: dict[str, Any] = {"base_encoder": torch_to_encoder(state_dict, BASE_PREFIX)}
-    has_momentum = any(name.startswith(MOMENTUM_PREFIX) for name in names)
-    result["momentum_encoder"] = (
-        torch_to_encoder(state_dict, MOMENTUM_PREFIX) if has_momentum else None
-    )
-    predictor = {name: state_dict[name] for name in names if name.startswith(PREDICTOR_PREFIX)}
-    result["predictor"] = None
-    if predictor:
-        params, stats = torch_to_mlp(predictor, PREDICTOR_PREFIX[:-1])
-        result["predictor"] = {"params": params, "batch_stats": stats}
-    return result

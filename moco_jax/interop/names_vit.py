@@ -6,7 +6,8 @@ builds it (``state_dict()`` lists a module's own parameters, then its submodules
 and ``.bias``, then per block ``blocks.i.`` ``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``,
 ``mlp.fc1``, ``mlp.fc2`` (each ``weight`` then ``bias``), then ``norm``. A Linear ``weight`` is
 the Flax ``kernel`` transposed, the patch projection's is the Conv kernel ``[p, p, C, D]``
-transposed to ``[D, C, p, p]``, a LayerNorm's ``weight`` is the Flax ``scale``.
+transposed to ``[D, C, p, p]`` (the layouts: ``arrays``), a LayerNorm's ``weight`` is the Flax
+``scale``.
 
 ``pos_embed`` is no Flax parameter (``models/vit.py``): exporting writes MoCo v3's fixed 2-D
 sin-cos table for the image size, and importing checks that a file's ``pos_embed`` is that table
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax.interop.torch_bridge import WeightBridgeError, checked_array
+from moco_jax.interop.arrays import checked_array, to_flax, to_torch
+from moco_jax.interop.errors import WeightBridgeError
 from moco_jax.models.vit import flax_path, sincos_position_embedding
 
 BLOCK_MODULES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -58,19 +60,6 @@ def _depth(params: Mapping[str, Any]) -> int:
     return sum(1 for name in params if re.fullmatch(r"blocks_\d+", name))
 
 
-def _to_torch(value: Any) -> np.ndarray:
-    value = np.asarray(value)
-    if value.ndim == 4:  # [p, p, C, D] -> [D, C, p, p]
-        return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
-    return np.ascontiguousarray(value.T) if value.ndim == 2 else value
-
-
-def _to_flax(value: np.ndarray) -> np.ndarray:
-    if value.ndim == 4:  # [D, C, p, p] -> [p, p, C, D]
-        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-    return np.ascontiguousarray(value.T) if value.ndim == 2 else value
-
-
 def patch_size(params: Mapping[str, Any]) -> int:
     return int(np.shape(params["patch_embed"]["proj"]["kernel"])[0])
 
@@ -91,7 +80,7 @@ def vit_to_timm(
             node = params
             for key in flax_path(f"{module}.{leaf}"):
                 node = node[key]
-            state_dict[f"{prefix}{module}.{leaf}"] = _to_torch(node)
+            state_dict[f"{prefix}{module}.{leaf}"] = to_torch(node)
     expected = sum(1 for _ in _leaves(params))
     if len(state_dict) - 1 != expected:  # every Flax leaf, plus pos_embed
         raise WeightBridgeError(f"ViT params hold {expected} arrays, timm's names cover fewer")
@@ -147,7 +136,7 @@ def timm_to_vit(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, An
         node = params
         for key in modules:
             node = node.setdefault(key, {})
-        node[leaf] = value if short == "cls_token" else _to_flax(value)
+        node[leaf] = value if short == "cls_token" else to_flax(value)
     if "patch_embed" not in params:
         raise WeightBridgeError(f"no patch_embed.proj tensors under {prefix!r}: not a ViT")
     return params

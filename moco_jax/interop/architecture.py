@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from moco_jax.interop import vit_names
+from moco_jax.interop import names_vit
 from moco_jax.models.resnet import RESNET_SPECS, Bottleneck
 from moco_jax.models.vit import VIT_SPECS
 
@@ -34,7 +34,7 @@ def backbone_fields(named: Mapping[str, Any], current: str) -> dict[str, Any]:
     for a ViT, which has no stem) of the backbone whose tensors are ``named`` (official names,
     the encoder's prefix removed); ``current`` (the config's backbone) wins a tie. Empty if none
     fits."""
-    if vit_names.has_vit_names(named):
+    if names_vit.has_vit_names(named):
         return _vit(named, current)
     if "conv1.weight" in named:
         return _resnet(named)

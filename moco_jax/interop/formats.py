@@ -1,4 +1,10 @@
-"""The three file layouts weights leave moco_jax in, and reading them (and torchvision's) back.
+"""The kinds of weights file, top layer of the PyTorch border: which kind a file is, and the
+layout of each kind, for reading and writing. Below it: the names (``names_encoder`` on
+``names_resnet`` and ``names_vit``), the array layouts (``arrays``) and the files on disk
+(``torch_files``, the only module that imports torch). A file is read or written in one pass
+down these layers; none of them calls back up.
+
+Writing (``python -m moco_jax.export --format``, ``FORMATS``):
 
 ``torchvision``: a state dict with torchvision's ResNet names and shapes, ``num_batches_tracked``
 included, no projection head. ``torchvision.models.resnet50()`` loads it with ``strict=False``
@@ -16,17 +22,17 @@ it), renamed by the script's rules: a name without ``layer`` gets ``stem.``; ``l
 with ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue`` ``[dim, K]`` and
 ``module.queue_ptr``, which the official ``main_lincls.py`` and detection converter accept. For
 MoCo v3, moco-v3's ``main_moco.py`` checkpoint: ``module.base_encoder.*`` (backbone with the
-projector as ``fc`` of a ResNet, ``head`` of a ViT), ``module.momentum_encoder.*``,
-``module.predictor.*``, no queue (``torch_encoders.py``), for moco-v3's ``main_lincls.py`` and
+projector as ``fc`` of a ResNet, ``head`` of a ViT), ``module.momentum_encoder.*`` (the same
+names), ``module.predictor.*``, no queue, for moco-v3's ``main_lincls.py`` and
 ``convert_to_deit.py``.
 
 ``deit``: what moco-v3's ``convert_to_deit.py`` writes for a ViT: ``{"model": state dict}`` of
-the base encoder with timm's names (``vit_names.py``, ``pos_embed`` included) and no ``head``;
+the base encoder with timm's names (``names_vit``, ``pos_embed`` included) and no ``head``;
 a linear evaluation's classifier, when given, becomes that ``head``.
 
 Reading: ``read_state_dict`` takes any of these, a torchvision state dict or a timm ViT's (bare,
 under ``state_dict`` or ``model``, or with DataParallel's ``module.`` prefix) or an official MoCo
-v1/v2/v3 ``.pth.tar``; ``encoder_variables`` picks the (query / base) encoder out of them.
+v1/v2/v3 ``.pth.tar``; ``read_encoder`` also converts the (query / base) encoder in it.
 """
 
 from __future__ import annotations
@@ -34,17 +40,22 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from moco_jax import storage
-from moco_jax.interop import torch_bridge, torch_encoders, vit_names
-from moco_jax.interop.torch_bridge import MOCO_PREFIX, WeightBridgeError
-from moco_jax.interop.torch_encoders import BASE_PREFIX
+from moco_jax.interop import names_encoder, names_vit, torch_files
+from moco_jax.interop.arrays import to_torch
+from moco_jax.interop.errors import WeightBridgeError
 
 FORMATS = ("torchvision", "detectron2", "moco", "deit")
+MOCO_PREFIX = "module."  # DataParallel's, as the official checkpoints are saved
 QUERY_PREFIX = f"{MOCO_PREFIX}encoder_q."
+KEY_PREFIX = f"{MOCO_PREFIX}encoder_k."
+BASE_PREFIX = f"{MOCO_PREFIX}base_encoder."
+MOMENTUM_PREFIX = f"{MOCO_PREFIX}momentum_encoder."
+PREDICTOR_PREFIX = f"{MOCO_PREFIX}predictor."
 V1_V2_CHECKPOINT, V3_CHECKPOINT = "an official MoCo checkpoint", "an official MoCo v3 checkpoint"
 DETECTRON2_AUTHOR = "MOCO"
 
@@ -59,10 +70,10 @@ def torchvision_state_dict(
     torchvision's of a ResNet, timm's of a ViT (``pos_embed`` of ``image_size``), and the
     classifier's place (``fc`` / ``head``) from a linear classifier (``{'kernel': [F, classes],
     'bias': [classes]}``) if given."""
-    state_dict = torch_encoders.encoder_to_torch(encoder, image_size, head=False)
+    state_dict = names_encoder.encoder_to_torch(encoder, image_size, head=False)
     if classifier is not None:
-        key = torch_encoders.head_key(vit_names.is_vit(encoder["params"]["backbone"]))
-        state_dict[f"{key}.weight"] = np.ascontiguousarray(np.asarray(classifier["kernel"]).T)
+        key = names_encoder.head_key(names_vit.is_vit(encoder["params"]["backbone"]))
+        state_dict[f"{key}.weight"] = to_torch(classifier["kernel"])
         state_dict[f"{key}.bias"] = np.asarray(classifier["bias"])
     return state_dict
 
@@ -86,9 +97,8 @@ def moco_checkpoint(
     """The official ``main_moco.py`` checkpoint (without its optimizer state); a ViT's encoders
     (``image_size`` for their ``pos_embed``) have timm's names with the head as ``head``."""
     state_dict = {}
-    for name, encoder in (("encoder_q", query), ("encoder_k", key)):
-        prefix = f"{MOCO_PREFIX}{name}."
-        state_dict.update(torch_encoders.encoder_to_torch(encoder, image_size, prefix))
+    for prefix, encoder in ((QUERY_PREFIX, query), (KEY_PREFIX, key)):
+        state_dict.update(names_encoder.encoder_to_torch(encoder, image_size, prefix))
     state_dict[f"{MOCO_PREFIX}queue"] = np.ascontiguousarray(np.asarray(queue).T)  # [dim, K]
     state_dict[f"{MOCO_PREFIX}queue_ptr"] = np.asarray([queue_ptr], np.int64)
     return {"epoch": int(epoch), "arch": arch, "state_dict": state_dict}
@@ -102,8 +112,14 @@ def moco_v3_checkpoint(
     arch: str,
     epoch: int,
 ) -> dict[str, Any]:
-    """moco-v3's ``main_moco.py`` checkpoint (without its optimizer and scaler state)."""
-    state_dict = torch_encoders.flax_to_moco_v3(base, momentum, predictor, image_size)
+    """moco-v3's ``main_moco.py`` checkpoint (without its optimizer and scaler state) of the
+    base and momentum encoders (``{'params', 'batch_stats'}`` of backbone + ``head``) and the
+    predictor (``{'params', 'batch_stats'}``)."""
+    state_dict = names_encoder.encoder_to_torch(base, image_size, BASE_PREFIX)
+    state_dict.update(names_encoder.encoder_to_torch(momentum, image_size, MOMENTUM_PREFIX))
+    stats = predictor.get("batch_stats", {})
+    mlp = names_encoder.mlp_to_torch(predictor["params"], stats, PREDICTOR_PREFIX[:-1])
+    state_dict.update(mlp)
     return {"epoch": int(epoch), "arch": arch, "state_dict": state_dict}
 
 
@@ -121,7 +137,7 @@ def detectron2_name(torch_name: str) -> str:
 
 def detectron2_model(encoder: Mapping[str, Any]) -> dict[str, Any]:
     """The converter's pickle of the query encoder ``encoder`` (``{'params', 'batch_stats'}``)."""
-    state_dict = torch_encoders.encoder_to_torch(encoder)
+    state_dict = names_encoder.encoder_to_torch(encoder)
     model = {detectron2_name(name): value for name, value in state_dict.items()}
     return {"model": model, "__author__": DETECTRON2_AUTHOR, "matching_heuristics": True}
 
@@ -154,16 +170,16 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     weights file is read here, once ``storage.check_input`` has let it through (a FIFO
     would block, ``/dev/zero`` fill memory)."""
     storage.check_input(path)
-    if torch_bridge.is_torch_file(path):
-        state_dict = torch_bridge.load_torch_file(path)
+    if torch_files.is_torch_file(path):
+        state_dict = torch_files.load_torch_file(path)
         prefix = encoder_prefix(state_dict)
         if prefix in (QUERY_PREFIX, BASE_PREFIX):
             return state_dict, V1_V2_CHECKPOINT if prefix == QUERY_PREFIX else V3_CHECKPOINT
         names = (name[len(prefix) :] for name in state_dict if isinstance(name, str))
-        if vit_names.has_vit_names(names):
+        if names_vit.has_vit_names(names):
             return state_dict, "a ViT state dict (timm's names)"
         return state_dict, "a torchvision state dict"
-    payload = torch_bridge.load_pickle_file(path)
+    payload = torch_files.load_pickle_file(path)
     if not isinstance(payload, Mapping):
         raise WeightBridgeError(
             f"{path}: expected a dict of arrays, found {type(payload).__name__}"
@@ -199,9 +215,18 @@ def encoder_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def encoder_variables(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
-    """``({'params', 'batch_stats'}, {official name: tensor})`` of the encoder in
-    ``state_dict``: the query (v1/v2) or base (v3) encoder of a MoCo checkpoint, with its
-    projection head where it has one; every tensor is checked."""
-    variables = torch_encoders.torch_to_encoder(state_dict, encoder_prefix(state_dict))
-    return variables, encoder_tensors(state_dict)
+class EncoderWeights(NamedTuple):
+    """The (query / base) encoder of a weights file, as ``read_encoder`` gives it."""
+
+    variables: dict[str, dict]  # {'params', 'batch_stats'}: backbone, and head where it has one
+    tensors: dict[str, Any]  # {official name: tensor}, the encoder's prefix removed
+    kind: str  # what the file is, for messages: "an official MoCo checkpoint", ...
+
+
+def read_encoder(path: str | os.PathLike) -> EncoderWeights:
+    """The encoder in the weights file ``path``, read once (``read_state_dict``) and converted
+    with every tensor checked: the query (v1/v2) or base (v3) encoder of a MoCo checkpoint,
+    with its projection head where it has one, or the state dict's whole model."""
+    state_dict, kind = read_state_dict(path)
+    variables = names_encoder.torch_to_encoder(state_dict, encoder_prefix(state_dict))
+    return EncoderWeights(variables, encoder_tensors(state_dict), kind)
