@@ -12,7 +12,7 @@ Differences on purpose:
 
 Module names follow torchvision's ResNet (``conv1``, ``bn1``, ``layerS.B.conv1``,
 ``layerS.B.downsample.0/1``, ``fc`` or ``fc.0``/``fc.2``) so that state dicts produced by
-``moco_jax.interop.torch_bridge.flax_to_torch`` load with ``strict=True``.
+``moco_jax.interop.names_resnet.flax_to_torch`` load with ``strict=True``.
 """
 
 from __future__ import annotations
