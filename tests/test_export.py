@@ -341,3 +341,29 @@ def test_a_pth_that_runs_code_is_refused_by_init_from(run, tmp_path):
     with pytest.raises(WeightBridgeError, match=r"^init_from .*evil\.pth\.tar: not a"):
         load_encoder_weights(str(path), _fresh(setup), setup)
     assert not marker.exists()
+
+
+def test_the_notes_name_what_the_pytorch_model_must_be_built_like():
+    """After an export, a ViT other than moco-v3's ``vit_small``/``vit_base`` gets timm's
+    arguments (its width ``models.vit.vit_width``'s), a ResNet with a CIFAR stem or another
+    width a note each; moco-v3's ViTs and torchvision's ResNet-50 none."""
+    vit = {"model.backbone": "vit_test", "model.width_multiplier": 0.5, "model.cifar_stem": False}
+    [note] = export._notes(tiny_config(**vit, **{"dataset.image_size": 16}))
+    assert "vit_test is not one of moco-v3's vits.py models" in note
+    assert "img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2," in note
+    small = tiny_config(**{**vit, "model.backbone": "vit_small"})  # at width 0.5: 192
+    assert export._notes(small) == [
+        "vit_small is not one of moco-v3's vits.py models: timm's VisionTransformer with "
+        f"img_size={small.dataset.image_size}, patch_size=16, in_chans=1, embed_dim=192, "
+        "depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True, LayerNorm eps 1e-6 (and MoCo v3's "
+        "sin-cos pos_embed)"
+    ]
+    base = tiny_config(**{**vit, "model.backbone": "vit_base", "model.width_multiplier": 1.0})
+    assert export._notes(base) == []
+    resnet = {"model.backbone": "resnet50", "model.cifar_stem": True, "model.width_multiplier": 2.0}
+    assert export._notes(tiny_config(**resnet)) == [
+        "the CIFAR stem (3x3 conv1, no max-pool): torchvision's resnet has 7x7",
+        "width_multiplier 2.0: torchvision's resnet has 1",
+    ]
+    resnet |= {"model.cifar_stem": False, "model.width_multiplier": 1.0}
+    assert export._notes(tiny_config(**resnet)) == []

@@ -255,9 +255,7 @@ def test_a_plain_pickle_that_runs_code_is_refused(tmp_path, function):
     payload = {"model": {"stem.conv1.weight": _Runs(function, argument)}, "__author__": "MOCO"}
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(payload))
-    with pytest.raises(
-        WeightBridgeError, match=r"evil\.pkl: not a plain weights file"
-    ):
+    with pytest.raises(WeightBridgeError, match=r"evil\.pkl: not a plain weights file"):
         formats.read_state_dict(path)
     assert not marker.exists()
     pickle.loads(path.read_bytes())  # control: the payload is live
