@@ -107,7 +107,7 @@ def _baselines(run: Run) -> dict[str, float]:
     ``init_from`` of the weights it loaded (also when a resumed run lost its baselines file)."""
     t0 = time.time()
     encoder, fresh = run.setup.algorithm.encoder_variables, run.checkpointer.restored_step is None
-    init_from = run.config.get("init_from")
+    init_from = run.config.init_from
     initial = run.state if fresh and not init_from else run.setup.initial_state()
     if init_from:
         loaded = run.state if fresh else load_encoder_weights(init_from, initial, run.setup)
