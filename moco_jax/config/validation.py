@@ -1,8 +1,13 @@
 """Up-front config checks: a clear, specific error before anything is compiled.
 
-Every field of ``config_defaults.base_config`` is checked for its type and range, then the rules
-that tie fields together (K >= global batch, batch divisible by the devices, BN groups, image size
-and width vs. the backbone's shape (``shape_rules``), kNN k vs. the training subset).
+ml_collections already refuses a value of another type than the default's, from the command line
+(``--config.batch_size=abc``), a config file, or a saved run's config.json (``saved_run`` assigns
+each saved value onto the defaults): a string or float for an int, an int or string for a bool, a
+number for a string, a scalar for a tuple. What it lets through is checked here: None, a bool
+for a number (a bool is an int), a tuple's items, NaN and infinity; then every field's range,
+and the rules that tie fields together (K >= global batch, batch divisible by the devices, BN
+groups, image size and width vs. the backbone's shape (``shape_rules``), kNN k vs. the training
+subset).
 ``validate`` runs everything once, in order (the devices asked for, these rules, one
 normalisation mean and std per channel): ``moco_jax.assemble`` calls it before the mesh is made.
 Rules that need the data (channels, image size without cropping, dataset size) are in
@@ -61,7 +66,7 @@ def _validate_data_fields(config: Any) -> None:
         f"imagenet2012 or imagenet2012:5.1.0)",
     )
     require(
-        dataset.data_dir is None or (isinstance(dataset.data_dir, str) and dataset.data_dir),
+        dataset.data_dir is None or dataset.data_dir != "",
         f"dataset.data_dir must be a directory (or None for the TFDS default), "
         f"got {dataset.data_dir!r}",
     )
@@ -116,7 +121,7 @@ def _validate_run_fields(config: Any) -> None:
     check_int_at_least("log_every_steps", config.log_every_steps, 1)
     init_from = config.init_from
     require(
-        init_from is None or (isinstance(init_from, str) and init_from.strip() != ""),
+        init_from is None or init_from.strip() != "",
         f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
     )
     if init_from is not None:  # a FIFO would block its reader, /dev/zero fill memory
