@@ -102,7 +102,8 @@ def _validate_data_fields(config: Any) -> None:
 
 
 def _validate_run_fields(config: Any) -> None:
-    """``optim.lr_milestones``, ``knn.*``, ``checkpoint.*``, ``log_every_steps``, ``init_from``."""
+    """``optim.lr_milestones``, ``knn.*``, ``checkpoint.*``, ``log_every_steps``, ``profile_*``,
+    ``init_from``."""
     milestones = config.optim.lr_milestones
     require(
         isinstance(milestones, (tuple, list))
@@ -119,6 +120,8 @@ def _validate_run_fields(config: Any) -> None:
     check_int_at_least("checkpoint.keep", checkpoint.keep, 1)
     check_int_at_least("checkpoint.keep_every_steps", checkpoint.keep_every_steps, 0)
     check_int_at_least("log_every_steps", config.log_every_steps, 1)
+    check_int_at_least("profile_steps", config.profile_steps, 0)
+    check_int_at_least("profile_first_step", config.profile_first_step, 1)
     init_from = config.init_from
     require(
         init_from is None or init_from.strip() != "",

@@ -83,8 +83,12 @@ def _train(run: Run) -> tuple[dict, Any]:
         writer, history, bar.write, checkpointer,
     )  # fmt: skip
     # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
+    profile = hooks.Profile(
+        run.workdir / "profile", config.profile_first_step, config.profile_steps, total_steps
+    )
     actions = [
         *first,
+        profile,
         hooks.Progress.add_loss,
         log,
         end_of_epoch,
