@@ -2,6 +2,13 @@
 ``periodic_actions``): each hook is called after every step with the loop's ``Progress`` and
 decides for itself whether it is due. The loop runs them in order; a hook may stop the run by
 raising (divergence, preemption).
+
+The profiler trace is clu's ``periodic_actions.Profile``. The others are not clu's actions: they
+are due at epoch ends (from the step and the epoch length, also in a resumed run) and read and
+update the shared ``Progress`` (the epoch's loss sum, the state), where a clu action gets the
+step alone and triggers on a step or time period; clu's ``ReportProgress`` reports steps/s and
+ETA where ``LogMetrics`` writes images/s into the metrics files, its clock restarted after each
+kNN pass, and the checkpoint's policies (interval, preemption) are orbax's.
 """
 
 from __future__ import annotations
