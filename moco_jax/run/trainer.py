@@ -82,10 +82,10 @@ def _train(run: Run) -> tuple[dict, Any]:
         config.epochs, run.eval_every_epochs, run.evaluate, views.checkpoint_extra,
         writer, history, bar.write, checkpointer,
     )  # fmt: skip
-    # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
     profile = hooks.Profile(
         run.workdir / "profile", config.profile_first_step, config.profile_steps, total_steps
     )
+    # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
     actions = [
         *first,
         profile,
