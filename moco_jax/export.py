@@ -121,7 +121,7 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
     steps_per_epoch = extra.get("steps_per_epoch")
     epoch = step // steps_per_epoch if steps_per_epoch else 0  # completed epochs
     backbone = setup.config.model.backbone
-    if setup.config.get("algorithm", "moco") == "moco_v3":
+    if setup.config.algorithm == "moco_v3":
         predictor = {k: getattr(state, k)["predictor"] for k in ("params", "batch_stats")}
         predictor = jax.device_get(predictor)
         return formats.moco_v3_checkpoint(encoder, key, predictor, image_size, backbone, epoch)
@@ -160,7 +160,7 @@ def _refuse_what_does_not_apply(fmt: str, config: Any, workdir: str) -> None:
     """``ConfigError`` for a format that does not hold this run's model or algorithm."""
     from moco_jax.models.vit import VIT_SPECS
 
-    algorithm, backbone = config.get("algorithm", "moco"), config.model.backbone
+    algorithm, backbone = config.algorithm, config.model.backbone
     vit = backbone in VIT_SPECS
     instead = "--format=deit" if vit else "--format=torchvision or detectron2"
     if fmt == "moco" and algorithm not in ("moco", "moco_v3"):

@@ -40,7 +40,7 @@ def make_lr_schedule(
     peak = scaled_learning_rate(optim_config, global_batch)
     kind = optim_config.schedule
     if kind == "warmup_cosine":
-        warmup = int(optim_config.get("warmup_epochs", 0)) * steps_per_epoch
+        warmup = int(optim_config.warmup_epochs) * steps_per_epoch
         total = epochs * steps_per_epoch
         if warmup == 0:  # optax's linear piece would warn about 0 transition steps
             return optax.cosine_decay_schedule(peak, total)

@@ -38,7 +38,8 @@ def _train(workdir, *flags, **faults):
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     data = f"--config.dataset.data_dir={fashion_mnist_data_dir()}"
-    command = [sys.executable, *RUN, *flags, data, "--workdir", str(workdir)]
+    entry = [str(ROOT / "tests/with_faults.py")] if faults else []  # installs faults.py
+    command = [sys.executable, *entry, *RUN, *flags, data, "--workdir", str(workdir)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -6,16 +6,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from moco_jax.data.resident import put_sharded
+from moco_jax.evaluation import knn
 from moco_jax.evaluation.knn import (
-    knn_predict,
+    BLOCK,
+    accuracy_of,
     largest_divisor_at_most,
-    make_knn_accuracy_fn,
     make_knn_counts_fn,
-    make_knn_predict_fn,
 )
 from moco_jax.mesh import DATA_AXIS, make_data_mesh, shard_batch
+
+
+def knn_predict(features, bank, bank_labels, num_classes, k=200, temperature=0.1):
+    """Predicted labels of ``features [M, D]`` by weighted vote of their ``k`` nearest in
+    ``bank``, the whole bank on one device: the reference for the sharded kNN. Bank rows with
+    label -1 (padding) never vote; among equal similarities the lower bank row is taken first."""
+    return knn.vote(*knn.ranked(features, bank, bank_labels, k), num_classes, temperature)
+
+
+def make_knn_predict_fn(mesh, num_classes, k, temperature, block=BLOCK):
+    """Jitted ``(test_feats, bank, bank_labels) -> predictions`` of the monitor's sharded kNN
+    (``make_knn_counts_fn`` before it counts), everything sharded over ``data``."""
+
+    def per_device(features, bank, bank_labels):
+        return knn.sharded_predict(features, bank, bank_labels, num_classes, k, temperature, block)
+
+    return knn.jit_rows_sharded(mesh, per_device, 3, P(DATA_AXIS))
+
+
+def make_knn_accuracy_fn(mesh, num_classes, k, temperature, block=BLOCK):
+    """``(test_feats, test_labels, bank, bank_labels) -> top-1 accuracy``, as the monitor has it."""
+    fn = make_knn_counts_fn(mesh, num_classes, k, temperature, block)
+    return lambda *args: accuracy_of(fn, *args)
 
 
 def numpy_knn(features, bank, bank_labels, num_classes, k, t):

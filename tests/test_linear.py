@@ -108,7 +108,9 @@ def _start(workdir, *overrides, fault=None, data_dir):
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     if fault:
         env[f"MOCO_JAX_FAULT_{fault[0]}_AT_STEP"] = str(fault[1])
-    command = [sys.executable, "-m", "moco_jax.evaluate", "linear", "--workdir", str(workdir)]
+    entry = [str(ROOT / "tests/with_faults.py")] if fault else []  # installs faults.py
+    command = [sys.executable, *entry, "-m", "moco_jax.evaluate", "linear"]
+    command += ["--workdir", str(workdir)]
     command += ["--config", str(ROOT / "configs/linear_fashion_mnist.py"), *overrides]
     command += [f"--config.dataset.data_dir={data_dir}"]
     return subprocess.Popen(

@@ -77,7 +77,8 @@ def _start(workdir, leg, faults=({}, {}), nice=0):
         if len(faults) > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_PROCESS_ID=str(index))
             env["JAX_NUM_PROCESSES"] = str(len(faults))
-        command = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir)]
+        entry = [str(ROOT / "tests/with_faults.py")] if fault else []  # installs faults.py
+        command = [sys.executable, *entry, str(ROOT / "train.py"), "--workdir", str(workdir)]
         command += ["--config", str(ROOT / "configs/smoke.py")]
         command += [f"--config.dataset.data_dir={_start.data_dir}"]
         command += [f"--config.{name}={value}" for name, value in FIELDS.items()]

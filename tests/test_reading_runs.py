@@ -20,7 +20,7 @@ import pytest
 from etils import epath
 
 import moco_jax
-from moco_jax import export
+from moco_jax import ConfigError, export
 from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.run import checkpoint_format
 from moco_jax.run.checkpointing import Checkpointer, CheckpointError
@@ -229,3 +229,53 @@ def test_evaluate_knn_leaves_a_damaged_checkpoint_where_it_is(workdir, caplog):
     assert "skipped damaged checkpoint step 6 of" in caplog.text
     assert _tree(workdir / "checkpoints") == before
     assert not (workdir / "checkpoints_damaged").exists()
+
+
+# Fields added to the config after the first runs were saved: their config.json lacks them.
+NEWER_FIELDS = {
+    "": ("algorithm", "ordered_reductions"),
+    "optim": ("name", "betas", "warmup_epochs"),
+    "moco": ("symmetric", "momentum_cosine"),
+    "model": ("mlp_dim", "zero_init_residual", "stop_grad_conv1"),
+    "checkpoint": ("keep_every_steps",),
+}
+
+
+def test_a_run_saved_before_newer_fields_reads_with_their_defaults(workdir, tmp_path):
+    """``load_run_config`` merges config.json onto ``base_config()`` once: an older run's missing
+    fields read as the defaults its code assumed, and a fork's own keys are kept."""
+    from moco_jax.config.defaults import base_config
+    from moco_jax.run.saved_run import load_run_config
+
+    path = workdir / "config.json"
+    saved = json.loads(path.read_text())
+    for section, fields in NEWER_FIELDS.items():
+        for field in fields:
+            del (saved[section] if section else saved)[field]
+    saved["fork"] = {"rate": 3}
+    saved["model"]["fork_layers"] = 2
+    path.write_text(json.dumps(saved))
+    config, defaults = load_run_config(workdir), base_config()
+    for section, fields in NEWER_FIELDS.items():
+        for field in fields:
+            read = config[section][field] if section else config[field]
+            assert read == (defaults[section][field] if section else defaults[field])
+    assert config.fork.rate == 3 and config.model.fork_layers == 2
+    assert config.dataset.mean == tuple(saved["dataset"]["mean"])  # its own values
+    result = export.export_weights(str(workdir), "detectron2", str(tmp_path / "x.pkl"))
+    assert result["step"] == 6
+
+
+def test_a_saved_value_of_another_type_is_one_error_naming_file_and_field(workdir):
+    """ml_collections checks each saved value's type as it checks a command-line override."""
+    from moco_jax.run.saved_run import load_run_config
+
+    path = workdir / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "init_from": 3}))
+    with pytest.raises(ConfigError, match=rf"^{path}: init_from must be of type str, got 3$"):
+        load_run_config(workdir)
+    saved["knn"]["k"] = 2.5
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=rf"^{path}: knn.k must be of type int, got 2.5$"):
+        load_run_config(workdir)

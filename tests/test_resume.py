@@ -5,7 +5,7 @@ SIGKILL right after step 12's checkpoint save has started (the write may be cut 
 Rerun each time with the same command, it must end with parameters, EMA parameters, BN
 statistics, optimizer state, queue, step, RNG and metrics bit-for-bit equal to an uninterrupted
 run. A NaN injected into the loss must stop a run with one clear line and exit code 2, leaving the
-last good checkpoint intact. The faults come from moco_jax/run/faults.py's environment hooks; the
+last good checkpoint intact. The faults come from tests/faults.py (through with_faults.py); the
 uninterrupted run and the NaN run go alongside the interrupted one to save wall time.
 """
 
@@ -48,7 +48,9 @@ def _start(workdir, *overrides, fault=None):
         env.pop(f"MOCO_JAX_FAULT_{name}_AT_STEP", None)
     if fault:
         env[f"MOCO_JAX_FAULT_{fault[0]}_AT_STEP"] = str(fault[1])
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/smoke.py")]
+    entry = [str(ROOT / "tests/with_faults.py")] if fault else []  # installs faults.py
+    command = [sys.executable, *entry, str(ROOT / "train.py")]
+    command += ["--config", str(ROOT / "configs/smoke.py")]
     command += ["--workdir", str(workdir), f"--config.dataset.data_dir={_start.data_dir}"]
     logs = workdir.parent / f"{workdir.name}.{fault[0].lower() if fault else 'run'}"
     stdout, stderr = open(f"{logs}.out", "w"), open(f"{logs}.err", "w")

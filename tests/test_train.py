@@ -88,8 +88,11 @@ def test_smoke_pretraining_through_train_py(tmp_path, data_dir, monkeypatch):
 
     # A run started from this one's weights: its random-init baseline is still a random init,
     # and the weights it loaded are a baseline of their own (this run's final kNN).
+    # It also traces steps 4 and 5 with jax.profiler (config.profile_steps).
     config = tiny_config(**{"dataset.data_dir": data_dir, "init_from": str(tmp_path)})
+    config.profile_steps, config.profile_first_step = 2, 3
     finetune = train_and_evaluate(config, str(tmp_path / "finetune"))
+    assert list((tmp_path / "finetune" / "profile").glob("plugins/profile/*/*.xplane.pb"))
     assert finetune["random_init_knn_head"] == pytest.approx(summary["random_init_knn_head"])
     assert finetune["init_from_knn_head"] == pytest.approx(summary["final_knn_head"])
     assert finetune["init_from_knn_backbone"] == pytest.approx(summary["final_knn_backbone"])

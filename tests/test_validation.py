@@ -107,6 +107,8 @@ BAD_VALUES = [
     ({"checkpoint.keep": 0}, 1, "checkpoint.keep must be an integer >= 1, got 0"),
     ({"checkpoint.keep_every_steps": -2}, 1, "checkpoint.keep_every_steps must be an integer"),
     ({"log_every_steps": 0}, 1, "log_every_steps must be an integer >= 1, got 0"),
+    ({"profile_steps": -1}, 1, "profile_steps must be an integer >= 0, got -1"),
+    ({"profile_first_step": 0}, 1, "profile_first_step must be an integer >= 1, got 0"),
     ({"init_from": ""}, 1, "init_from must be a path to another run's checkpoints"),
     # Bad input that used to fail late or deep inside a library.
     ({"seed": 2**70}, 1, r"seed must be < 2\*\*31, got 1180591620717411303424"),

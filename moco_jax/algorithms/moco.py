@@ -212,8 +212,8 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         momentum=config.moco.momentum,
         temperature=config.moco.temperature,
         bn_mode=config.model.bn_mode,
-        ordered=config.get("ordered_reductions", False),
-        symmetric=config.moco.get("symmetric", False),
+        ordered=config.ordered_reductions,
+        symmetric=config.moco.symmetric,
     )
     return Algorithm(
         name="moco",

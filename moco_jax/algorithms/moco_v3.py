@@ -213,7 +213,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
     encoder = build_encoder(config.model, axis)
     predictor = build_predictor(config.model, axis)
     schedule = make_lr_schedule(config.optim, config.batch_size, steps_per_epoch, config.epochs)
-    frozen = frozen_tensors(bool(config.model.get("stop_grad_conv1", False)))
+    frozen = frozen_tensors(bool(config.model.stop_grad_conv1))
     optimizer = make_v3_optimizer(config.optim, schedule, frozen)
     momentum_at = momentum_schedule(
         config.moco.momentum, config.moco.momentum_cosine, steps_per_epoch, config.epochs

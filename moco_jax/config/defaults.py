@@ -110,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
     ckpt.keep_every_steps = 0  # also save, and keep for good, every multiple of this (0: none)
 
     config.log_every_steps = 50  # how often step metrics are fetched, logged and written
+    # A jax.profiler trace of profile_steps steps (0: none) after step profile_first_step, in
+    # <workdir>/profile (TensorBoard's profile tab: tensorboard --logdir <workdir>/profile)
+    config.profile_steps = 0
+    config.profile_first_step = 10
     # Another run's workdir, checkpoints directory or step directory: a run without checkpoints
     # of its own starts from its encoder weights (backbone, and the head if shapes agree) in both
     # encoders, with a fresh optimizer, queue and step; its baselines add the loaded weights' kNN

@@ -1,8 +1,13 @@
 """Up-front config checks: a clear, specific error before anything is compiled.
 
-Every field of ``config_defaults.base_config`` is checked for its type and range, then the rules
-that tie fields together (K >= global batch, batch divisible by the devices, BN groups, image size
-and width vs. the backbone's shape (``shape_rules``), kNN k vs. the training subset).
+ml_collections already refuses a value of another type than the default's, from the command line
+(``--config.batch_size=abc``), a config file, or a saved run's config.json (``saved_run`` assigns
+each saved value onto the defaults): a string or float for an int, an int or string for a bool, a
+number for a string, a scalar for a tuple. What it lets through is checked here: None, a bool
+for a number (a bool is an int), a tuple's items, NaN and infinity; then every field's range,
+and the rules that tie fields together (K >= global batch, batch divisible by the devices, BN
+groups, image size and width vs. the backbone's shape (``shape_rules``), kNN k vs. the training
+subset).
 ``validate`` runs everything once, in order (the devices asked for, these rules, one
 normalisation mean and std per channel): ``moco_jax.assemble`` calls it before the mesh is made.
 Rules that need the data (channels, image size without cropping, dataset size) are in
@@ -61,7 +66,7 @@ def _validate_data_fields(config: Any) -> None:
         f"imagenet2012 or imagenet2012:5.1.0)",
     )
     require(
-        dataset.data_dir is None or (isinstance(dataset.data_dir, str) and dataset.data_dir),
+        dataset.data_dir is None or dataset.data_dir != "",
         f"dataset.data_dir must be a directory (or None for the TFDS default), "
         f"got {dataset.data_dir!r}",
     )
@@ -97,7 +102,8 @@ def _validate_data_fields(config: Any) -> None:
 
 
 def _validate_run_fields(config: Any) -> None:
-    """``optim.lr_milestones``, ``knn.*``, ``checkpoint.*``, ``log_every_steps``, ``init_from``."""
+    """``optim.lr_milestones``, ``knn.*``, ``checkpoint.*``, ``log_every_steps``, ``profile_*``,
+    ``init_from``."""
     milestones = config.optim.lr_milestones
     require(
         isinstance(milestones, (tuple, list))
@@ -112,11 +118,13 @@ def _validate_run_fields(config: Any) -> None:
     checkpoint = config.checkpoint
     check_int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
     check_int_at_least("checkpoint.keep", checkpoint.keep, 1)
-    check_int_at_least("checkpoint.keep_every_steps", checkpoint.get("keep_every_steps", 0), 0)
+    check_int_at_least("checkpoint.keep_every_steps", checkpoint.keep_every_steps, 0)
     check_int_at_least("log_every_steps", config.log_every_steps, 1)
-    init_from = config.get("init_from")
+    check_int_at_least("profile_steps", config.profile_steps, 0)
+    check_int_at_least("profile_first_step", config.profile_first_step, 1)
+    init_from = config.init_from
     require(
-        init_from is None or (isinstance(init_from, str) and init_from.strip() != ""),
+        init_from is None or init_from.strip() != "",
         f"init_from must be a path to another run's checkpoints (or None), got {init_from!r}",
     )
     if init_from is not None:  # a FIFO would block its reader, /dev/zero fill memory
@@ -184,7 +192,7 @@ def validate_config(config: Any, num_devices: int) -> None:
     _validate_model_fields(config)
     _validate_run_fields(config)
     _validate_cross_field_rules(config, num_devices)
-    if config.get("algorithm") == "linear":
+    if config.algorithm == "linear":
         _validate_linear_fields(config)
 
 
@@ -218,8 +226,8 @@ def _validate_model_fields(config: Any) -> None:
     """``algorithm``, ``model.*``, ``moco.*`` and ``optim.*`` (but the milestones)."""
     m, moco, optim = config.model, config.moco, config.optim
     require(
-        config.get("algorithm", "moco") in available_algorithms(),
-        f"algorithm must be one of {available_algorithms()}, got {config.get('algorithm')!r}",
+        config.algorithm in available_algorithms(),
+        f"algorithm must be one of {available_algorithms()}, got {config.algorithm!r}",
     )
     check_flag("model.cifar_stem", m.cifar_stem)
     require(
@@ -261,13 +269,13 @@ def _validate_model_fields(config: Any) -> None:
 
 def _validate_v3_fields(config: Any) -> None:
     """The fields MoCo v3 added (optimizers, warm-up, momentum schedule, v3 heads) and which
-    algorithm each belongs to. A config saved before them (a workdir's config.json) has their
-    defaults."""
+    algorithm each belongs to. A config saved before them (a workdir's config.json) reads
+    with their defaults (``saved_run.with_defaults``)."""
     m, moco, optim = config.model, config.moco, config.optim
-    algorithm = config.get("algorithm", "moco")
-    name, warmup = optim.get("name", "sgd"), optim.get("warmup_epochs", 0)
+    algorithm = config.algorithm
+    name, warmup = optim.name, optim.warmup_epochs
     require(name in OPTIMIZERS, f"optim.name must be one of {list(OPTIMIZERS)}, got {name!r}")
-    betas = optim.get("betas", (0.9, 0.999))
+    betas = optim.betas
     require(
         are_numbers(betas, 2) and all(0.0 <= b < 1.0 for b in betas),
         f"optim.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas!r}",
@@ -279,15 +287,15 @@ def _validate_v3_fields(config: Any) -> None:
             f"optim.warmup_epochs ({warmup}) must be < epochs ({config.epochs}): the cosine "
             f"follows the warm-up",
         )
-    momentum_cosine = moco.get("momentum_cosine", False)
+    momentum_cosine = moco.momentum_cosine
     check_flag("moco.momentum_cosine", momentum_cosine)
-    mlp_dim = m.get("mlp_dim", 4096)
+    mlp_dim = m.mlp_dim
     require(
         is_int(mlp_dim) and mlp_dim >= 1,
         f"model.mlp_dim must be a positive integer, got {mlp_dim!r}",
     )
-    check_flag("model.zero_init_residual", m.get("zero_init_residual", False))
-    check_flag("model.stop_grad_conv1", m.get("stop_grad_conv1", False))
+    check_flag("model.zero_init_residual", m.zero_init_residual)
+    check_flag("model.stop_grad_conv1", m.stop_grad_conv1)
     if algorithm == "moco_v3":
         require(
             m.head in V3_HEADS,
@@ -317,7 +325,7 @@ def _validate_v3_fields(config: Any) -> None:
 
 def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
     """Rules that tie fields together, and the devices to the batch."""
-    ordered = config.get("ordered_reductions", False)
+    ordered = config.ordered_reductions
     check_flag("ordered_reductions", ordered)
     require(
         not ordered or (config.algorithm == "moco" and config.model.bn_mode != "sync"),
@@ -331,10 +339,10 @@ def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
         config.batch_size % num_devices == 0,
         f"batch_size {config.batch_size} is not divisible by the {num_devices} devices",
     )
-    symmetric = moco.get("symmetric", False)
+    symmetric = moco.symmetric
     enqueued = config.batch_size * (2 if symmetric else 1)
     require(
-        config.get("algorithm", "moco") == "moco_v3" or moco.queue_size >= enqueued,
+        config.algorithm == "moco_v3" or moco.queue_size >= enqueued,
         f"moco.queue_size (K={moco.queue_size}) must be >= the {enqueued} keys each step "
         f"enqueues ({'both views of ' if symmetric else ''}the global batch_size)",
     )

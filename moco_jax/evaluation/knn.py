@@ -3,7 +3,8 @@
 For each test feature: cosine similarity to every memory-bank feature, the ``k`` most similar,
 weights ``exp(sim / t)``, per-class sums of weights, prediction = the class with the largest sum
 (the official CIFAR demo's ``knn_predict`` with k=200, t=0.1). Features are L2-normalised.
-On a mesh the memory bank stays split over the devices (``make_knn_accuracy_fn``).
+On a mesh the memory bank stays split over the devices (``make_knn_counts_fn``); the tests
+hold the whole-bank reference (``ranked`` then ``vote``) that the split one must match.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _ranked(
+def ranked(
     features: jax.Array, bank: jax.Array, bank_labels: jax.Array, k: int
 ) -> tuple[jax.Array, jax.Array]:
     """Similarities and labels of the ``k`` bank rows most similar to each row of ``features``,
@@ -43,27 +44,11 @@ def _ranked(
     return top_sim, bank_labels[top_index]
 
 
-def _vote(top_sim: jax.Array, top_labels: jax.Array, num_classes: int, temperature: float):
+def vote(top_sim: jax.Array, top_labels: jax.Array, num_classes: int, temperature: float):
     """The class with the largest sum of ``exp(sim / t)`` over the neighbours ``[..., k]``."""
     weights = jnp.exp(top_sim / temperature)
     votes = jax.nn.one_hot(top_labels, num_classes) * weights[..., None]
     return jnp.argmax(jnp.sum(votes, axis=-2), axis=-1)
-
-
-def knn_predict(
-    features: jax.Array,
-    bank: jax.Array,
-    bank_labels: jax.Array,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-) -> jax.Array:
-    """Predicted labels of ``features [M, D]`` by weighted vote of their ``k`` nearest in ``bank``.
-
-    The whole bank on one device (the reference for ``make_knn_predict_fn``). Bank rows with
-    label -1 (padding) never vote; among equal similarities the lower bank row is taken first.
-    """
-    return _vote(*_ranked(features, bank, bank_labels, k), num_classes, temperature)
 
 
 def make_feature_fn(
@@ -103,7 +88,7 @@ def make_feature_fn(
     )
 
 
-def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, block):
+def sharded_predict(features, bank, bank_labels, num_classes, k, temperature, block):
     """Inside ``shard_map`` over ``data``: predictions for this device's test rows ``[m, D]``,
     each device holding one contiguous block of bank rows ``[S, D]`` (device r: global rows
     ``[r*S, (r+1)*S)``).
@@ -117,8 +102,9 @@ def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, b
     ``top_k`` over those ``n * min(k, S)`` gives the global ``k`` nearest. ``top_k`` takes the
     lower position first among equal values, and positions are block-major with each block in
     its own rank order, so ties go to the lower global bank row: the neighbours, their order and
-    so the vote are those of ``knn_predict`` on the whole bank (given the same similarities: a
-    backend whose matmul sums in another order for other shapes may round them differently).
+    so the vote are those of ``vote(*ranked(...))`` on the whole bank (given the same
+    similarities: a backend whose matmul sums in another order for other shapes may round them
+    differently).
     """
     devices = jax.lax.axis_size(DATA_AXIS)
     rows, shard = features.shape[0], bank.shape[0]
@@ -129,7 +115,7 @@ def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, b
 
     def predict(local_rows):
         gathered = jax.lax.all_gather(local_rows, DATA_AXIS, tiled=True)
-        candidates = _ranked(gathered, bank, bank_labels, local_k)
+        candidates = ranked(gathered, bank, bank_labels, local_k)
         # [devices (whose test rows), size, local_k] -> [devices (whose bank block), size, ...]
         sims, labels = (
             jax.lax.all_to_all(c.reshape(devices, size, local_k), DATA_AXIS, 0, 0)
@@ -140,13 +126,13 @@ def _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, b
         )
         top_sim, position = jax.lax.top_k(sims, k)
         top_labels = jnp.take_along_axis(labels, position, axis=1)
-        return _vote(top_sim, top_labels, num_classes, temperature)
+        return vote(top_sim, top_labels, num_classes, temperature)
 
     chunks = features.reshape(rows // size, size, -1)
     return jax.lax.map(predict, chunks).reshape(rows)
 
 
-def _jit_rows_sharded(mesh: Mesh, per_device, num_args: int, out_specs):
+def jit_rows_sharded(mesh: Mesh, per_device, num_args: int, out_specs):
     """Jitted ``shard_map`` of ``per_device`` with every argument's rows split over ``data``.
     Arguments sharded otherwise (host arrays, a replicated bank) are resharded first; rows
     already split over ``data`` stay where they are."""
@@ -157,52 +143,25 @@ def _jit_rows_sharded(mesh: Mesh, per_device, num_args: int, out_specs):
     return jax.jit(lambda *args: mapped(*(jax.sharding.reshard(a, rows) for a in args)))
 
 
-def make_knn_predict_fn(
-    mesh: Mesh, num_classes: int, k: int, temperature: float, block: int = BLOCK
-):
-    """Jitted ``(test_feats, bank, bank_labels) -> predictions``, everything sharded over
-    ``data`` (rows split evenly): ``knn_predict`` without replicating the bank.
-
-    Each device holds 1/n of the bank; the similarity block has at most ``block`` entries.
-    Ties go to the lower row of ``bank`` as a global array (its row order, not where the rows
-    sit): the same neighbours as ``knn_predict`` on the whole bank.
-    """
-
-    def per_device(features, bank, bank_labels):
-        return _sharded_predict(features, bank, bank_labels, num_classes, k, temperature, block)
-
-    return _jit_rows_sharded(mesh, per_device, 3, P(DATA_AXIS))
-
-
 def make_knn_counts_fn(
     mesh: Mesh, num_classes: int, k: int, temperature: float, block: int = BLOCK
 ):
     """Jitted ``(test_feats, test_labels, bank, bank_labels) -> (correct, counted)``, all four
-    sharded over ``data`` (see ``make_knn_predict_fn``). Test rows with label -1 (padding) are
-    not counted."""
+    sharded over ``data`` (rows split evenly), the bank never replicated: each device holds 1/n
+    of it, and the similarity block has at most ``block`` entries. Ties go to the lower row of
+    ``bank`` as a global array (its row order, not where the rows sit; for the monitor's bank,
+    concatenated from a source's batches, the order of the batches): the same neighbours as on
+    the whole bank. Test rows with label -1 (padding) are not counted."""
 
     def per_device(features, labels, bank, bank_labels):
-        predictions = _sharded_predict(
+        predictions = sharded_predict(
             features, bank, bank_labels, num_classes, k, temperature, block
         )
         valid = labels >= 0
         correct = jnp.sum((predictions == labels) & valid)
         return jax.lax.psum(correct, DATA_AXIS), jax.lax.psum(jnp.sum(valid), DATA_AXIS)
 
-    return _jit_rows_sharded(mesh, per_device, 4, (P(), P()))
-
-
-def make_knn_accuracy_fn(
-    mesh: Mesh, num_classes: int, k: int, temperature: float, block: int = BLOCK
-):
-    """``(test_feats, test_labels, bank, bank_labels) -> top-1 accuracy`` (a fraction).
-
-    All four are rows sharded over ``data`` (as ``make_feature_fn`` returns them); the bank
-    stays sharded (1/n of it per device). Ties go to the lower row of ``bank`` as a global array:
-    for the monitor's bank, concatenated from a source's batches, the order of the batches.
-    """
-    fn = make_knn_counts_fn(mesh, num_classes, k, temperature, block)
-    return lambda *args: accuracy_of(fn, *args)
+    return jit_rows_sharded(mesh, per_device, 4, (P(), P()))
 
 
 def accuracy_of(counts_fn, features, labels, bank, bank_labels) -> float:

@@ -58,7 +58,7 @@ def with_pretrained(config: Any, pretrained: str | None = None) -> Any:
     storage.check_input(path, "linear.pretrained")  # before its kind decides what is read
     saved = _workdir_config(path) if path.is_dir() else None  # a file in a workdir: its own
     if saved is not None:
-        fields, whose = saved.get("model", {}), "the pretrained run's"
+        fields, whose = saved.model, "the pretrained run's"
     else:
         fields, whose = _file_backbone(path, config.model.backbone), "the file's"
     for field in ARCHITECTURE_FIELDS:

@@ -142,7 +142,7 @@ def _make_factory(name: str) -> None:
             cifar_stem=model_config.cifar_stem,
             norm=norm,
             dtype=dtype,
-            zero_init_residual=bool(model_config.get("zero_init_residual", False)),
+            zero_init_residual=bool(model_config.zero_init_residual),
         )
 
 

@@ -232,7 +232,7 @@ def _make_factory(name: str) -> None:
             embed_dim=vit_width(name, model_config.width_multiplier),
             depth=depth,
             num_heads=num_heads,
-            stop_grad_conv1=bool(model_config.get("stop_grad_conv1", False)),
+            stop_grad_conv1=bool(model_config.stop_grad_conv1),
             dtype=dtype,
         )
 

@@ -1,8 +1,9 @@
 """One run in a workdir, for training or evaluation: its set-up (``run_setup``), the loop and its
 periodic actions (``trainer``, ``hooks``), checkpoints (``checkpointing``, ``checkpoint_format``,
 ``checkpoint_policies``, ``fingerprint``), records and plots (``metrics_io``), the workdir lock,
-the command lines' one-line errors (``cli_errors``), test-only fault injection (``faults``) and
-reading another run's workdir without changing it (``saved_run``).
+the command lines' one-line errors (``cli_errors``) and reading another run's workdir without
+changing it (``saved_run``). Tests add their fault injection to the loop
+(``trainer.INSTALLED_ACTIONS``, tests/faults.py); no production code calls it.
 
 May import: ``algorithms``, ``models``, ``data``, ``config``, ``evaluation`` (the kNN monitor),
 ``interop`` (``init_from``) and the root modules. Never ``pod``; never ``torch``.

@@ -2,6 +2,13 @@
 ``periodic_actions``): each hook is called after every step with the loop's ``Progress`` and
 decides for itself whether it is due. The loop runs them in order; a hook may stop the run by
 raising (divergence, preemption).
+
+The profiler trace is clu's ``periodic_actions.Profile``. The others are not clu's actions: they
+are due at epoch ends (from the step and the epoch length, also in a resumed run) and read and
+update the shared ``Progress`` (the epoch's loss sum, the state), where a clu action gets the
+step alone and triggers on a step or time period; clu's ``ReportProgress`` reports steps/s and
+ETA where ``LogMetrics`` writes images/s into the metrics files, its clock restarted after each
+kNN pass, and the checkpoint's policies (interval, preemption) are orbax's.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from moco_jax.mesh import put_replicated
 from moco_jax.run.checkpointing import Checkpointer, TrainingDiverged
@@ -167,6 +175,30 @@ class EndOfEpoch:
         self.history.setdefault("epochs", []).append(record)
         self.log(describe_epoch(record))
         progress.epoch_loss, progress.epoch_steps = None, 0
+
+
+class Profile:
+    """A ``jax.profiler`` trace of the ``num_steps`` steps after step ``first_step`` (each
+    process its own), written under ``logdir`` for TensorBoard's profile tab or Perfetto: clu's
+    ``periodic_actions.Profile``, taken once. The trace is written when it stops, so it stops
+    at the run's last step at the latest (a run preempted or diverged while tracing leaves none).
+    Off (nothing imported) when ``num_steps`` is 0 or the run ends by ``first_step``.
+    """
+
+    def __init__(self, logdir: epath.Path, first_step: int, num_steps: int, last_step: int):
+        num_steps = min(num_steps, last_step - first_step)
+        self.action = None
+        if num_steps > 0:
+            from clu import periodic_actions
+
+            self.action = periodic_actions.Profile(
+                logdir=logdir, num_profile_steps=num_steps, profile_duration_ms=None,
+                first_profile=first_step, every_steps=None, every_secs=None,
+            )  # fmt: skip
+
+    def __call__(self, progress: Progress) -> None:
+        if self.action is not None:
+            self.action(progress.step)
 
 
 def describe_epoch(record: dict) -> str:

@@ -1,4 +1,9 @@
-"""Metrics on disk: JSON lines, TensorBoard event files and the PNG plot of a run."""
+"""Metrics on disk: JSON lines, TensorBoard event files and the PNG plot of a run.
+
+TensorBoard is clu's ``metric_writers.SummaryWriter``. The JSON lines stay ours: clu has no
+JSON-lines writer, and a resumed run rewinds them to its checkpoint's step and rebuilds them from
+the history the checkpoint keeps (``MetricsWriter.resume``), which no clu writer does.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +25,9 @@ class MetricsWriter:
         self.workdir, self.enabled = workdir, enabled
         self._tensorboard = None
         if enabled:
-            import tensorflow as tf  # already needed by TFDS; writes TensorBoard event files
+            from clu import metric_writers  # TensorFlow's summary writer, already needed by TFDS
 
-            self._tf = tf
-            self._tensorboard = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+            self._tensorboard = metric_writers.SummaryWriter(str(workdir / "tensorboard"))
 
     def _append(self, name: str, record: dict) -> None:
         if self.enabled:
@@ -41,11 +45,8 @@ class MetricsWriter:
             self._tensorboard.flush()
 
     def _scalars(self, step: int, prefix: str, scalars: dict[str, float]) -> None:
-        if self._tensorboard is None:
-            return
-        with self._tensorboard.as_default(step=step):
-            for name, value in scalars.items():
-                self._tf.summary.scalar(f"{prefix}/{name}", value)
+        if self._tensorboard is not None:
+            self._tensorboard.write_scalars(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
 
     def write_baselines(self, baselines: dict[str, float]) -> None:
         if self.enabled:

@@ -73,7 +73,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
     get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
     what = "linear.pretrained" if "linear" in config else "init_from"
-    storage.check_reachable(what, config.get("init_from") or "")  # a bucket: before the workdir
+    storage.check_reachable(what, config.init_from or "")  # a bucket: before the workdir
     _check_workdir(workdir)
     lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
     checkpointer = None
@@ -89,7 +89,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
             checkpointer.check_can_save(state)  # read-only or full disk: fail before training
         state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
         _check_epoch_length(checkpointer, views.steps_per_epoch)
-        if checkpointer.restored_step is None and config.get("init_from"):
+        if checkpointer.restored_step is None and config.init_from:
             source = storage.absolute(config.init_from)  # orbax reads absolute paths only
             state = load_encoder_weights(source, state, setup, what)
         model = setup.algorithm.model

@@ -20,6 +20,7 @@ from absl import logging
 from etils import epath
 
 from moco_jax.config.checks import ConfigError
+from moco_jax.config.defaults import base_config, linear_config
 from moco_jax.run.checkpoint_format import CheckpointError, Damaged
 from moco_jax.storage import check_reachable, read_text
 
@@ -37,7 +38,9 @@ CONFIG_SECTIONS = ("dataset", "model", "moco", "optim", "augment", "checkpoint",
 
 
 def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
-    """The config a run was started with (``ConfigError`` naming the file if it is not one)."""
+    """The config a run was started with (``ConfigError`` naming the file if it is not one),
+    merged onto the defaults (``with_defaults``): a run saved before a field existed reads as
+    that field's default, so no reader asks whether a field is there."""
     check_reachable("workdir", workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist (or is not a directory)")
@@ -53,7 +56,36 @@ def load_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
     missing = [section for section in CONFIG_SECTIONS if section not in saved]
     if missing:
         raise ConfigError(f"{path} is not a moco_jax config (no {', '.join(missing)})")
-    return ml_collections.ConfigDict(saved)
+    return with_defaults(saved, path)
+
+
+def with_defaults(saved: dict, path: epath.Path | str) -> ml_collections.ConfigDict:
+    """``saved`` (the object in config.json at ``path``) set onto ``base_config()``
+    (``linear_config()`` for a linear evaluation): every field it lacks, one added after it was
+    written, keeps its default, which is what the code of its time did without the field.
+
+    Each value is assigned, so ml_collections checks its type as it checks a command-line
+    override (an int is no string; JSON's lists become the tuples of the defaults):
+    ``ConfigError`` naming the file and the field otherwise. Keys the defaults do not know (a
+    fork's) are added as they are.
+    """
+    config = linear_config() if saved.get("algorithm") == "linear" else base_config()
+    _assign(config, saved, path, "")
+    return config
+
+
+def _assign(node: ml_collections.ConfigDict, saved: dict, path: epath.Path | str, prefix: str):
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+            _assign(node[key], value, path, f"{prefix}{key}.")
+            continue
+        try:
+            node[key] = value
+        except TypeError:
+            kind = node.get_type(key).__name__
+            raise ConfigError(
+                f"{path}: {prefix}{key} must be of type {kind}, got {value!r}"
+            ) from None
 
 
 def saved_steps(workdir: epath.Path) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,11 +18,15 @@ from absl import logging
 from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.run import hooks
 from moco_jax.run.checkpointing import TrainingDiverged
-from moco_jax.run.faults import Faults
 from moco_jax.run.metrics_io import MetricsWriter, plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
 
-__all__ = ["TrainingDiverged", "train_and_evaluate"]
+__all__ = ["INSTALLED_ACTIONS", "TrainingDiverged", "train_and_evaluate"]
+
+# Periodic actions added to every training loop of this process (tests install their fault
+# injection here: tests/faults.py). Each is called with the run and returns the actions to run
+# first after each step (before its records) and last (after its checkpoint save has started).
+INSTALLED_ACTIONS: list[Callable[[Run], tuple[list, list]]] = []
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
@@ -68,8 +73,7 @@ def _train(run: Run) -> tuple[dict, Any]:
     )
     views.restore(checkpointer.restored_extra)  # e.g. streamed data's skipped-image count
     bar = _progress_bar(total_steps, progress.step, enabled=is_main)
-    # Test-only fault injection; inert unless MOCO_JAX_FAULT_* is set.
-    faults = Faults.from_env(checkpointer.manager.wait_until_finished, run.workdir)
+    first, last = _installed_actions(run)
     save = hooks.SaveCheckpoint(checkpointer, views, history)
     log = hooks.LogMetrics(
         config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
@@ -78,15 +82,18 @@ def _train(run: Run) -> tuple[dict, Any]:
         config.epochs, run.eval_every_epochs, run.evaluate, views.checkpoint_extra,
         writer, history, bar.write, checkpointer,
     )  # fmt: skip
+    profile = hooks.Profile(
+        run.workdir / "profile", config.profile_first_step, config.profile_steps, total_steps
+    )
     # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
     actions = [
-        faults.poison,
+        *first,
+        profile,
         hooks.Progress.add_loss,
         log,
         end_of_epoch,
         save,
-        faults.fill_disk,
-        faults.deliver_signals,
+        *last,
         hooks.StopWhenPreempted(save, bar),
     ]
     checkpointer.watch_sigterm()
@@ -102,12 +109,21 @@ def _train(run: Run) -> tuple[dict, Any]:
     return history, progress.state
 
 
+def _installed_actions(run: Run) -> tuple[list, list]:
+    """The ``INSTALLED_ACTIONS`` for ``run``: those to run first, and those to run last."""
+    first, last = [], []
+    for make in INSTALLED_ACTIONS:
+        before, after = make(run)
+        first, last = first + before, last + after
+    return first, last
+
+
 def _baselines(run: Run) -> dict[str, float]:
     """kNN of raw pixels and of the random-init encoder, and for a run started with
     ``init_from`` of the weights it loaded (also when a resumed run lost its baselines file)."""
     t0 = time.time()
     encoder, fresh = run.setup.algorithm.encoder_variables, run.checkpointer.restored_step is None
-    init_from = run.config.get("init_from")
+    init_from = run.config.init_from
     initial = run.state if fresh and not init_from else run.setup.initial_state()
     if init_from:
         loaded = run.state if fresh else load_encoder_weights(init_from, initial, run.setup)

@@ -1,4 +1,7 @@
-"""Fault injection for the preemption and divergence tests: off unless an environment variable asks.
+"""Fault injection for the preemption, divergence and disk-full tests: periodic actions that
+``install`` adds to every training loop of this process (``trainer.INSTALLED_ACTIONS``), each
+off unless an environment variable asks. A test that runs a command line with a fault runs it
+through ``with_faults.py``, which installs them first; the library never calls this file.
 
 Each variable names a step count ``N`` (the state after ``N`` optimizer steps):
 
@@ -58,6 +61,10 @@ class Faults:
             disk_filler=os.path.join(str(workdir), "fault_disk_filler"),
         )
 
+    def actions(self) -> tuple[list, list]:
+        """The actions to run first after each step, and last (after its checkpoint save)."""
+        return [self.poison], [self.fill_disk, self.deliver_signals]
+
     def poison(self, progress) -> None:
         """Hook: the step's loss and parameters become NaN if the step is ``nan_at``."""
         if progress.step != self.nan_at:
@@ -87,3 +94,13 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if progress.step == self.sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def install() -> None:
+    """Every training loop of this process runs the faults its environment asks for."""
+    from moco_jax.run import trainer
+
+    def actions(run) -> tuple[list, list]:
+        return Faults.from_env(run.checkpointer.manager.wait_until_finished, run.workdir).actions()
+
+    trainer.INSTALLED_ACTIONS.append(actions)
