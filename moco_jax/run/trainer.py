@@ -75,7 +75,7 @@ def _train(run: Run) -> tuple[dict, Any]:
         config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
     )
     end_of_epoch = hooks.EndOfEpoch(
-        config.epochs, run.eval_every_epochs, run.evaluate, views.checkpoint_extra,
+        config.epochs, run.eval_every_epochs, run.evaluate, views.counters,
         writer, history, bar.write, checkpointer,
     )  # fmt: skip
     # Records first, then the checkpoint that covers them (see hooks.SaveCheckpoint).
