@@ -82,6 +82,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
         data = load_data(config, mesh, inputs, listed)
         views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
 
+        _check_queue(config, views.steps_per_epoch * config.batch_size)
         # Algorithm and state (fresh or restored).
         setup = build(config, views.steps_per_epoch, mesh=mesh)
         state = setup.initial_state()
@@ -215,6 +216,18 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
         raise ConfigError(
             f"each of the {num_devices} devices holds {len(images) // num_devices} examples, "
             f"fewer than its batch of {per_device_batch}"
+        )
+
+
+def _check_queue(config: Any, images_per_epoch: int) -> None:
+    """MoCo's queue must hold fewer keys than an epoch has images: a larger one holds keys of the
+    same images twice, a query's own image among its negatives (README, "Your own images")."""
+    if config.get("algorithm", "moco") == "moco" and config.moco.queue_size > images_per_epoch:
+        raise ConfigError(
+            f"moco.queue_size (K={config.moco.queue_size}) is larger than the {images_per_epoch} "
+            f"images of an epoch of {config.dataset.name}: the queue would hold a query's own "
+            f"image among its negatives; take K well under the dataset size (the official "
+            f"CIFAR-10 demo: 4096 of 50,000 images)"
         )
 
 
