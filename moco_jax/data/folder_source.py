@@ -66,8 +66,11 @@ def _entries(directory: bytes) -> list[tuple[bytes, bool]]:
     if storage.is_remote(_show(directory)):  # bucket names are UTF-8
         import tensorflow as tf
 
-        names = [n.rstrip("/") for n in tf.io.gfile.listdir(_show(directory))]
-        found = [(n.encode(), tf.io.gfile.isdir(f"{_show(directory)}/{n}")) for n in names]
+        try:
+            names = [n.rstrip("/") for n in tf.io.gfile.listdir(_show(directory))]
+            found = [(n.encode(), tf.io.gfile.isdir(f"{_show(directory)}/{n}")) for n in names]
+        except tf.errors.OpError as err:  # not found, no permission, unreachable
+            raise OSError(err.message) from None
     else:
         with os.scandir(directory) as listing:
             found = [(entry.name, _is_dir(entry)) for entry in listing]
