@@ -49,6 +49,7 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     """kNN top-1 (%) of a saved checkpoint, with the baselines."""
     import jax
 
+    from moco_jax.config.checks import ConfigError
     from moco_jax.run.run_setup import setup_run
 
     workdir_path = epath.Path(workdir)
@@ -60,6 +61,10 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     # sets them aside).
     run = setup_run(config, workdir_path, read_only=True)
     try:
+        if run.monitor is None:
+            raise ConfigError(
+                f"{config.dataset.name} has no labelled val/ or test/ split: nothing to test kNN on"
+            )
         initial = run.setup.initial_state()
         state = run.checkpointer.restore(step, initial) if step is not None else run.state
         encoder = run.setup.algorithm.encoder_variables

@@ -34,6 +34,7 @@ SLOW_FIRST = (
     "test_resume.py",
     "test_step.py",
     "test_streaming.py",
+    "test_folder_runs.py",
     "test_bad_input.py",
     "test_torch_moco_v3.py",
     "test_train.py",

@@ -118,6 +118,12 @@ ROWS = [
         "no workdir",
     ),
     (
+        "folder-missing",
+        [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.dataset.name=folder:{t}/no_such_folder"],
+        "error: dataset folder {t}/no_such_folder does not exist (layout ROOT/<split>/<class>/",
+        "no workdir",
+    ),
+    (
         "init-from-a-file",
         [*TRAIN, *SMOKE, "--workdir", "{w}", "--config.init_from=/etc/passwd"],
         "error: init_from must be another run's workdir, checkpoints directory or step directory",

@@ -56,6 +56,7 @@ BAD_VALUES = [
     ({"batch_size": None}, 1, "batch_size must be a positive integer, got None"),
     ({"moco.queue_size": None}, 1, "moco.queue_size must be a positive integer, got None"),
     ({"dataset.name": ""}, 1, "dataset.name must be a TFDS dataset name, got ''"),
+    ({"dataset.name": "folder:"}, 1, "dataset.name folder: needs the folder's path"),
     ({"dataset.data_dir": ""}, 1, "dataset.data_dir must be a directory"),
     ({"dataset.download": None}, 1, "dataset.download must be True or False, got None"),
     ({"dataset.image_size": 0}, 1, "dataset.image_size must be a positive integer, got 0"),

@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.ordered_reductions = False
 
     config.dataset = dataset = ml_collections.ConfigDict()
-    dataset.name = "imagenet2012"  # TFDS name; small ones (fashion_mnist, cifar10) stay on device
+    # A TFDS name (small ones, fashion_mnist or cifar10, stay on device), or folder:PATH, a
+    # folder of images PATH/<split>/<class>/<image> (splits train and val or test), streamed.
+    dataset.name = "imagenet2012"
     dataset.data_dir = placeholder(str)  # TFDS data directory (local or gs://); None: its default
     dataset.image_size = 224  # training images are [S, S, C] ...
     dataset.num_channels = 3  # ... with C channels

@@ -60,10 +60,15 @@ def _validate_data_fields(config: Any) -> None:
         f"from it)",
     )
     check_int_at_least("num_devices", config.num_devices, 0)
+    folder = isinstance(dataset.name, str) and dataset.name.startswith("folder:")
     require(
-        isinstance(dataset.name, str) and TFDS_NAME.fullmatch(dataset.name) is not None,
+        folder or (isinstance(dataset.name, str) and TFDS_NAME.fullmatch(dataset.name)),
         f"dataset.name must be a TFDS dataset name, got {dataset.name!r} (e.g. fashion_mnist, "
-        f"imagenet2012 or imagenet2012:5.1.0)",
+        f"imagenet2012 or imagenet2012:5.1.0), or folder:PATH for a folder of images",
+    )
+    require(
+        not folder or len(dataset.name) > len("folder:"),
+        "dataset.name folder: needs the folder's path, e.g. folder:/data/imagenet",
     )
     require(
         dataset.data_dir is None or dataset.data_dir != "",

@@ -132,6 +132,13 @@ class ResidentViews:
     def restore(self, extra: dict) -> None:
         del extra  # nothing to take back (see checkpoint_extra)
 
+    def counters(self) -> dict[str, int]:
+        """No input counters: every example is on device, none is skipped."""
+        return {}
+
+    def check_resumable(self, extra: dict) -> None:
+        del extra  # the dataset name and size are checked with the config and epoch length
+
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
         """Host work only at an epoch's first step (its index table); otherwise pure dispatch."""
         epoch = step // self.steps_per_epoch

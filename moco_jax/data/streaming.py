@@ -11,7 +11,8 @@ normalisation then run on device (``moco_jax.data.augment`` with the crop turned
 Every random choice is a stateless function of ``(seed, epoch, example index)`` and the record
 order of an epoch is a fixed shuffle of ``(seed, epoch)``, so the stream of step ``s`` can be
 rebuilt after a restart by skipping records (cheap: nothing is decoded while skipping).
-Images that fail to decode are skipped and counted (``skipped_images`` in the metrics).
+Images that fail to read or decode, and images outside ``MIN_SIDE`` x ``MAX_PIXELS``, are
+skipped and counted (``skipped_images`` in the epoch records): never a crash mid-epoch.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.data.augment import CROP_TRIES, augment_batch, crop_window, two_views
+from moco_jax.data.windows import EmptyWindow, full_windows
 from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
+# Images the host will not decode, checked from the header before any decoding: below MIN_SIDE
+# pixels on a side (a 1x1 tracking pixel, a broken thumbnail: nothing to crop) or above
+# MAX_PIXELS (PIL's decompression-bomb limit: a 20000x20000 PNG of a few kilobytes would take
+# 1.2 GB decoded, times the parallel decoders).
+MIN_SIDE, MAX_PIXELS = 8, 89_478_485
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CropPair = tuple[np.ndarray, np.ndarray]  # (crops_q, crops_k) of one host batch, uint8
 
 
@@ -67,13 +75,32 @@ def _crop_window(tf, shape, seed, scale, ratio):
     )
 
 
+def _png_shape(tf, encoded):
+    """Height and width from a PNG's IHDR chunk (bytes 16-23, big-endian), nothing decoded."""
+    size = tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8, little_endian=False)
+    size = tf.reshape(tf.cast(size, tf.int64), [2, 4])
+    width, height = tf.unstack(tf.reduce_sum(size * [1 << 24, 1 << 16, 1 << 8, 1], axis=1))
+    return tf.cast(tf.stack([height, width]), tf.int32)
+
+
 def _image_shape(tf, encoded, channels):
-    """Height and width without decoding JPEGs (other formats are decoded)."""
-    return tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-        lambda: tf.shape(tf.io.decode_image(encoded, channels, expand_animations=False))[:2],
+    """Height and width without decoding JPEGs or PNGs (other formats are decoded); an error,
+    so the image is skipped, outside ``MIN_SIDE`` and ``MAX_PIXELS``."""
+    is_png = tf.strings.substr(encoded, 0, len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    shape = tf.case(
+        [
+            (tf.io.is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2]),
+            (is_png, lambda: _png_shape(tf, encoded)),
+        ],
+        default=lambda: tf.shape(tf.io.decode_image(encoded, channels, expand_animations=False))[
+            :2
+        ],
     )
+    area = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
+    fits = tf.logical_and(tf.reduce_min(shape) >= MIN_SIDE, area <= MAX_PIXELS)
+    check = tf.debugging.Assert(fits, ["image size out of bounds:", shape])
+    with tf.control_dependencies([check]):
+        return tf.identity(shape)
 
 
 def _decode_crop(tf, encoded, window, size, channels):
@@ -92,15 +119,17 @@ def _decode_crop(tf, encoded, window, size, channels):
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def make_crop_fn(config: Any, epoch: int, num_views: int = 2):
+def make_crop_fn(config: Any, epoch: int, num_views: int = 2, from_files: bool = False):
     """tf.data map: ``(index, (encoded image, label)) -> (crop_q, crop_k, label)`` (or
-    ``(crop, label)`` with ``num_views=1``)."""
+    ``(crop, label)`` with ``num_views=1``); ``from_files``: records hold the images' paths."""
     tf = _tf()
     size, channels = config.dataset.image_size, config.dataset.num_channels
     scale, ratio = tuple(config.augment.crop_scale), tuple(config.augment.crop_ratio)
 
     def crop(index, example):
         encoded, label = example
+        if from_files:
+            encoded = tf.io.read_file(encoded)
         shape = _image_shape(tf, encoded, channels)
         base = tf.stack([tf.cast(config.seed * 1_000_003 + epoch, tf.int64), index])
         views = []
@@ -113,13 +142,16 @@ def make_crop_fn(config: Any, epoch: int, num_views: int = 2):
     return crop
 
 
-def make_eval_fn(config: Any):
+def make_eval_fn(config: Any, from_files: bool = False):
     """tf.data map for evaluation: resize the shorter side to ``S * 256 / 224``, centre-crop S."""
     tf = _tf()
     size, channels = config.dataset.image_size, config.dataset.num_channels
 
     def centre(encoded, label):
-        image = tf.io.decode_image(encoded, channels, expand_animations=False)
+        if from_files:
+            encoded = tf.io.read_file(encoded)
+        with tf.control_dependencies([_image_shape(tf, encoded, channels)]):  # bounds first
+            image = tf.io.decode_image(encoded, channels, expand_animations=False)
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         resize_to = size * 256 / 224
         factor = resize_to / tf.reduce_min(shape)
@@ -134,10 +166,13 @@ def make_eval_fn(config: Any):
 
 
 def records(builder, split: str):
-    """This process's ``(index, encoded image, label)`` records, images left undecoded."""
+    """This process's ``(index, encoded image, label)`` records, images left undecoded (a
+    folder's: ``(index, path, label)``)."""
     import tensorflow_datasets as tfds
 
     tf = _tf()
+    if from_files(builder):
+        return builder.records(split, jax.process_index(), jax.process_count()).enumerate()
     process_split = split
     if jax.process_count() > 1:
         process_split = tfds.split_for_jax_process(split, drop_remainder=True)
@@ -151,24 +186,41 @@ def records(builder, split: str):
     return ds.enumerate()
 
 
+def from_files(builder) -> bool:
+    """Whether ``builder``'s records hold paths (a folder) rather than encoded images."""
+    return getattr(builder, "holds_paths", False)
+
+
 def count_records(builder, split: str) -> int:
     """Examples of ``split`` that this process reads."""
     total = builder.info.splits[split].num_examples
     return total // jax.process_count() if jax.process_count() > 1 else total
 
 
-def crop_dataset(records_ds, config: Any, epoch: int, skip: int, batch: int, num_views: int = 2):
-    """Epoch ``epoch``'s shuffled records from ``skip`` on, ``num_views`` host crops each, batched.
+def crop_dataset(
+    records_ds,
+    config: Any,
+    epoch: int,
+    skip: int,
+    batch: int,
+    num_views: int = 2,
+    read: bool = False,
+    positions: bool = False,
+):
+    """Epoch ``epoch``'s shuffled records from ``skip`` on, ``num_views`` host crops each, batched
+    (``read``: the records hold paths, read in the same map; ``positions``: each row's position
+    in the epoch's order as a last column).
 
-    Undecodable images are dropped (``ignore_errors``); callers count them.
+    Unreadable and undecodable images are dropped (``ignore_errors``); callers count them.
     """
     tf = _tf()
     size = int(records_ds.cardinality())
     buffer = SHUFFLE_BUFFER if size < 0 else max(1, min(size, SHUFFLE_BUFFER))
     ds = records_ds.shuffle(buffer, seed=config.seed * 7919 + epoch, reshuffle_each_iteration=False)
-    ds = ds.skip(skip)
+    ds = ds.enumerate().skip(skip)
+    crop = make_crop_fn(config, epoch, num_views, read)
     ds = ds.map(
-        make_crop_fn(config, epoch, num_views),
+        lambda position, record: (*crop(*record), position) if positions else crop(*record),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -182,7 +234,7 @@ def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
     ds = records(builder, split)
     if limit:
         ds = ds.take(limit)
-    eval_fn = make_eval_fn(config)
+    eval_fn = make_eval_fn(config, from_files(builder))
     ds = ds.map(lambda index, example: eval_fn(*example), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors().batch(batch).prefetch(2)
     return ds.as_numpy_iterator()
@@ -206,6 +258,18 @@ def make_crop_augment_fn(mesh: Mesh, config: Any, labelled: bool = False):
     return shard_views(mesh, per_device)
 
 
+class _Counted:
+    """An iterator of row batches that counts the rows it has given (``rows``)."""
+
+    def __init__(self, batches: Iterator):
+        self.batches, self.rows = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.rows += len(batch[0])
+            yield batch
+
+
 class StreamingViews:
     """``views(step)`` for datasets streamed from disk: host crops, device augmentation.
 
@@ -220,7 +284,6 @@ class StreamingViews:
         self.steps_per_epoch = self.num_records // self.local_batch
         self.skipped_images = 0
         self._iterator: Iterator | None = None
-        self._epoch_stream: tuple[int, Iterator] | None = None
         self._next_step = None
         self._records = records(builder, "train")
         if inputs not in ("two_views", "labelled_view"):
@@ -230,28 +293,39 @@ class StreamingViews:
         self._augment = DeviceViews(mesh, augment, config.seed + 1)
 
     def _epoch_batches(self, epoch: int, start_step: int) -> Iterator[CropPair]:
-        """Full batches of (crops_q, crops_k) of ``epoch`` from ``start_step``; once exhausted, its
-        undecodable images are added to ``skipped_images``."""
+        """The batches of ``epoch`` from ``start_step`` on, each its window of the epoch's records
+        (``windows.full_windows``: a failed image's slot holds a copy of another of its window);
+        once exhausted, the epoch's failed images are added to ``skipped_images``."""
         skip, batch = start_step * self.local_batch, self.local_batch
-        ds = crop_dataset(self._records, self.config, epoch, skip, batch, self._num_views)
-        expected, seen = self.num_records - start_step * self.local_batch, 0
-        for *crops, labels in ds.as_numpy_iterator():
-            seen += len(labels)
-            if len(labels) == self.local_batch:  # the last partial batch is dropped
+        read = from_files(self.builder)
+        args = (self._records, self.config, epoch, skip, batch, self._num_views, read, True)
+        decoded = _Counted(crop_dataset(*args).as_numpy_iterator())
+        try:
+            for *crops, labels, _ in full_windows(decoded, start_step, self.steps_per_epoch, batch):
                 yield (crops[0], crops[1]) if len(crops) == 2 else (crops[0], labels)
-        self.skipped_images += expected - seen
+        except EmptyWindow as err:
+            from moco_jax.data.tfds_source import DatasetError
 
-    def _batches(self, epoch: int, start_step: int) -> Iterator[CropPair]:
-        """Full batches from ``start_step`` of ``epoch`` on; ``_epoch_stream`` is the one read."""
-        while True:
-            self._epoch_stream = (epoch, self._epoch_batches(epoch, start_step))
-            yield from self._epoch_stream[1]
-            # Skipped images left this epoch short of full batches: go on in the next epoch's order.
-            epoch, start_step = epoch + 1, 0
+            raise DatasetError(
+                f"epoch {epoch + 1}: {err} (is the training data mostly bad?)"
+            ) from None
+        self.skipped_images += self.num_records - skip - decoded.rows
 
-    def checkpoint_extra(self) -> dict[str, int]:
-        """What a checkpoint must keep of this pipeline: the undecodable images counted so far."""
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What a checkpoint must keep of this pipeline: the undecodable images counted so far
+        (and a folder's fingerprint, see ``check_resumable``)."""
+        fingerprint = self.builder.fingerprint() if from_files(self.builder) else {}
+        return {"skipped_images": self.skipped_images, **fingerprint}
+
+    def counters(self) -> dict[str, int]:
+        """The epoch record's input counters: images skipped so far (unreadable, undecodable, out
+        of bounds), over the whole run."""
         return {"skipped_images": self.skipped_images}
+
+    def check_resumable(self, extra: dict) -> None:
+        """Refuse a checkpoint's ``extra`` written over other data (a folder's files changed)."""
+        if from_files(self.builder):
+            self.builder.check_unchanged(extra)
 
     def restore(self, extra: dict) -> None:
         """Take back ``checkpoint_extra()`` from a restored checkpoint's ``extra``."""
@@ -260,11 +334,11 @@ class StreamingViews:
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         if self._next_step != step or step_in_epoch == 0:
-            self._iterator = self._batches(epoch, step_in_epoch)
+            self._iterator = self._epoch_batches(epoch, step_in_epoch)
         crops_q, crops_k = next(self._iterator)
         self._next_step = step + 1
-        if step_in_epoch == self.steps_per_epoch - 1 and self._epoch_stream[0] == epoch:
-            for _ in self._epoch_stream[1]:  # the dropped partial batch; counts the epoch's skips
+        if step_in_epoch == self.steps_per_epoch - 1:
+            for _ in self._iterator:  # the dropped partial window; counts the epoch's skips
                 pass
         crops = (shard_batch(self.mesh, crops_q), shard_batch(self.mesh, crops_k))
         return self._augment(step, *crops)

@@ -28,8 +28,13 @@ def _quiet_tensorflow():
 
 
 def get_builder(name: str, data_dir: str | None):
-    """The TFDS builder of ``name`` (not necessarily prepared); a clear error if unknown."""
+    """The TFDS builder of ``name`` (not necessarily prepared); a clear error if unknown.
+    ``folder:ROOT`` names a folder of images (``folder_source.FolderSource``, listed now)."""
     _quiet_tensorflow()
+    if name.startswith("folder:"):
+        from moco_jax.data.folder_source import FolderSource, folder_root
+
+        return FolderSource(folder_root(name))
     import tensorflow_datasets as tfds
 
     try:
@@ -42,11 +47,11 @@ def get_builder(name: str, data_dir: str | None):
 
 
 def prepared_builder(name: str, data_dir: str | None, download: bool = True):
-    """The TFDS builder of ``name``, prepared once (cached in ``data_dir``)."""
+    """The TFDS builder of ``name``, prepared once (cached in ``data_dir``); a folder's source."""
     import tensorflow_datasets as tfds
 
     builder = get_builder(name, data_dir)
-    if builder.is_prepared():
+    if getattr(builder, "holds_paths", False) or builder.is_prepared():
         return builder
     try:
         if prepare_from_local(name, data_dir):

@@ -189,6 +189,8 @@ def setup_linear_run(config: Any, workdir: str | epath.Path) -> Run:
     views replaced by the features of the unaugmented training images."""
     run = setup_run(config, workdir)
     try:
+        if run.data.test_source is None:
+            raise ConfigError(f"{config.dataset.name} has no labelled val/ or test/ split")
         if run.data.num_classes != config.linear.num_classes:
             raise ConfigError(
                 f"linear.num_classes is {config.linear.num_classes} but {config.dataset.name} has "

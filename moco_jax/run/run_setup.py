@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
@@ -20,7 +21,7 @@ from moco_jax.algorithms import State
 from moco_jax.assemble import Setup, build, mesh_for
 from moco_jax.config.checks import ConfigError
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
-from moco_jax.data.streaming import StreamingViews, eval_batches
+from moco_jax.data.streaming import StreamingViews, eval_batches, from_files
 from moco_jax.data.tfds_source import (
     RESIDENT_DATASETS,
     get_builder,
@@ -70,7 +71,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
     mesh = mesh_for(config)  # every config rule that needs no data, once
     early = build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data
     inputs = early.algorithm.inputs
-    get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
+    listed = get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
     workdir = epath.Path(workdir)
     what = "linear.pretrained" if "linear" in config else "init_from"
     storage.check_reachable(what, config.init_from or "")  # a bucket: before the workdir
@@ -78,9 +79,10 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
     lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
     checkpointer = None
     try:
-        data = load_data(config, mesh, inputs)
+        data = load_data(config, mesh, inputs, listed)
         views, bank_source, test_source = data.train_views, data.bank_source, data.test_source
 
+        _check_queue(config, views.steps_per_epoch * config.batch_size)
         # Algorithm and state (fresh or restored).
         setup = build(config, views.steps_per_epoch, mesh=mesh)
         state = setup.initial_state()
@@ -89,18 +91,22 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
             checkpointer.check_can_save(state)  # read-only or full disk: fail before training
         state = checkpointer.restore_latest(state)  # refuses another config's, skips damaged
         _check_epoch_length(checkpointer, views.steps_per_epoch)
+        if not read_only:
+            views.check_resumable(checkpointer.restored_extra)  # e.g. a folder's files changed
         if checkpointer.restored_step is None and config.init_from:
             source = storage.absolute(config.init_from)  # orbax reads absolute paths only
             state = load_encoder_weights(source, state, setup, what)
         model = setup.algorithm.model
-        monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
+        monitor = None
+        if test_source is not None:
+            monitor = KnnMonitor(mesh, model, config, bank_source, test_source, data.num_classes)
     except BaseException:
         if checkpointer is not None:  # else orbax's threads print a traceback at exit
             checkpointer.close()
         lock.release()
         raise
     encoder = setup.algorithm.encoder_variables
-    evaluate = lambda state: monitor.evaluate(encoder(state))
+    evaluate = lambda state: monitor.evaluate(encoder(state)) if monitor else {}
     return Run(
         setup, workdir, views, state, checkpointer, monitor, lock, evaluate,
         config.knn.every_epochs, data,
@@ -113,15 +119,17 @@ class Data:
 
     train_views: ResidentViews | StreamingViews
     bank_source: Any  # () -> iterable of (images, labels) on the mesh: the kNN memory bank
-    test_source: Any  # () -> the same for the evaluated split
+    test_source: Any  # () -> the same for the evaluated split (None: no labelled split)
     num_classes: int
 
 
-def load_data(config: Any, mesh: Mesh, inputs: str = "two_views") -> Data:
+def load_data(config: Any, mesh: Mesh, inputs: str = "two_views", source: Any = None) -> Data:
     """Prepare the dataset once and load this process's share (small datasets stay on device);
-    the training views are what the algorithm's step takes (``Algorithm.inputs``)."""
+    the training views are what the algorithm's step takes (``Algorithm.inputs``). ``source``:
+    a folder already listed (``get_builder``), not listed again."""
     dataset = config.dataset
-    builder = prepared_builder(dataset.name, dataset.data_dir, dataset.download)
+    builder = source if from_files(source) else None
+    builder = builder or prepared_builder(dataset.name, dataset.data_dir, dataset.download)
     if dataset.name in RESIDENT_DATASETS:
         sources = _resident_data(config, mesh, builder, inputs)
     else:
@@ -174,6 +182,12 @@ def _streaming_data(config: Any, mesh: Mesh, builder, inputs: str):
         return batches
 
     test_split = "validation" if "validation" in builder.info.splits else "test"
+    if test_split not in builder.info.splits:
+        logging.warning(
+            "%s has no labelled evaluation split (val/ or test/): the kNN monitor is off",
+            dataset.name,
+        )
+        return views, source("train", dataset.max_train_examples), None
     return (
         views,
         source("train", dataset.max_train_examples),
@@ -202,6 +216,18 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
         raise ConfigError(
             f"each of the {num_devices} devices holds {len(images) // num_devices} examples, "
             f"fewer than its batch of {per_device_batch}"
+        )
+
+
+def _check_queue(config: Any, images_per_epoch: int) -> None:
+    """MoCo's queue must hold fewer keys than an epoch has images: a larger one holds keys of the
+    same images twice, a query's own image among its negatives (README, "Your own images")."""
+    if config.get("algorithm", "moco") == "moco" and config.moco.queue_size > images_per_epoch:
+        raise ConfigError(
+            f"moco.queue_size (K={config.moco.queue_size}) is larger than the {images_per_epoch} "
+            f"images of an epoch of {config.dataset.name}: the queue would hold a query's own "
+            f"image among its negatives; take K well under the dataset size (the official "
+            f"CIFAR-10 demo: 4096 of 50,000 images)"
         )
 
 

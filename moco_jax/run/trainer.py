@@ -79,7 +79,7 @@ def _train(run: Run) -> tuple[dict, Any]:
         config.log_every_steps, config.batch_size, config.epochs, writer, bar, checkpointer
     )
     end_of_epoch = hooks.EndOfEpoch(
-        config.epochs, run.eval_every_epochs, run.evaluate, views.checkpoint_extra,
+        config.epochs, run.eval_every_epochs, run.evaluate, views.counters,
         writer, history, bar.write, checkpointer,
     )  # fmt: skip
     profile = hooks.Profile(
