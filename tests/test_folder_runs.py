@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6  # 2 epochs of 55 records (48 images + 7 bad files) in batches of 16: 3 steps each
 
 
-def _run(folder, workdir, *extra, kill_at=None, wait=True):
+def _run(folder, workdir, *extra, kill_at=None, wait=True, cwd=None):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
@@ -31,7 +31,14 @@ def _run(folder, workdir, *extra, kill_at=None, wait=True):
     env.pop("MOCO_JAX_FAULT_KILL_AT_STEP", None)
     if kill_at:
         env["MOCO_JAX_FAULT_KILL_AT_STEP"] = str(kill_at)
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/smoke.py")]
+    entry = [str(ROOT / "tests/with_faults.py")] if kill_at else []  # installs faults.py
+    command = [
+        sys.executable,
+        *entry,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs/smoke.py"),
+    ]
     command += [
         "--workdir", str(workdir), f"--config.dataset.name=folder:{folder}",
         "--config.dataset.num_channels=3", "--config.dataset.mean=(0.5, 0.5, 0.5)",
@@ -40,7 +47,9 @@ def _run(folder, workdir, *extra, kill_at=None, wait=True):
         "--config.model.width_multiplier=0.25", "--config.epochs=2", "--config.knn.k=5",
         "--config.checkpoint.every_steps=2", "--config.log_every_steps=1", *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd
+    )
     return _finish(process) if wait else process
 
 
@@ -52,11 +61,13 @@ def _finish(process):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two at a time: the reference beside the killed run, then ``evaluate knn`` of the reference
-    beside the rerun of the killed one."""
+    (from another directory) beside the rerun of the killed one."""
     root = tmp_path_factory.mktemp("folder_runs")
     folder = write_image_folder(root / "images")
     add_bad_files(folder / "train" / "red")
-    reference = _run(folder, root / "reference", wait=False)
+    # The reference names its folder relative to its directory; evaluate knn, run from
+    # elsewhere, still finds it (the run stores the absolute path).
+    reference = _run("images", root / "reference", wait=False, cwd=root)
     killed = _run(folder, root / "interrupted", kill_at=4)
     reference = _finish(reference)
     knn = subprocess.Popen(

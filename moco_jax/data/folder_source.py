@@ -50,6 +50,12 @@ def folder_root(name: str) -> str:
     return name[len(FOLDER_PREFIX) :]
 
 
+def absolute_name(name: str) -> str:
+    """``folder:ROOT`` with a local ROOT made absolute (a saved run's config names the same folder
+    from any directory, e.g. for ``evaluate knn``); any other name as it is."""
+    return FOLDER_PREFIX + storage.absolute(folder_root(name)) if is_folder(name) else name
+
+
 def _show(name: bytes | str) -> str:
     """A path or name for a message (bytes that are not UTF-8 shown escaped)."""
     return name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name

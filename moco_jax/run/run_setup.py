@@ -20,6 +20,7 @@ from moco_jax import storage
 from moco_jax.algorithms import State
 from moco_jax.assemble import Setup, build, mesh_for
 from moco_jax.config.checks import ConfigError
+from moco_jax.data.folder_source import absolute_name
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import StreamingViews, eval_batches, from_files
 from moco_jax.data.tfds_source import (
@@ -69,6 +70,7 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
     ``read_only``: the run's checkpoints are only read (``evaluate knn``): damaged ones are
     skipped but left in place, and nothing is checked for saving."""
     mesh = mesh_for(config)  # every config rule that needs no data, once
+    config.dataset.name = absolute_name(config.dataset.name)  # stored so, found from anywhere
     early = build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data
     inputs = early.algorithm.inputs
     listed = get_builder(config.dataset.name, config.dataset.data_dir)  # unknown names fail first
@@ -222,7 +224,7 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
 def _check_queue(config: Any, images_per_epoch: int) -> None:
     """MoCo's queue must hold fewer keys than an epoch has images: a larger one holds keys of the
     same images twice, a query's own image among its negatives (README, "Your own images")."""
-    if config.get("algorithm", "moco") == "moco" and config.moco.queue_size > images_per_epoch:
+    if config.algorithm == "moco" and config.moco.queue_size > images_per_epoch:
         raise ConfigError(
             f"moco.queue_size (K={config.moco.queue_size}) is larger than the {images_per_epoch} "
             f"images of an epoch of {config.dataset.name}: the queue would hold a query's own "
