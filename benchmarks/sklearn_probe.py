@@ -30,7 +30,7 @@ def _features(setup, state, images: np.ndarray, batch: int = 1000) -> np.ndarray
     mean, std = setup.config.dataset.mean[0], setup.config.dataset.std[0]
     apply = jax.jit(lambda v, x: setup.algorithm.model.apply(v, x, train=False)[0])
     floats = (images.astype(np.float32) / 255 - mean) / std
-    variables = state.backbone_variables()
+    variables = setup.algorithm.encoder_variables(state)
     return np.concatenate(
         [np.asarray(apply(variables, floats[i : i + batch])) for i in range(0, len(floats), batch)]
     )

@@ -218,7 +218,7 @@ def test_cached_features_agree_with_scikit_learn_logistic_regression(runs):
         images, labels = load_arrays(builder, split, limit)
         x = (images.astype(np.float32) / 255 - 0.28604) / 0.35302
         pooled, _ = setup.algorithm.model.apply(
-            loaded.backbone_variables(), jnp.asarray(x), train=False
+            loaded.encoder_variables(), jnp.asarray(x), train=False
         )
         return np.asarray(pooled, np.float64), labels
 
@@ -302,7 +302,7 @@ def test_pretrained_may_be_a_relative_step_directory(runs, monkeypatch):
     setup = moco_jax.build(config, 1, devices=jax.devices()[:1])
     from_step = load_encoder_weights(config.init_from, setup.initial_state(), setup)
     from_workdir = load_encoder_weights(str(root / "pretrained"), setup.initial_state(), setup)
-    _assert_same_arrays(from_step.backbone_variables(), from_workdir.backbone_variables())
+    _assert_same_arrays(from_step.encoder_variables(), from_workdir.encoder_variables())
     assert config.linear.pretrained == str(root / relative)  # the saved config names the place
 
 

@@ -120,7 +120,8 @@ def _pretraining_workdir(path: epath.Path) -> epath.Path | None:
 
 @dataclasses.dataclass
 class ClassifierMonitor:
-    """Top-1 and top-5 (%) of the linear classifier on the test split (labels -1: padding)."""
+    """Top-1 and top-5 (%) of the linear classifier on the test split (labels -1: padding); the
+    state is read through the algorithm's record (``encoder_variables``, ``parts``)."""
 
     setup: Setup
     test_source: Any  # () -> batches of (images, labels) on the mesh
@@ -135,7 +136,7 @@ class ClassifierMonitor:
 
     def features(self, state, images) -> jax.Array:
         """Backbone features (not normalised) of ``images`` under ``state``'s encoder."""
-        return self.features_fn(state.backbone_variables(), images)[1]
+        return self.features_fn(self.setup.algorithm.encoder_variables(state), images)[1]
 
     def features_of(self, state, source) -> tuple[jax.Array, jax.Array]:
         """Features (no augmentation) and labels of every batch of ``source``, on the mesh."""
@@ -147,9 +148,10 @@ class ClassifierMonitor:
             batches = [self.cached_test]
         else:
             batches = ((self.features(state, x), y) for x, y in self.test_source())
+        classifier = self.setup.algorithm.parts(state)["classifier"]
         totals = np.zeros(3, np.int64)
         for features, labels in batches:
-            totals += np.asarray(self.counts_fn(state.params["classifier"], features, labels))
+            totals += np.asarray(self.counts_fn(classifier, features, labels))
         top1, top5, counted = totals
         return {
             "test_top1": 100 * top1 / max(counted, 1),
@@ -223,8 +225,8 @@ def backbone_unchanged(run: Run, state: Any) -> bool:
         reference = load_encoder_weights(
             run.config.init_from, reference, run.setup, "linear.pretrained"
         )
-    expected = jax.tree.leaves(reference.backbone_variables())
-    actual = jax.tree.leaves(state.backbone_variables())
+    encoder = run.setup.algorithm.encoder_variables
+    expected, actual = jax.tree.leaves(encoder(reference)), jax.tree.leaves(encoder(state))
     return len(expected) == len(actual) and all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(expected, actual, strict=True)
     )
