@@ -189,7 +189,7 @@ def _view_target(setup: Setup, sizes: Sizes, bank_rows: int, steps: int) -> Targ
 
 
 def _feature_width(setup: Setup, images) -> int:
-    from moco_jax.evaluation.linear_eval import ClassifierMonitor
+    from moco_jax.evaluation.classifier import ClassifierMonitor
 
     monitor = ClassifierMonitor(setup, None)
     variables = setup.algorithm.encoder_variables(setup.abstract_state())
@@ -227,7 +227,7 @@ def _knn_targets(setup, state, images, sizes, bank_rows, test_rows, held) -> lis
 def _linear_targets(setup, state, images, test_rows, held) -> list[Target]:
     """Linear evaluation's functions: backbone features of a batch and the classifier's top-1 /
     top-5 counts over the test split."""
-    from moco_jax.evaluation.linear_eval import ClassifierMonitor
+    from moco_jax.evaluation.classifier import ClassifierMonitor
 
     mesh = setup.mesh
     monitor = ClassifierMonitor(setup, None)
