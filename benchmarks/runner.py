@@ -118,9 +118,10 @@ def _model_flops(setup, state, encoder_forward: float, per_device: jax.ShapeDtyp
     if config.get("algorithm", "moco") != "moco_v3":
         return 4 * encoder_forward + 4 * dim * (config.moco.queue_size + 1)
     predictor = build_predictor(config.model, None)
-    variables = {"params": state.params["predictor"]}
-    if state.batch_stats.get("predictor"):
-        variables["batch_stats"] = state.batch_stats["predictor"]
+    parts = setup.algorithm.parts(state)["predictor"]
+    variables = {"params": parts["params"]}
+    if parts["batch_stats"]:
+        variables["batch_stats"] = parts["batch_stats"]
     embeddings = jax.ShapeDtypeStruct((per_device.shape[0], dim), jnp.float32)
     predictor_forward = forward_matmul_flops(predictor, variables, embeddings) / per_device.shape[0]
     return 2 * (4 * encoder_forward + 3 * predictor_forward + 4 * dim * config.batch_size)

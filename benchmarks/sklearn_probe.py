@@ -30,7 +30,7 @@ def _features(setup, state, images: np.ndarray, batch: int = 1000) -> np.ndarray
     mean, std = setup.config.dataset.mean[0], setup.config.dataset.std[0]
     apply = jax.jit(lambda v, x: setup.algorithm.model.apply(v, x, train=False)[0])
     floats = (images.astype(np.float32) / 255 - mean) / std
-    variables = state.backbone_variables()
+    variables = setup.algorithm.encoder_variables(state)
     return np.concatenate(
         [np.asarray(apply(variables, floats[i : i + batch])) for i in range(0, len(floats), batch)]
     )
@@ -46,8 +46,8 @@ def main(argv=None) -> dict:
     import moco_jax
     from configs import linear_fashion_mnist
     from moco_jax.data.tfds_source import load_arrays, prepared_builder
-    from moco_jax.evaluation.linear_eval import with_pretrained
     from moco_jax.interop.init_from import load_encoder_weights
+    from moco_jax.run.linear_eval import with_pretrained
 
     builder = prepared_builder("fashion_mnist", args.data_dir)
     (train_x, train_y), (test_x, test_y) = (load_arrays(builder, s) for s in ("train", "test"))

@@ -9,7 +9,7 @@ from pretraining is visible. The result is printed and written to ``DIR/knn_eval
 --workdir OUT``: the paper's linear classification protocol on frozen features (or fine-tuning,
 ``--config.linear.train_backbone=True``), from a pretraining workdir or a ``.pth`` file ``P``;
 ``OUT/summary.json`` holds ``test_top1`` and ``test_top5`` (see
-``moco_jax.evaluation.linear_eval``).
+``moco_jax.run.linear_eval``).
 Rerunning the same command resumes. On a pod every host runs the same command, as ``train.py``
 (``--distributed``).
 """
@@ -99,7 +99,7 @@ def main(argv):
         fail("knn evaluates a pretraining workdir: --config and --pretrained are for linear")
     initialize_distributed(FLAGS.distributed)
     if argv[1] == "linear":
-        from moco_jax.evaluation.linear_eval import evaluate_linear
+        from moco_jax.run.linear_eval import evaluate_linear
 
         summary = run_with_clear_errors(
             evaluate_linear, FLAGS.config, FLAGS.workdir, FLAGS.pretrained

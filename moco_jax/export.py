@@ -60,22 +60,27 @@ def define_flags() -> None:
     )
 
 
-def restore(workdir: epath.Path, config: Any, step: int | None = None):
-    """``(setup, state, step, extra)`` of the newest intact checkpoint of ``workdir`` (or of
-    ``step``), on one device whatever the run used (the state is replicated)."""
+def one_device_setup(config: Any):
+    """The run's set-up on one device, whatever the run used (the state is replicated)."""
     import jax
 
     from moco_jax.assemble import build
 
+    one_device = config.copy_and_resolve_references()
+    one_device.num_devices = 0
+    # steps_per_epoch only shapes the lr schedule, which exporting does not use.
+    return build(one_device, 1, devices=jax.devices()[:1])
+
+
+def restore(workdir: epath.Path, config: Any, step: int | None = None, setup: Any = None):
+    """``(setup, state, step, extra)`` of the newest intact checkpoint of ``workdir`` (or of
+    ``step``), on one device (``setup``: ``one_device_setup(config)``, made if not given)."""
     steps = saved_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: nothing to export")
     if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; saved: {steps}")
-    one_device = config.copy_and_resolve_references()
-    one_device.num_devices = 0
-    # steps_per_epoch only shapes the lr schedule, which exporting does not use.
-    setup = build(one_device, 1, devices=jax.devices()[:1])
+    setup = one_device_setup(config) if setup is None else setup
     # Read-only: no lock, nothing cleaned up or moved (the run may be training and saving).
     reader = Checkpointer(workdir / "checkpoints", config, read_only=True)
     try:
@@ -100,32 +105,43 @@ def _template(setup: Any) -> Any:
     return jax.tree.map(lambda x: jax.device_put(key, x.sharding) if is_key(x) else x, abstract)
 
 
+def moco_layout(parts: Mapping[str, Any]) -> str | None:
+    """Which official checkpoint ``--format=moco`` writes of a state with ``parts``
+    (``Algorithm.parts``): ``"v3"`` (momentum encoder and predictor), ``"v1/v2"`` (momentum
+    encoder and queue), or None: the run has no momentum encoder to write."""
+    if "momentum_encoder" not in parts:
+        return None
+    if "predictor" in parts:
+        return "v3"
+    return "v1/v2" if "queue" in parts and "queue_ptr" in parts else None
+
+
 def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str, Any]:
-    """The payload of format ``fmt`` (numpy arrays) from a restored ``state``."""
+    """The payload of format ``fmt`` (numpy arrays) from a restored ``state``, read through the
+    algorithm's record (``encoder_variables`` and ``parts``)."""
     import jax
 
     from moco_jax.interop import formats
 
     encoder = jax.device_get(setup.algorithm.encoder_variables(state))
+    parts = jax.device_get(setup.algorithm.parts(state))
     image_size = setup.config.dataset.image_size
     if fmt in ("torchvision", "deit"):
-        params = getattr(state, "params", None)
-        classifier = params.get("classifier") if isinstance(params, Mapping) else None
-        classifier = jax.device_get(classifier)
+        classifier = parts.get("classifier")
         if fmt == "deit":
             return formats.deit_model(encoder, image_size, classifier)
         return formats.torchvision_state_dict(encoder, classifier)
     if fmt == "detectron2":
         return formats.detectron2_model(encoder)
-    key = jax.device_get({"params": state.ema_params, "batch_stats": state.ema_batch_stats})
+    key = parts["momentum_encoder"]
     steps_per_epoch = extra.get("steps_per_epoch")
     epoch = step // steps_per_epoch if steps_per_epoch else 0  # completed epochs
     backbone = setup.config.model.backbone
-    if setup.config.algorithm == "moco_v3":
-        predictor = {k: getattr(state, k)["predictor"] for k in ("params", "batch_stats")}
-        predictor = jax.device_get(predictor)
-        return formats.moco_v3_checkpoint(encoder, key, predictor, image_size, backbone, epoch)
-    queue, queue_ptr = jax.device_get(state.queue), int(state.queue_ptr)
+    if moco_layout(parts) == "v3":
+        return formats.moco_v3_checkpoint(
+            encoder, key, parts["predictor"], image_size, backbone, epoch
+        )
+    queue, queue_ptr = parts["queue"], int(parts["queue_ptr"])
     return formats.moco_checkpoint(encoder, key, queue, queue_ptr, backbone, epoch, image_size)
 
 
@@ -138,11 +154,12 @@ def export_weights(workdir: str, fmt: str, output: str, step: int | None = None)
         raise ConfigError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     workdir_path, output_path = epath.Path(workdir), epath.Path(output)
     config = load_run_config(workdir_path)
-    _refuse_what_does_not_apply(fmt, config, workdir)
+    setup = one_device_setup(config)
+    _refuse_what_does_not_apply(fmt, setup, workdir)
     if fmt != "detectron2":
         torch_files.require_torch(f"--format={fmt}")
     _check_output(output_path, workdir_path)
-    setup, state, step, extra = restore(workdir_path, config, step)
+    setup, state, step, extra = restore(workdir_path, config, step, setup)
     payload = layout(fmt, setup, state, step, extra)
     storage.write_whole(output_path, encode(fmt, payload), "--output")
     tensors = payload.get("model") or payload.get("state_dict") or payload
@@ -156,17 +173,18 @@ def encode(fmt: str, payload: dict[str, Any]) -> bytes:
     return pickle.dumps(payload) if fmt == "detectron2" else torch_files.save_torch_file(payload)
 
 
-def _refuse_what_does_not_apply(fmt: str, config: Any, workdir: str) -> None:
-    """``ConfigError`` for a format that does not hold this run's model or algorithm."""
+def _refuse_what_does_not_apply(fmt: str, setup: Any, workdir: str) -> None:
+    """``ConfigError`` for a format that does not hold this run's model or algorithm (its
+    state's ``parts``, from shapes: nothing is restored yet)."""
     from moco_jax.models.vit import VIT_SPECS
 
-    algorithm, backbone = config.algorithm, config.model.backbone
+    algorithm, backbone = setup.algorithm, setup.config.model.backbone
     vit = backbone in VIT_SPECS
     instead = "--format=deit" if vit else "--format=torchvision or detectron2"
-    if fmt == "moco" and algorithm not in ("moco", "moco_v3"):
+    if fmt == "moco" and moco_layout(algorithm.parts(setup.abstract_state())) is None:
         raise ConfigError(
             f"--format=moco holds MoCo's momentum encoder, but {workdir} is a run of algorithm "
-            f"{algorithm!r}: export its encoder with {instead}"
+            f"{algorithm.name!r}: export its encoder with {instead}"
         )
     if fmt == "deit" and not vit:
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""Learning-rate schedules and optimizers: MoCo v1/v2's SGD, MoCo v3's LARS and AdamW.
+"""Learning-rate schedules and the one optimizer factory: MoCo v1/v2's SGD, MoCo v3's LARS and
+AdamW, chosen by ``optim.name``.
 
 Every optimizer is made of optax transformations. MoCo v3's (moco-v3 ``main_moco.py``,
 ``moco/optimizer.py``): LARS for ResNets (``optax.lars``'s links, the trust ratio and the weight
@@ -64,7 +65,7 @@ def make_lr_schedule(
     return schedule
 
 
-def make_optimizer(optim_config: Any, schedule: Schedule) -> optax.GradientTransformation:
+def sgd(optim_config: Any, schedule: Schedule) -> optax.GradientTransformation:
     """SGD with momentum and PyTorch-style coupled weight decay on every parameter.
 
     ``torch.optim.SGD(weight_decay=wd)`` adds ``wd * p`` to the gradient before the momentum
@@ -106,11 +107,12 @@ def lars(schedule: Schedule, weight_decay: float, momentum: float) -> optax.Grad
     )
 
 
-def make_v3_optimizer(
+def make_optimizer(
     optim_config: Any, schedule: Schedule, frozen: Callable[[Any], Any] | None = None
 ) -> optax.GradientTransformation:
-    """MoCo v3's optimizer (``optim.name``: lars, adamw, or sgd as v1/v2) over the online
-    parameters; ``frozen(params)`` marks (True) tensors that must never move (zero updates)."""
+    """The optimizer ``optim.name`` names (``sgd``: MoCo v1/v2's and linear evaluation's;
+    ``lars``, ``adamw``: MoCo v3's) at ``schedule``'s learning rate; ``frozen(params)`` marks
+    (True) tensors that must never move (zero updates)."""
     name = optim_config.name
     if name == "lars":
         inner = lars(schedule, optim_config.weight_decay, optim_config.momentum)
@@ -120,7 +122,7 @@ def make_v3_optimizer(
             schedule, b1=b1, b2=b2, eps=ADAM_EPS, weight_decay=optim_config.weight_decay
         )
     elif name == "sgd":
-        inner = make_optimizer(optim_config, schedule)
+        inner = sgd(optim_config, schedule)
     else:
         raise ValueError(f"unknown optimizer {name!r}; choose sgd, lars or adamw")
     if frozen is None:

@@ -147,7 +147,7 @@ def runs(tmp_path_factory):
     """A linear run killed at step 11 (of 16) then resumed, and an uninterrupted one (in this
     process, first, so that the killed one finds its compiled functions in the cache), both
     from a pretraining workdir."""
-    from moco_jax.evaluation.linear_eval import evaluate_linear
+    from moco_jax.run.linear_eval import evaluate_linear
 
     data_dir, root = fashion_mnist_data_dir(), tmp_path_factory.mktemp("linear")
     pretrained = _pretrained_workdir(root / "pretrained", data_dir)
@@ -190,8 +190,8 @@ def test_cached_features_agree_with_scikit_learn_logistic_regression(runs):
     to convergence on them against scikit-learn's, within 1.5 points of test top-1."""
     linear_model = pytest.importorskip("sklearn.linear_model")
     from moco_jax.data.tfds_source import load_arrays, prepared_builder
-    from moco_jax.evaluation.linear_eval import evaluate_linear, with_pretrained
     from moco_jax.interop.init_from import load_encoder_weights
+    from moco_jax.run.linear_eval import evaluate_linear, with_pretrained
 
     root, data_dir = runs["root"], runs["data_dir"]
     overrides = {
@@ -218,7 +218,7 @@ def test_cached_features_agree_with_scikit_learn_logistic_regression(runs):
         images, labels = load_arrays(builder, split, limit)
         x = (images.astype(np.float32) / 255 - 0.28604) / 0.35302
         pooled, _ = setup.algorithm.model.apply(
-            loaded.backbone_variables(), jnp.asarray(x), train=False
+            loaded.encoder_variables(), jnp.asarray(x), train=False
         )
         return np.asarray(pooled, np.float64), labels
 
@@ -234,7 +234,7 @@ def test_the_linear_workdir_is_not_the_pretraining_one(tmp_path, monkeypatch):
     """Refused before anything is written (the lock, config.json, checkpoints), however either
     path is spelled: relative, with a trailing slash, through a symbolic link, a step directory;
     a workdir beside or below the pretraining run's (but not in its checkpoints) is its own."""
-    from moco_jax.evaluation.linear_eval import check_own_workdir
+    from moco_jax.run.linear_eval import check_own_workdir
 
     run = tmp_path / "pre"
     (run / "checkpoints" / "8").mkdir(parents=True)
@@ -275,7 +275,7 @@ def test_the_pretrained_source_is_compared_as_the_place_it_names(tmp_path, monke
 def test_resuming_with_another_pretrained_source_is_refused(runs):
     """The run's checkpoints hold a classifier of the first source's features: continuing it
     with another backbone named would be silently wrong (it kept the old one)."""
-    from moco_jax.evaluation.linear_eval import evaluate_linear
+    from moco_jax.run.linear_eval import evaluate_linear
 
     root, data_dir = runs["root"], runs["data_dir"]
     other = _pretrained_workdir(root / "other_pretrained", data_dir)
@@ -292,8 +292,8 @@ def test_resuming_with_another_pretrained_source_is_refused(runs):
 def test_pretrained_may_be_a_relative_step_directory(runs, monkeypatch):
     """orbax reads checkpoints by absolute paths only: a relative ``--pretrained`` (here a step
     directory: that step is taken) raised a traceback from inside it."""
-    from moco_jax.evaluation.linear_eval import with_pretrained
     from moco_jax.interop.init_from import load_encoder_weights
+    from moco_jax.run.linear_eval import with_pretrained
 
     root, data_dir = runs["root"], runs["data_dir"]
     monkeypatch.chdir(root)
@@ -302,7 +302,7 @@ def test_pretrained_may_be_a_relative_step_directory(runs, monkeypatch):
     setup = moco_jax.build(config, 1, devices=jax.devices()[:1])
     from_step = load_encoder_weights(config.init_from, setup.initial_state(), setup)
     from_workdir = load_encoder_weights(str(root / "pretrained"), setup.initial_state(), setup)
-    _assert_same_arrays(from_step.backbone_variables(), from_workdir.backbone_variables())
+    _assert_same_arrays(from_step.encoder_variables(), from_workdir.encoder_variables())
     assert config.linear.pretrained == str(root / relative)  # the saved config names the place
 
 

@@ -20,7 +20,7 @@ from moco_jax.config.defaults import base_config
 from moco_jax.mesh import DATA_AXIS, make_data_mesh, shard_batch
 from moco_jax.models import build_encoder, resnet
 from moco_jax.models.encoder import build_predictor
-from moco_jax.optim import lars, make_lr_schedule, make_v3_optimizer
+from moco_jax.optim import lars, make_lr_schedule, make_optimizer
 
 
 def test_positive_index_across_devices():
@@ -110,7 +110,7 @@ def test_lars_masks_and_optax_lars_at_a_constant_lr():
     zeros = jax.tree.map(jnp.zeros_like, params)
     config = base_config().optim
     config.name, config.weight_decay = "lars", 0.5
-    optimizer = make_v3_optimizer(config, lambda _: 0.1)
+    optimizer = make_optimizer(config, lambda _: 0.1)
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
         p = _leaf(params, path)
@@ -148,7 +148,7 @@ def test_frozen_tensors_never_move(name):
     params = jax.tree.map(jnp.asarray, _tree())
     config = base_config().optim
     config.name, config.weight_decay = name, 0.1
-    optimizer = make_v3_optimizer(config, lambda _: 0.01, _frozen)
+    optimizer = make_optimizer(config, lambda _: 0.01, _frozen)
     state = optimizer.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
     new = params

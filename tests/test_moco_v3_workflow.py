@@ -83,7 +83,7 @@ def test_a_killed_v3_run_resumes_bit_for_bit(runs):
 
 
 def test_linear_evaluation_of_a_v3_vit_workdir(runs, tmp_path):
-    from moco_jax.evaluation.linear_eval import evaluate_linear
+    from moco_jax.run.linear_eval import evaluate_linear
 
     root, _, _ = runs
     config = linear_fashion_mnist.get_config()

@@ -25,9 +25,9 @@ from test_disk_full import small_disk  # noqa: F401 - the 3 MiB tmpfs fixture
 from configs import linear_fashion_mnist
 from moco_jax import export, storage
 from moco_jax.config.checks import ConfigError
-from moco_jax.evaluation.linear_eval import with_pretrained
 from moco_jax.interop import torch_files
 from moco_jax.interop.init_from import load_encoder_weights
+from moco_jax.run.linear_eval import with_pretrained
 from moco_jax.run.metrics_io import MetricsWriter, read_records, write_atomically
 from moco_jax.run.saved_run import load_run_config
 from tests.test_export import _fresh, saved_run

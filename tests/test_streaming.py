@@ -246,7 +246,7 @@ def _linear_config(data_dir, **overrides):
 def test_linear_evaluation_streams_one_view_with_its_label(data_dir, tmp_path):
     """Each streamed view keeps its image's label (the colour class survives crop and flip), and
     a linear run on the stream trains and evaluates its classifier on the streamed test split."""
-    from moco_jax.evaluation.linear_eval import evaluate_linear
+    from moco_jax.run.linear_eval import evaluate_linear
 
     config = _linear_config(data_dir, **{"optim.base_lr": 0.3, "linear.eval_every_epochs": 3})
     config.epochs = 3

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moco_jax.config.defaults import linear_config
-from moco_jax.evaluation.linear_eval import with_pretrained
 from moco_jax.interop.architecture import backbone_fields
+from moco_jax.run.linear_eval import with_pretrained
 from tests.test_torch_bridge import torchvision_resnet_state_shapes
 
 

@@ -220,7 +220,7 @@ LINEAR_BAD_VALUES = [
 
 @pytest.mark.parametrize("overrides,message", LINEAR_BAD_VALUES)
 def test_bad_linear_config_is_refused_with_a_specific_message(overrides, message):
-    from moco_jax.evaluation.linear_eval import with_pretrained
+    from moco_jax.run.linear_eval import with_pretrained
 
     with pytest.raises(ConfigError, match=message):
         validate_config(with_pretrained(_linear_tiny(**overrides)), 1)

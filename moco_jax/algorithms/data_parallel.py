@@ -1,5 +1,6 @@
 """Data parallelism shared by every algorithm's step: the state replicated, the batch split over
-the mesh's ``data`` axis, the gradient of the global-batch mean averaged over devices."""
+the mesh's ``data`` axis, the gradient of the global-batch mean averaged over devices, every mean
+over devices taken one way (``device_mean``)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,32 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from moco_jax.mesh import DATA_AXIS
+from moco_jax.mesh import DATA_AXIS, ordered_sum
+
+DeviceMean = Callable[[Any], Any]  # inside shard_map: tree -> its mean over the devices
+
+
+def device_mean(mesh: Mesh, ordered: bool = False) -> DeviceMean:
+    """The mean over the mesh's ``data`` axis of every device's tree (gradients, loss, BN
+    statistics, metrics): ``pmean``, or with ``ordered`` (``config.ordered_reductions``) sums
+    added in device order (``mesh.ordered_sum``): the same bits for any split of the devices
+    into processes."""
+    if not ordered:
+        return lambda tree: jax.lax.pmean(tree, DATA_AXIS)
+    num_devices = mesh.shape[DATA_AXIS]
+    return lambda tree: jax.tree.map(lambda x: x / num_devices, ordered_sum(tree, DATA_AXIS))
 
 
 def mean_value_and_grad(
-    loss_fn: Callable, params: Any, device_mean: Callable | None = None
+    loss_fn: Callable, params: Any, mean: DeviceMean
 ) -> tuple[tuple[Any, Any], Any]:
     """Inside ``shard_map``: ``((loss, aux), grads)`` of ``loss_fn`` (this device's mean loss,
-    with ``has_aux``), loss and gradients averaged over devices by ``device_mean`` (default
-    ``pmean``) in the params' dtype, float32.
+    with ``has_aux``), loss and gradients averaged over devices by ``mean`` (``device_mean``)
+    in the params' dtype, float32.
 
     Each device differentiates w.r.t. params made device-varying. Differentiating the replicated
     params directly would sum the cotangents where they meet the batch: after a bfloat16 model's
     cast, i.e. an all-reduce in bfloat16."""
-    mean = device_mean or (lambda tree: jax.lax.pmean(tree, DATA_AXIS))
     varying = jax.lax.pcast(params, DATA_AXIS, to="varying")
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
     loss, grads = mean((loss, grads))

@@ -9,7 +9,7 @@ decay, lr 30 per 256 images, x0.1 at epochs 60 and 80 of 100 in MoCo v1/v2). Two
   (statistics as ``model.bn_mode`` says), the backbone at ``linear.backbone_lr`` per 256 under
   the same schedule shape as the classifier.
 - ``linear.cached_features``: the step takes each image's features, computed once without
-  augmentation (``moco_jax.evaluation.linear_eval``), instead of images: a faster, different
+  augmentation (``moco_jax.run.linear_eval``), instead of images: a faster, different
   protocol.
 
 One step per device (inside ``jax.shard_map``), state replicated, batch sharded:
@@ -28,8 +28,7 @@ import optax
 from jax.sharding import Mesh
 
 from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
-from moco_jax.algorithms.data_parallel import jit_step, mean_value_and_grad
-from moco_jax.mesh import DATA_AXIS
+from moco_jax.algorithms.data_parallel import device_mean, jit_step, mean_value_and_grad
 from moco_jax.models import Encoder, bn_axis_name, build_encoder
 from moco_jax.optim import make_lr_schedule, make_optimizer
 
@@ -50,12 +49,17 @@ class LinearState:
     batch_stats: Any
     opt_state: optax.OptState
 
-    def backbone_variables(self) -> dict[str, Any]:
-        """The encoder's Flax variables (no head): what kNN, export and the sanity check use."""
+    def encoder_variables(self) -> dict[str, Any]:
+        """The encoder's Flax variables (a backbone, no head): what the features, export and the
+        sanity check use."""
         return {
             "params": {"backbone": self.params["backbone"]},
             "batch_stats": {"backbone": self.batch_stats.get("backbone", {})},
         }
+
+    def parts(self) -> dict[str, Any]:
+        """The classifier (``Algorithm.parts``: tested each epoch, exported as ``fc``)."""
+        return {"classifier": self.params["classifier"]}
 
 
 class NoHead(nn.Module):
@@ -92,7 +96,12 @@ def create_state(rng, model, optimizer, image_shape, num_classes, init_std, fine
     params = {"backbone": backbone, "classifier": classifier}
     batch_stats = {"backbone": variables.get("batch_stats", {}).get("backbone", {})}
     trained = params if fine_tune else classifier
-    return LinearState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(trained))
+    return LinearState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=optimizer.init(trained),
+    )
 
 
 def load_encoder(state: LinearState, variables: dict[str, Any]) -> LinearState:
@@ -103,12 +112,16 @@ def load_encoder(state: LinearState, variables: dict[str, Any]) -> LinearState:
     return state.replace(params=params, batch_stats=batch_stats)
 
 
-def make_train_step(model, optimizer, schedule, mesh: Mesh, *, fine_tune, cached, bn_mode):
+def make_train_step(
+    model, optimizer, schedule, mesh: Mesh, *, fine_tune, cached, bn_mode, ordered=False
+):
     """The jitted step ``(state, inputs, labels) -> (state, metrics)``; donates ``state``.
 
     ``inputs``: augmented images ``[B, H, W, C]`` or, with ``cached``, features ``[B, F]``;
-    global arrays sharded over the ``data`` axis, as ``labels`` ``[B]``.
+    global arrays sharded over the ``data`` axis, as ``labels`` ``[B]``. ``ordered``: means over
+    devices in device order (``data_parallel.device_mean``).
     """
+    mean = device_mean(mesh, ordered)
 
     def features_of(params, batch_stats, inputs):
         """Pooled features and the BN statistics after this batch (fine-tuning only)."""
@@ -130,15 +143,18 @@ def make_train_step(model, optimizer, schedule, mesh: Mesh, *, fine_tune, cached
             return jnp.mean(losses), (batch_stats, logits)
 
         trained = state.params if fine_tune else state.params["classifier"]
-        (loss, (batch_stats, logits)), grads = mean_value_and_grad(loss_fn, trained)
+        (loss, (batch_stats, logits)), grads = mean_value_and_grad(loss_fn, trained, mean)
         updates, opt_state = optimizer.update(grads, state.opt_state, trained)
         trained = optax.apply_updates(trained, updates)
         params = trained if fine_tune else {**state.params, "classifier": trained}
         if fine_tune and bn_mode != "sync":  # per-device statistics: keep their mean
-            batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
-        top1 = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), DATA_AXIS)
+            batch_stats = mean(batch_stats)
+        top1 = mean(jnp.mean(jnp.argmax(logits, -1) == labels))
         metrics = {"loss": loss, "top1": top1, "learning_rate": jnp.float32(schedule(state.step))}
-        return LinearState(state.step + 1, params, batch_stats, opt_state), metrics
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, metrics
 
     return jit_step(per_device, mesh)
 
@@ -178,6 +194,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         fine_tune=linear.train_backbone,
         cached=linear.cached_features,
         bn_mode=config.model.bn_mode,
+        ordered=config.ordered_reductions,
     )
     return Algorithm(
         name="linear",
@@ -193,7 +210,8 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
             linear.train_backbone,
         ),  # fmt: skip
         train_step=step,
-        encoder_variables=LinearState.backbone_variables,
+        encoder_variables=LinearState.encoder_variables,
         load_encoder=load_encoder,
+        parts=LinearState.parts,
         inputs="features" if linear.cached_features else "labelled_view",
     )

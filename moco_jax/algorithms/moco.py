@@ -30,12 +30,13 @@ import optax
 from jax.sharding import Mesh
 
 from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
-from moco_jax.algorithms.data_parallel import jit_step, mean_value_and_grad
+from moco_jax.algorithms.data_parallel import device_mean, jit_step, mean_value_and_grad
 from moco_jax.algorithms.info_nce import info_nce, l2_normalize, moco_logits
 from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.queue import enqueue, init_queue
 from moco_jax.algorithms.shuffle_bn import shuffle_batch
-from moco_jax.mesh import DATA_AXIS, gather_replicated, ordered_sum
+from moco_jax.algorithms.step_metrics import contrastive_metrics
+from moco_jax.mesh import DATA_AXIS, gather_replicated
 from moco_jax.models import bn_axis_name, build_encoder
 from moco_jax.optim import make_lr_schedule, make_optimizer
 
@@ -65,9 +66,14 @@ class MoCoState:
     queue_ptr: jax.Array
     rng: jax.Array
 
-    def query_variables(self) -> dict[str, Any]:
+    def encoder_variables(self) -> dict[str, Any]:
         """Flax variables of the query encoder (what evaluation and transfer use)."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def parts(self) -> dict[str, Any]:
+        """The key encoder and the queue (``Algorithm.parts``: the official checkpoint's)."""
+        key_encoder = {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
+        return {"momentum_encoder": key_encoder, "queue": self.queue, "queue_ptr": self.queue_ptr}
 
 
 def create_state(rng, model, optimizer, image_shape, queue_size: int) -> MoCoState:
@@ -115,12 +121,7 @@ def make_train_step(
     order (``mesh.ordered_sum``): the same bits for any split of the devices into processes.
     """
     num_devices = mesh.shape[DATA_AXIS]
-    if ordered:
-        device_mean = lambda tree: jax.tree.map(
-            lambda x: x / num_devices, ordered_sum(tree, DATA_AXIS)
-        )
-    else:
-        device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)
+    mean = device_mean(mesh, ordered)
 
     def per_device(state: MoCoState, images_q: jax.Array, images_k: jax.Array):
         rng, shuffle_rng = jax.random.split(state.rng)
@@ -159,9 +160,7 @@ def make_train_step(
                 losses.append(jnp.mean(info_nce(logits[-1])))
             return sum(losses[1:], losses[0]), (batch_stats, jnp.concatenate(logits))
 
-        (loss, (batch_stats, logits)), grads = mean_value_and_grad(
-            loss_fn, state.params, device_mean
-        )
+        (loss, (batch_stats, logits)), grads = mean_value_and_grad(loss_fn, state.params, mean)
 
         # 4. Optimizer update.
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -173,29 +172,24 @@ def make_train_step(
 
         # BN running statistics differ per device unless synced: keep their mean.
         if bn_mode != "sync":
-            batch_stats, ema_batch_stats = device_mean(batch_stats), device_mean(ema_batch_stats)
-        new_state = MoCoState(
-            state.step + 1, params, batch_stats, ema_params, ema_batch_stats, opt_state,
-            queue, queue_ptr, rng,
-        )  # fmt: skip
-        metrics = _metrics(loss, logits * temperature, ema_params, params, queue_ptr, device_mean)
-        return new_state, {**metrics, "learning_rate": jnp.float32(schedule(state.step))}
+            batch_stats, ema_batch_stats = mean(batch_stats), mean(ema_batch_stats)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            ema_params=ema_params,
+            ema_batch_stats=ema_batch_stats,
+            opt_state=opt_state,
+            queue=queue,
+            queue_ptr=queue_ptr,
+            rng=rng,
+        )
+        metrics = contrastive_metrics(loss, logits * temperature, ema_params, params, mean)
+        metrics["queue_ptr"] = queue_ptr
+        metrics["learning_rate"] = jnp.float32(schedule(state.step))
+        return new_state, metrics
 
     return jit_step(per_device, mesh)
-
-
-def _metrics(loss, similarities, ema_params, params, queue_ptr, device_mean):
-    """Replicated scalars of one step; ``similarities`` are the logits times T (cosines)."""
-    mean = lambda x: device_mean(jnp.mean(x))
-    squares = jax.tree.map(lambda x, y: jnp.sum(jnp.square(x - y)), ema_params, params)
-    return {
-        "loss": loss,
-        "top1": mean(jnp.argmax(similarities, axis=-1) == 0),
-        "positive_similarity": mean(similarities[:, 0]),
-        "negative_similarity": mean(similarities[:, 1:]),
-        "ema_distance": jnp.sqrt(sum(jax.tree.leaves(squares))),
-        "queue_ptr": queue_ptr,
-    }
 
 
 @register_algorithm("moco")
@@ -223,6 +217,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
             rng, model, optimizer, image_shape(config), config.moco.queue_size
         ),
         train_step=step,
-        encoder_variables=MoCoState.query_variables,
+        encoder_variables=MoCoState.encoder_variables,
         load_encoder=load_encoder,
+        parts=MoCoState.parts,
     )

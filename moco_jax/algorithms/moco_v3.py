@@ -33,13 +33,14 @@ from jax.sharding import Mesh
 
 from moco_jax.algorithms import Algorithm, image_shape, register_algorithm
 from moco_jax.algorithms.contrastive import contrastive_loss, gathered_keys
-from moco_jax.algorithms.data_parallel import jit_step, mean_value_and_grad
+from moco_jax.algorithms.data_parallel import device_mean, jit_step, mean_value_and_grad
 from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.momentum_schedule import momentum_schedule
+from moco_jax.algorithms.step_metrics import contrastive_metrics
 from moco_jax.mesh import DATA_AXIS
 from moco_jax.models import bn_axis_name, build_encoder
 from moco_jax.models.encoder import build_predictor
-from moco_jax.optim import make_lr_schedule, make_v3_optimizer
+from moco_jax.optim import make_lr_schedule, make_optimizer
 
 ENCODER_PARTS = ("backbone", "head")  # the base / momentum encoder: backbone + projector
 
@@ -72,6 +73,12 @@ class MoCoV3State:
     def encoder_variables(self) -> dict[str, Any]:
         """Flax variables of the base encoder (what evaluation and transfer use)."""
         return {"params": encoder_part(self.params), "batch_stats": encoder_part(self.batch_stats)}
+
+    def parts(self) -> dict[str, Any]:
+        """The momentum encoder and the predictor (``Algorithm.parts``: moco-v3's checkpoint)."""
+        momentum = {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
+        predictor = {k: getattr(self, k)["predictor"] for k in ("params", "batch_stats")}
+        return {"momentum_encoder": momentum, "predictor": predictor}
 
 
 def create_state(rng, encoder, predictor, optimizer, image_shape) -> MoCoV3State:
@@ -128,13 +135,15 @@ def frozen_tensors(stop_grad_conv1: bool):
 
 def make_train_step(
     encoder, predictor, optimizer, schedule, momentum_at, mesh: Mesh, *, temperature: float,
-    bn_mode: str,
+    bn_mode: str, ordered: bool = False,
 ):  # fmt: skip
     """The jitted step ``(state, view_1, view_2) -> (state, metrics)``; donates ``state``.
 
     ``encoder`` and ``predictor`` must have been built with ``bn_axis_name(bn_mode)``. Views are
-    global arrays ``[global_batch, H, W, C]`` sharded over the mesh's ``data`` axis.
+    global arrays ``[global_batch, H, W, C]`` sharded over the mesh's ``data`` axis. ``ordered``:
+    means over devices in device order (``data_parallel.device_mean``).
     """
+    mean = device_mean(mesh, ordered)
 
     def forward(module, params, batch_stats, images, **kwargs):
         variables = {"params": params, "batch_stats": batch_stats}
@@ -166,7 +175,7 @@ def make_train_step(
             return loss_1 + loss_2, (stats, logits_1, logits_2, labels)
 
         (loss, (batch_stats, logits_1, logits_2, labels)), grads = mean_value_and_grad(
-            loss_fn, state.params
+            loss_fn, state.params, mean
         )
 
         # 4. Optimizer update.
@@ -174,36 +183,24 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
 
         if bn_mode != "sync":  # per-device running statistics: keep their mean
-            device_mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)
-            batch_stats, ema_stats = device_mean(batch_stats), device_mean(ema_stats)
-        new_state = MoCoV3State(
-            state.step + 1, params, batch_stats, ema_params, ema_stats, opt_state
+            batch_stats, ema_stats = mean(batch_stats), mean(ema_stats)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            ema_params=ema_params,
+            ema_batch_stats=ema_stats,
+            opt_state=opt_state,
         )
-        metrics = _metrics(loss, (logits_1, logits_2), labels, temperature, ema_params, params)
+        cosines = jnp.concatenate([logits_1, logits_2]) * temperature  # both loss terms' rows
+        metrics = contrastive_metrics(
+            loss, cosines, ema_params, encoder_part(params), mean, jnp.concatenate([labels] * 2)
+        )
         metrics["learning_rate"] = jnp.float32(schedule(state.step))
         metrics["moco_momentum"] = m
         return new_state, metrics
 
     return jit_step(per_device, mesh)
-
-
-def _metrics(loss, logits, labels, temperature, ema_params, params) -> dict[str, jax.Array]:
-    """Replicated scalars of one step (both loss terms' rows; similarities are cosines)."""
-    mean = lambda x: jax.lax.pmean(jnp.mean(x), DATA_AXIS)
-    cosines = jnp.concatenate(logits) * temperature
-    labels = jnp.concatenate([labels, labels])
-    positive = jnp.take_along_axis(cosines, labels[:, None], axis=1)[:, 0]
-    negatives = (jnp.sum(cosines, axis=1) - positive) / (cosines.shape[1] - 1)
-    squares = jax.tree.map(
-        lambda x, y: jnp.sum(jnp.square(x - y)), ema_params, encoder_part(params)
-    )
-    return {
-        "loss": loss,
-        "top1": mean(jnp.argmax(cosines, axis=-1) == labels),
-        "positive_similarity": mean(positive),
-        "negative_similarity": mean(negatives),
-        "ema_distance": jnp.sqrt(sum(jax.tree.leaves(squares))),
-    }
 
 
 @register_algorithm("moco_v3")
@@ -214,7 +211,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
     predictor = build_predictor(config.model, axis)
     schedule = make_lr_schedule(config.optim, config.batch_size, steps_per_epoch, config.epochs)
     frozen = frozen_tensors(bool(config.model.stop_grad_conv1))
-    optimizer = make_v3_optimizer(config.optim, schedule, frozen)
+    optimizer = make_optimizer(config.optim, schedule, frozen)
     momentum_at = momentum_schedule(
         config.moco.momentum, config.moco.momentum_cosine, steps_per_epoch, config.epochs
     )
@@ -227,6 +224,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         mesh,
         temperature=config.moco.temperature,
         bn_mode=config.model.bn_mode,
+        ordered=config.ordered_reductions,
     )
     return Algorithm(
         name="moco_v3",
@@ -238,4 +236,5 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         train_step=step,
         encoder_variables=MoCoV3State.encoder_variables,
         load_encoder=load_encoder,
+        parts=MoCoV3State.parts,
     )

@@ -154,7 +154,7 @@ def run_targets(config: Any, devices: Sequence[Any]) -> tuple[Setup, list[Target
     eval_batch = bank_rows if sizes.stored_shape is not None else batch
     images = _rows((eval_batch, *eval_shape), jnp.uint8, mesh)
     eval_held = _except(held, "train images")
-    if algorithm.name == "linear":
+    if "classifier" in algorithm.parts(state):  # tested by its classifier (evaluate linear)
         evals = _linear_targets(setup, state, images, test_rows, eval_held)
     else:
         evals = _knn_targets(setup, state, images, sizes, bank_rows, test_rows, eval_held)
@@ -189,10 +189,10 @@ def _view_target(setup: Setup, sizes: Sizes, bank_rows: int, steps: int) -> Targ
 
 
 def _feature_width(setup: Setup, images) -> int:
-    from moco_jax.evaluation.linear_eval import ClassifierMonitor
+    from moco_jax.evaluation.classifier import ClassifierMonitor
 
     monitor = ClassifierMonitor(setup, None)
-    variables = setup.abstract_state().backbone_variables()
+    variables = setup.algorithm.encoder_variables(setup.abstract_state())
     return jax.eval_shape(monitor.features_fn, variables, images)[1].shape[1]
 
 
@@ -227,14 +227,14 @@ def _knn_targets(setup, state, images, sizes, bank_rows, test_rows, held) -> lis
 def _linear_targets(setup, state, images, test_rows, held) -> list[Target]:
     """Linear evaluation's functions: backbone features of a batch and the classifier's top-1 /
     top-5 counts over the test split."""
-    from moco_jax.evaluation.linear_eval import ClassifierMonitor
+    from moco_jax.evaluation.classifier import ClassifierMonitor
 
     mesh = setup.mesh
     monitor = ClassifierMonitor(setup, None)
-    variables = state.backbone_variables()
+    variables = setup.algorithm.encoder_variables(state)
     width = jax.eval_shape(monitor.features_fn, variables, images)[1].shape[1]
     counts_args = (
-        state.params["classifier"],
+        setup.algorithm.parts(state)["classifier"],
         _rows((test_rows, width), jnp.float32, mesh),
         _rows((test_rows,), jnp.int32, mesh),
     )

@@ -21,7 +21,7 @@ from moco_jax.run.checkpointing import TrainingDiverged
 from moco_jax.run.metrics_io import MetricsWriter, plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
 
-__all__ = ["INSTALLED_ACTIONS", "TrainingDiverged", "train_and_evaluate"]
+__all__ = ["INSTALLED_ACTIONS", "TrainingDiverged", "train_and_evaluate", "train_loop"]
 
 # Periodic actions added to every training loop of this process (tests install their fault
 # injection here: tests/faults.py). Each is called with the run and returns the actions to run
@@ -40,7 +40,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """
     run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, init_from)
     try:
-        history, _ = _train(run)
+        history, _ = train_loop(run)
         summary = _summary(history)  # the results: summary and plot
         if jax.process_index() == 0:
             plot_history(history, run.workdir / "pretraining.png", config.dataset.name)
@@ -50,9 +50,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     return summary
 
 
-def _train(run: Run) -> tuple[dict, Any]:
-    """The loop: one step, then each periodic action in order; returns the run's history and
-    its final state."""
+def train_loop(run: Run) -> tuple[dict, Any]:
+    """The loop of every run (pretraining, linear evaluation): one step, then each periodic
+    action in order; ``run.evaluate`` and ``run.monitor`` say what is measured. Returns the
+    run's history and its final state."""
     config, algorithm = run.config, run.setup.algorithm
     checkpointer, views = run.checkpointer, run.train_views
     steps_per_epoch = views.steps_per_epoch

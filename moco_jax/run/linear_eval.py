@@ -1,10 +1,11 @@
 """The linear-evaluation run: ``python -m moco_jax.evaluate linear --config C --pretrained P
 --workdir W``.
 
-The same engine as pretraining (``trainer._train``: checkpoints, exact resume, SIGTERM, the
+The same engine as pretraining (``trainer.train_loop``: checkpoints, exact resume, SIGTERM, the
 progress bar, JSON lines, TensorBoard), with the ``linear`` algorithm's step, one labelled view per
-image, and the classifier's test top-1/top-5 as the epoch's evaluation. After the run, as the
-official ``main_lincls.py`` does, the backbone is checked to be bit-for-bit the pretrained one.
+image, and the classifier's test top-1/top-5 (``evaluation.classifier``) as the epoch's
+evaluation. After the run, as the official ``main_lincls.py`` does, the backbone is checked to be
+bit-for-bit the pretrained one.
 """
 
 from __future__ import annotations
@@ -14,25 +15,20 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import PartitionSpec as P
 
 from moco_jax import storage
-from moco_jax.algorithms.linear import classify
-from moco_jax.assemble import Setup
 from moco_jax.config.checks import ConfigError
-from moco_jax.data.resident import ResidentViews, make_eval_transform
-from moco_jax.evaluation.knn import largest_divisor_at_most, make_feature_fn
-from moco_jax.evaluation.monitor import collect
+from moco_jax.data.resident import ResidentViews
+from moco_jax.evaluation.classifier import ClassifierMonitor
 from moco_jax.interop import architecture, formats
 from moco_jax.interop.errors import WeightBridgeError
-from moco_jax.mesh import DATA_AXIS
 from moco_jax.run.metrics_io import plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
 from moco_jax.run.saved_run import load_run_config
+from moco_jax.run.trainer import train_loop
 from moco_jax.storage import absolute, canonical, check_reachable, is_within
 
 # Architecture fields a pretraining workdir's config.json (or a torch file) decides for the run.
@@ -118,71 +114,6 @@ def _pretraining_workdir(path: epath.Path) -> epath.Path | None:
     return None
 
 
-@dataclasses.dataclass
-class ClassifierMonitor:
-    """Top-1 and top-5 (%) of the linear classifier on the test split (labels -1: padding)."""
-
-    setup: Setup
-    test_source: Any  # () -> batches of (images, labels) on the mesh
-    cached_test: tuple[jax.Array, jax.Array] | None = None  # (features, labels) when cached
-
-    def __post_init__(self):
-        # The jitted functions (also compiled without running by ``moco_jax.pod.compile_for``).
-        mesh, model = self.setup.mesh, self.setup.algorithm.model
-        transform = make_eval_transform(self.setup.config)
-        self.features_fn = make_feature_fn(mesh, model, transform, normalize=False)
-        self.counts_fn = _make_count_fn(mesh)
-
-    def features(self, state, images) -> jax.Array:
-        """Backbone features (not normalised) of ``images`` under ``state``'s encoder."""
-        return self.features_fn(state.backbone_variables(), images)[1]
-
-    def features_of(self, state, source) -> tuple[jax.Array, jax.Array]:
-        """Features (no augmentation) and labels of every batch of ``source``, on the mesh."""
-        (features,), labels = collect(source, lambda images: (self.features(state, images),))
-        return features, labels
-
-    def evaluate(self, state) -> dict[str, float]:
-        if self.cached_test is not None:
-            batches = [self.cached_test]
-        else:
-            batches = ((self.features(state, x), y) for x, y in self.test_source())
-        totals = np.zeros(3, np.int64)
-        for features, labels in batches:
-            totals += np.asarray(self.counts_fn(state.params["classifier"], features, labels))
-        top1, top5, counted = totals
-        return {
-            "test_top1": 100 * top1 / max(counted, 1),
-            "test_top5": 100 * top5 / max(counted, 1),
-        }
-
-
-def _make_count_fn(mesh, chunk: int = 1024):
-    """Jitted ``(classifier, features, labels) -> [top-1 hits, top-5 hits, counted]``."""
-
-    def per_device(classifier, features, labels):
-        n = features.shape[0]
-        size = largest_divisor_at_most(n, chunk)
-
-        def hits(batch):
-            feats, labs = batch
-            logits = classify(classifier, feats)
-            top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-            return top[:, 0] == labs, jnp.any(top == labs[:, None], axis=-1)
-
-        chunks = (features.reshape(n // size, size, -1), labels.reshape(n // size, size))
-        top1, top5 = (x.reshape(n) for x in jax.lax.map(hits, chunks))
-        valid = labels >= 0
-        counts = jnp.stack([jnp.sum(top1 & valid), jnp.sum(top5 & valid), jnp.sum(valid)])
-        return jax.lax.psum(counts, DATA_AXIS)
-
-    return jax.jit(
-        jax.shard_map(
-            per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=P()
-        )
-    )
-
-
 def setup_linear_run(config: Any, workdir: str | epath.Path) -> Run:
     """``setup_run`` for the linear protocol: the pretrained backbone loaded (fresh runs), the
     classifier's test accuracy as the evaluation and, with ``cached_features``, the training
@@ -225,8 +156,8 @@ def backbone_unchanged(run: Run, state: Any) -> bool:
         reference = load_encoder_weights(
             run.config.init_from, reference, run.setup, "linear.pretrained"
         )
-    expected = jax.tree.leaves(reference.backbone_variables())
-    actual = jax.tree.leaves(state.backbone_variables())
+    encoder = run.setup.algorithm.encoder_variables
+    expected, actual = jax.tree.leaves(encoder(reference)), jax.tree.leaves(encoder(state))
     return len(expected) == len(actual) and all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(expected, actual, strict=True)
     )
@@ -252,13 +183,11 @@ def linear_summary(history: dict, config: Any) -> dict[str, Any]:
 def evaluate_linear(config: Any, workdir: str, pretrained: str | None = None) -> dict[str, Any]:
     """Train and evaluate the linear classifier (or fine-tune) as ``config`` says, in ``workdir``
     (rerunning resumes). Writes ``summary.json`` and ``linear.png``; returns the summary."""
-    from moco_jax.run.trainer import _train
-
     config = with_pretrained(config, pretrained)
     check_own_workdir(workdir, config.linear.pretrained)
     run = setup_linear_run(config, workdir)
     try:
-        history, state = _train(run)
+        history, state = train_loop(run)
         summary = linear_summary(history, config)
         if not config.linear.train_backbone:
             unchanged = backbone_unchanged(run, state)
