@@ -37,6 +37,7 @@ from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module'
     require,
 )
 from moco_jax.config.shape_rules import check_model_shapes
+from moco_jax.data.folder_source import folder_root, is_folder
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
 from moco_jax.storage import is_remote
@@ -60,14 +61,14 @@ def _validate_data_fields(config: Any) -> None:
         f"from it)",
     )
     check_int_at_least("num_devices", config.num_devices, 0)
-    folder = isinstance(dataset.name, str) and dataset.name.startswith("folder:")
+    folder = is_folder(dataset.name)
     require(
         folder or (isinstance(dataset.name, str) and TFDS_NAME.fullmatch(dataset.name)),
         f"dataset.name must be a TFDS dataset name, got {dataset.name!r} (e.g. fashion_mnist, "
         f"imagenet2012 or imagenet2012:5.1.0), or folder:PATH for a folder of images",
     )
     require(
-        not folder or len(dataset.name) > len("folder:"),
+        not folder or folder_root(dataset.name),
         "dataset.name folder: needs the folder's path, e.g. folder:/data/imagenet",
     )
     require(

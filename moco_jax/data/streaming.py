@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.data.augment import CROP_TRIES, augment_batch, crop_window, two_views
+from moco_jax.data.tfds_source import holds_paths
 from moco_jax.data.windows import EmptyWindow, full_windows
 from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
@@ -171,7 +172,7 @@ def records(builder, split: str):
     import tensorflow_datasets as tfds
 
     tf = _tf()
-    if from_files(builder):
+    if holds_paths(builder):
         return builder.records(split, jax.process_index(), jax.process_count()).enumerate()
     process_split = split
     if jax.process_count() > 1:
@@ -184,11 +185,6 @@ def records(builder, split: str):
     )
     ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
     return ds.enumerate()
-
-
-def from_files(builder) -> bool:
-    """Whether ``builder``'s records hold paths (a folder) rather than encoded images."""
-    return getattr(builder, "holds_paths", False)
 
 
 def count_records(builder, split: str) -> int:
@@ -234,7 +230,7 @@ def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
     ds = records(builder, split)
     if limit:
         ds = ds.take(limit)
-    eval_fn = make_eval_fn(config, from_files(builder))
+    eval_fn = make_eval_fn(config, holds_paths(builder))
     ds = ds.map(lambda index, example: eval_fn(*example), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors().batch(batch).prefetch(2)
     return ds.as_numpy_iterator()
@@ -297,7 +293,7 @@ class StreamingViews:
         (``windows.full_windows``: a failed image's slot holds a copy of another of its window);
         once exhausted, the epoch's failed images are added to ``skipped_images``."""
         skip, batch = start_step * self.local_batch, self.local_batch
-        read = from_files(self.builder)
+        read = holds_paths(self.builder)
         args = (self._records, self.config, epoch, skip, batch, self._num_views, read, True)
         decoded = _Counted(crop_dataset(*args).as_numpy_iterator())
         try:
@@ -314,7 +310,7 @@ class StreamingViews:
     def checkpoint_extra(self) -> dict[str, Any]:
         """What a checkpoint must keep of this pipeline: the undecodable images counted so far
         (and a folder's fingerprint, see ``check_resumable``)."""
-        fingerprint = self.builder.fingerprint() if from_files(self.builder) else {}
+        fingerprint = self.builder.fingerprint() if holds_paths(self.builder) else {}
         return {"skipped_images": self.skipped_images, **fingerprint}
 
     def counters(self) -> dict[str, int]:
@@ -324,7 +320,7 @@ class StreamingViews:
 
     def check_resumable(self, extra: dict) -> None:
         """Refuse a checkpoint's ``extra`` written over other data (a folder's files changed)."""
-        if from_files(self.builder):
+        if holds_paths(self.builder):
             self.builder.check_unchanged(extra)
 
     def restore(self, extra: dict) -> None:

@@ -27,13 +27,19 @@ def _quiet_tensorflow():
     return tf
 
 
+def holds_paths(builder) -> bool:
+    """Whether ``builder``'s records hold file paths (a folder of images: ``FolderSource``)
+    rather than encoded images (a TFDS builder)."""
+    return getattr(builder, "holds_paths", False)
+
+
 def get_builder(name: str, data_dir: str | None):
     """The TFDS builder of ``name`` (not necessarily prepared); a clear error if unknown.
     ``folder:ROOT`` names a folder of images (``folder_source.FolderSource``, listed now)."""
     _quiet_tensorflow()
-    if name.startswith("folder:"):
-        from moco_jax.data.folder_source import FolderSource, folder_root
+    from moco_jax.data.folder_source import FolderSource, folder_root, is_folder
 
+    if is_folder(name):
         return FolderSource(folder_root(name))
     import tensorflow_datasets as tfds
 
@@ -51,7 +57,7 @@ def prepared_builder(name: str, data_dir: str | None, download: bool = True):
     import tensorflow_datasets as tfds
 
     builder = get_builder(name, data_dir)
-    if getattr(builder, "holds_paths", False) or builder.is_prepared():
+    if holds_paths(builder) or builder.is_prepared():
         return builder
     try:
         if prepare_from_local(name, data_dir):

@@ -22,10 +22,11 @@ from moco_jax.assemble import Setup, build, mesh_for
 from moco_jax.config.checks import ConfigError
 from moco_jax.data.folder_source import absolute_name
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
-from moco_jax.data.streaming import StreamingViews, eval_batches, from_files
+from moco_jax.data.streaming import StreamingViews, eval_batches
 from moco_jax.data.tfds_source import (
     RESIDENT_DATASETS,
     get_builder,
+    holds_paths,
     load_arrays,
     prepared_builder,
 )
@@ -130,7 +131,7 @@ def load_data(config: Any, mesh: Mesh, inputs: str = "two_views", source: Any = 
     the training views are what the algorithm's step takes (``Algorithm.inputs``). ``source``:
     a folder already listed (``get_builder``), not listed again."""
     dataset = config.dataset
-    builder = source if from_files(source) else None
+    builder = source if holds_paths(source) else None
     builder = builder or prepared_builder(dataset.name, dataset.data_dir, dataset.download)
     if dataset.name in RESIDENT_DATASETS:
         sources = _resident_data(config, mesh, builder, inputs)
