@@ -124,24 +124,24 @@ def layout(fmt: str, setup: Any, state: Any, step: int, extra: dict) -> dict[str
     from moco_jax.interop import formats
 
     encoder = jax.device_get(setup.algorithm.encoder_variables(state))
-    parts = jax.device_get(setup.algorithm.parts(state))
+    parts = setup.algorithm.parts(state)  # on device: each format fetches only what it writes
     image_size = setup.config.dataset.image_size
     if fmt in ("torchvision", "deit"):
-        classifier = parts.get("classifier")
+        classifier = jax.device_get(parts.get("classifier"))
         if fmt == "deit":
             return formats.deit_model(encoder, image_size, classifier)
         return formats.torchvision_state_dict(encoder, classifier)
     if fmt == "detectron2":
         return formats.detectron2_model(encoder)
-    key = parts["momentum_encoder"]
+    key = jax.device_get(parts["momentum_encoder"])
     steps_per_epoch = extra.get("steps_per_epoch")
     epoch = step // steps_per_epoch if steps_per_epoch else 0  # completed epochs
     backbone = setup.config.model.backbone
     if moco_layout(parts) == "v3":
         return formats.moco_v3_checkpoint(
-            encoder, key, parts["predictor"], image_size, backbone, epoch
+            encoder, key, jax.device_get(parts["predictor"]), image_size, backbone, epoch
         )
-    queue, queue_ptr = parts["queue"], int(parts["queue_ptr"])
+    queue, queue_ptr = jax.device_get(parts["queue"]), int(parts["queue_ptr"])
     return formats.moco_checkpoint(encoder, key, queue, queue_ptr, backbone, epoch, image_size)
 
 
