@@ -6,6 +6,7 @@ written in a second; the end-to-end runs (train.py killed and resumed, ``evaluat
 """
 
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -191,7 +192,7 @@ def test_compile_for_counts_the_splits_from_the_folder(pristine):
     assert (sizes.train, sizes.test, sizes.num_classes, sizes.stored_shape) == (48, 12, 3, None)
 
 
-def test_make_folder_writes_fashion_mnist_as_jpegs(tmp_path):
+def test_make_folder_writes_fashion_mnist_as_jpegs(tmp_path, capsys):
     from data_fixtures import fashion_mnist_data_dir  # noqa: F401 (skips without the files)
 
     from moco_jax.data import local_sources, make_folder
@@ -209,6 +210,14 @@ def test_make_folder_writes_fashion_mnist_as_jpegs(tmp_path):
     crops, labels = _crops(source, config)
     assert crops.shape == (20, 16, 16, 3) and sorted(labels.tolist()) == sorted(list(range(10)) * 2)
     assert make_folder.main(["--out", str(out)]) == 2  # not empty: refused
+    # A file where the folder should go, and a path that cannot be written: one line each.
+    image = min((out / "train").rglob("*.jpg"))
+    for bad, says in [(image, "is not a directory"), (image / "x", "could not write"),
+                      (pathlib.Path("/proc/moco_jax_folder"), "could not write")]:  # fmt: skip
+        capsys.readouterr()
+        assert make_folder.main(["--out", str(bad), "--per_class", "1", "--size", "8"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and says in err[0], err
     assert folder_source.is_folder(f"folder:{out}")
 
 

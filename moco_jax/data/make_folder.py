@@ -75,13 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{source} has no Fashion-MNIST files: {local_sources.INSTALL_HINT}")
     if args.size < 8 or args.per_class < 0 or args.val_per_class < 0:
         return _fail("--size must be at least 8 and --per_class, --val_per_class at least 0")
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} exists and is not a directory: give a new folder's path")
     if out.exists() and any(out.iterdir()):
         return _fail(f"{out} exists and is not empty: write into a new folder")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for split, prefix in SPLITS.items():
         images, labels = read_idx(source, prefix)
         keep = first_per_class(labels, args.per_class if split == "train" else args.val_per_class)
-        count = write_split(out, split, images[keep], labels[keep], args.size, args.rgb)
+        try:
+            count = write_split(out, split, images[keep], labels[keep], args.size, args.rgb)
+        except OSError as err:  # no permission, a full disk, a path through a file
+            return _fail(f"could not write {out}: {err.strerror or err} (remove what was written)")
         print(f"{out / split}: {count} images in {len(CLASS_DIRS)} classes")
     print(f"train on it with --config.dataset.name=folder:{out.resolve()}")
     return 0
