@@ -114,10 +114,14 @@ def _crops(source, config, batch=64):
 
 def test_bad_files_are_skipped_never_mislabelled(folder):
     """Not an image, truncated, 0 bytes, 1x1, a 20000x20000 header, a symbolic-link loop and a
-    name that is not UTF-8: each read or decode fails inside the map and the image is dropped."""
+    name that is not UTF-8: each read or decode fails inside the map and the image is dropped.
+    A FIFO is never opened (its read would block for ever): listed as no file, it is dropped."""
     bad = add_bad_files(folder / "train" / "red")
+    os.mkfifo(folder / "train" / "red" / "pipe.jpg")
     source = FolderSource(str(folder))
-    assert source.info.splits["train"].num_examples == 48 + bad
+    assert source.info.splits["train"].num_examples == 48 + bad + 1
+    paths = [path for path, _ in source.records("train").as_numpy_iterator()]
+    assert not any(path.endswith(b"pipe.jpg") for path in paths)
     config = tiny_config(**{"dataset.num_channels": 3})
     crops, labels = _crops(source, config)
     assert len(labels) == 48  # the good ones, each once

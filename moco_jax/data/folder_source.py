@@ -65,29 +65,36 @@ def _join(directory: bytes, name: bytes) -> bytes:
     return directory.rstrip(b"/") + b"/" + name
 
 
-def _entries(directory: bytes) -> list[tuple[bytes, bool]]:
-    """``(name, is_directory)`` of ``directory``'s entries, hidden ones (``.DS_Store``) left
-    out, sorted by name. Names are bytes: a local name that is not UTF-8 is listed, not fatal.
-    A symbolic link is followed; one that loops or dangles is not a directory."""
+DIR, FILE, OTHER = "directory", "regular file", "other"  # what ``_entries`` says an entry is
+
+
+def _entries(directory: bytes) -> list[tuple[bytes, str]]:
+    """``(name, kind)`` of ``directory``'s entries (``DIR``, ``FILE``, or ``OTHER``: a FIFO,
+    socket, device, or a symbolic link that loops or dangles), hidden ones (``.DS_Store``)
+    left out, sorted by name. Names are bytes: a local name that is not UTF-8 is listed, not
+    fatal. A symbolic link is followed."""
     if storage.is_remote(_show(directory)):  # bucket names are UTF-8
         import tensorflow as tf
 
         try:
             names = [n.rstrip("/") for n in tf.io.gfile.listdir(_show(directory))]
-            found = [(n.encode(), tf.io.gfile.isdir(f"{_show(directory)}/{n}")) for n in names]
+            found = [
+                (n.encode(), DIR if tf.io.gfile.isdir(f"{_show(directory)}/{n}") else FILE)
+                for n in names
+            ]  # a bucket holds objects and prefixes only
         except tf.errors.OpError as err:  # not found, no permission, unreachable
             raise OSError(err.message) from None
     else:
         with os.scandir(directory) as listing:
-            found = [(entry.name, _is_dir(entry)) for entry in listing]
-    return sorted((name, is_dir) for name, is_dir in found if not name.startswith(b"."))
+            found = [(entry.name, _kind(entry)) for entry in listing]
+    return sorted((name, kind) for name, kind in found if not name.startswith(b"."))
 
 
-def _is_dir(entry: os.DirEntry) -> bool:
+def _kind(entry: os.DirEntry) -> str:
     try:
-        return entry.is_dir()
+        return DIR if entry.is_dir() else FILE if entry.is_file() else OTHER
     except OSError:  # a symbolic-link loop
-        return False
+        return OTHER
 
 
 def _unreadable(what: str, err: OSError) -> DatasetError:
@@ -109,9 +116,9 @@ def _list_root(root: bytes) -> list[tuple[bytes, bool]]:
 def _split_dirs(root: bytes) -> dict[str, bytes]:
     """Split name -> its directory; ``train`` must be there."""
     splits: dict[str, bytes] = {}
-    for name, is_dir in _list_root(root):
+    for name, kind in _list_root(root):
         split = SPLIT_DIRS.get(_show(name))
-        if split is None or not is_dir:
+        if split is None or kind != DIR:
             continue  # other files and folders beside the splits (a README, a labels file)
         if split in splits:
             raise DatasetError(
@@ -133,7 +140,7 @@ def _list_split(split_dir: bytes) -> dict[bytes, list[bytes]]:
         entries = _entries(split_dir)
     except OSError as err:
         raise _unreadable(shown, err) from None
-    files = [name for name, is_dir in entries if not is_dir]
+    files = [name for name, kind in entries if kind != DIR]
     if files:
         raise DatasetError(
             f"{_show(_join(split_dir, files[0]))} is a file where class directories belong "
@@ -148,7 +155,7 @@ def _list_split(split_dir: bytes) -> dict[bytes, list[bytes]]:
             inside = _entries(class_dir)
         except OSError as err:
             raise _unreadable(_show(class_dir), err) from None
-        nested = [n for n, is_dir in inside if is_dir]
+        nested = [n for n, kind in inside if kind == DIR]
         if nested:
             raise DatasetError(
                 f"{_show(_join(class_dir, nested[0]))} is a directory inside a class directory: "
@@ -156,13 +163,16 @@ def _list_split(split_dir: bytes) -> dict[bytes, list[bytes]]:
             )
         if not inside:
             raise DatasetError(f"class directory {_show(class_dir)} holds no images")
-        classes[name] = [_join(class_dir, n) for n, _ in inside]
+        # Not a regular file (a FIFO would block its reader for ever, a device never end): b"",
+        # a path that fails to read, so the file is skipped and counted like a corrupt one.
+        classes[name] = [_join(class_dir, n) if kind == FILE else b"" for n, kind in inside]
     return classes
 
 
 def _readable_name(path: bytes) -> bytes:
     """``path``, or b"" (no file: it fails to read, so it is skipped and counted) when its
-    name is not UTF-8: such a name cannot be shown in a log, a record or another tool."""
+    name is not UTF-8 (such a name cannot be shown in a log, a record or another tool) or it is
+    no regular file (listed as b"")."""
     try:
         path.decode("utf-8")
     except UnicodeDecodeError:
@@ -201,7 +211,13 @@ class FolderSource:
             for split, classes in listed.items()
         }
         self._digest = hashlib.sha256(b"\n".join(sorted(p for p, _ in self._files["train"])))
-        unreadable = [p for p, _ in self._files["train"] if not _readable_name(p)]
+        special = sum(1 for p, _ in self._files["train"] if not p)
+        if special:
+            logging.warning(
+                "%d entries of %s/train are no regular files (FIFOs, sockets, devices, broken "
+                "links); they are skipped", special, self.root,
+            )  # fmt: skip
+        unreadable = [p for p, _ in self._files["train"] if p and not _readable_name(p)]
         if unreadable:
             logging.warning(
                 "%d file name(s) in %s are not UTF-8; those files are skipped (e.g. %s)",
