@@ -19,6 +19,8 @@ import pytest
 from folder_fixtures import add_bad_files, write_image_folder
 from test_resume import _checkpoint, _records
 
+from tiny import set_fields
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6  # 2 epochs of 55 records (48 images + 7 bad files) in batches of 16: 3 steps each
 
@@ -114,3 +116,40 @@ def test_a_folder_changed_since_the_checkpoint_is_refused(runs):
     assert result.returncode == 2 and last.startswith(f"error: dataset folder {folder}/train"), last
     assert "changed since the checkpoint: 1 file(s) added, 0 removed (blue: 16 -> 17)" in last
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_linear_caches_a_folders_features(runs, tmp_path):
+    """``evaluate linear`` with ``cached_features`` on the folder run: the 48 good training
+    images' features once, in the folder's order with their labels, the 7 bad files counted and
+    their places in the epoch taken by the first images; the classifier learns the colours."""
+    from moco_jax.config.defaults import linear_config
+    from moco_jax.data.folder_source import FolderSource
+    from moco_jax.run.linear_eval import evaluate_linear, setup_linear_run, with_pretrained
+
+    folder = runs["folder"]
+    config = linear_config()
+    fields = {
+        "dataset.name": f"folder:{folder}", "dataset.image_size": 16, "dataset.num_channels": 3,
+        "dataset.mean": (0.5,) * 3, "dataset.std": (0.25,) * 3, "model.bn_mode": "sync",
+        "num_devices": 2, "batch_size": 10, "linear.num_classes": 3, "linear.cached_features": True,
+        "epochs": 4, "optim.lr_milestones": (3,), "checkpoint.every_steps": 0,
+    }  # fmt: skip
+    config = with_pretrained(set_fields(config, fields), str(runs["root"] / "reference"))
+    run = setup_linear_run(config, tmp_path / "inspect")
+    try:
+        views = run.train_views
+        labels = np.asarray(views.train_set.labels)
+    finally:
+        run.close()
+    listed = list(FolderSource(str(folder)).records("train").as_numpy_iterator())
+    bad = (b"", b"notes.jpg", b"truncated.jpg", b"empty.png", b"pixel.png", b"huge.png")
+    good = [label for path, label in listed if path.rsplit(b"/", 1)[-1] not in bad]
+    steps = len(listed) // 10  # 55 records (or 56, after the changed-folder test's copy)
+    assert views.steps_per_epoch == steps and views.counters() == {"skipped_images": 7}
+    # The good images read once; the first again to fill ``steps`` steps of 10.
+    np.testing.assert_array_equal(labels, good + good[: steps * 10 - len(good)])
+    assert views.train_set.images.shape[0] == steps * 10
+
+    summary = evaluate_linear(config, tmp_path / "linear")
+    assert summary["protocol"] == "linear_cached_features" and summary["backbone_unchanged"]
+    assert summary["test_top1"] > 90, summary  # three colours

@@ -21,10 +21,10 @@ from etils import epath
 
 from moco_jax import storage
 from moco_jax.config.checks import ConfigError
-from moco_jax.data.resident import ResidentViews
 from moco_jax.evaluation.classifier import ClassifierMonitor
 from moco_jax.interop import architecture, formats
 from moco_jax.interop.errors import WeightBridgeError
+from moco_jax.run.cached_features import cached_views
 from moco_jax.run.metrics_io import plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
 from moco_jax.run.saved_run import load_run_config
@@ -130,13 +130,7 @@ def setup_linear_run(config: Any, workdir: str | epath.Path) -> Run:
         monitor = ClassifierMonitor(run.setup, run.data.test_source)
         views = run.train_views
         if config.linear.cached_features:
-            train_set = views.train_set  # resident: the bank source holds the same arrays
-            features = monitor.features(run.state, train_set.images)
-            cached = dataclasses.replace(train_set, images=features)
-            views = ResidentViews(cached, config, "features")
-            monitor.cached_test = monitor.features_of(run.state, run.data.test_source)
-            logging.info("cached features: train %s, test %s", features.shape,
-                         monitor.cached_test[0].shape)  # fmt: skip
+            views = cached_views(run, monitor)
     except BaseException:
         run.close()
         raise

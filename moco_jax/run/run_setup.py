@@ -140,6 +140,22 @@ def load_data(config: Any, mesh: Mesh, inputs: str = "two_views", source: Any = 
     return Data(*sources, builder.info.features["label"].num_classes)
 
 
+def streamed_source(mesh: Mesh, builder, config: Any, split: str, limit: int = 0):
+    """``() -> batches`` of ``split``'s centre crops and labels on the mesh (the first ``limit``
+    of this process's share; 0: all), the last batch padded with label -1."""
+    eval_batch = config.batch_size // jax.process_count()
+
+    def batches():
+        for images, labels in eval_batches(builder, split, config, eval_batch, limit):
+            short = eval_batch - len(labels)  # pad the last batch; label -1 is ignored
+            if short:
+                images = np.concatenate([images, np.zeros((short, *images.shape[1:]), np.uint8)])
+                labels = np.concatenate([labels, np.full(short, -1, np.int32)])
+            yield shard_batch(mesh, images), shard_batch(mesh, labels.astype(np.int32))
+
+    return batches
+
+
 def _resident_data(config: Any, mesh: Mesh, builder, inputs: str):
     """Train set on device (sampled by index) and the kNN sources over the resident arrays."""
     dataset, num_devices = config.dataset, mesh.shape[DATA_AXIS]
@@ -158,31 +174,17 @@ def _streaming_data(config: Any, mesh: Mesh, builder, inputs: str):
     dataset = config.dataset
     if not config.augment.crop:
         raise ConfigError("augment.crop must be on for streamed datasets (the host crops)")
-    if inputs == "features":
-        raise ConfigError(
-            f"linear.cached_features is for datasets that fit on the devices "
-            f"({', '.join(sorted(RESIDENT_DATASETS))}); {dataset.name} is streamed"
-        )
-    views = StreamingViews(mesh, builder, config, inputs)
+    # Cached features (``run.cached_features``) replace these views but keep their epoch.
+    streamed = "labelled_view" if inputs == "features" else inputs
+    views = StreamingViews(mesh, builder, config, streamed)
     if views.num_records < views.local_batch:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {views.num_records} training "
             f"examples of {dataset.name}"
         )
-    eval_batch = config.batch_size // jax.process_count()
 
     def source(split: str, limit: int):
-        def batches():
-            for images, labels in eval_batches(builder, split, config, eval_batch, limit):
-                short = eval_batch - len(labels)  # pad the last batch; label -1 is ignored
-                if short:
-                    images = np.concatenate(
-                        [images, np.zeros((short, *images.shape[1:]), np.uint8)]
-                    )
-                    labels = np.concatenate([labels, np.full(short, -1, np.int32)])
-                yield shard_batch(mesh, images), shard_batch(mesh, labels.astype(np.int32))
-
-        return batches
+        return streamed_source(mesh, builder, config, split, limit)
 
     test_split = "validation" if "validation" in builder.info.splits else "test"
     if test_split not in builder.info.splits:
