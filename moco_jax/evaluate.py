@@ -121,8 +121,15 @@ def main(argv):
     print(f"  random-init encoder (head)    {result['random_init_knn_head']:6.2f}%")
 
 
-if __name__ == "__main__":
-    define_flags()
-    from moco_jax.run.cli_errors import flags_parser
+def run() -> None:
+    """The program: python -m moco_jax.evaluate, and the moco-evaluate script."""
+    from moco_jax.run.cli_errors import flags_parser, quiet_native_logs
 
-    app.run(main, flags_parser=flags_parser(required=("workdir",), commands=("knn", "linear")))
+    quiet_native_logs()
+    define_flags()
+    parser = flags_parser(required=("workdir",), commands=("knn", "linear"), usage=__doc__)
+    app.run(main, flags_parser=parser)
+
+
+if __name__ == "__main__":
+    run()

@@ -176,10 +176,17 @@ def encode(fmt: str, payload: dict[str, Any]) -> bytes:
 def _refuse_what_does_not_apply(fmt: str, setup: Any, workdir: str) -> None:
     """``ConfigError`` for a format that does not hold this run's model or algorithm (its
     state's ``parts``, from shapes: nothing is restored yet)."""
+    from moco_jax.models.resnet import RESNET_SPECS
     from moco_jax.models.vit import VIT_SPECS
 
     algorithm, backbone = setup.algorithm, setup.config.model.backbone
     vit = backbone in VIT_SPECS
+    if not vit and backbone not in RESNET_SPECS:  # a fork's, or a test's: no PyTorch names
+        raise ConfigError(
+            f"{workdir}'s backbone {backbone!r} has no PyTorch layout: every format writes "
+            f"torchvision's ResNet names ({', '.join(RESNET_SPECS)}) or timm's ViT names "
+            f"({', '.join(VIT_SPECS)}); a fork's backbone needs its own name map to export"
+        )
     instead = "--format=deit" if vit else "--format=torchvision or detectron2"
     if fmt == "moco" and moco_layout(algorithm.parts(setup.abstract_state())) is None:
         raise ConfigError(
@@ -260,8 +267,15 @@ def main(argv):
         print(f"note: {note}; build the PyTorch model alike")
 
 
-if __name__ == "__main__":
-    define_flags()
-    from moco_jax.run.cli_errors import flags_parser
+def run() -> None:
+    """The program: python -m moco_jax.export, and the moco-export script."""
+    from moco_jax.run.cli_errors import flags_parser, quiet_native_logs
 
-    app.run(main, flags_parser=flags_parser(required=("workdir", "format", "output")))
+    quiet_native_logs()
+    define_flags()
+    parser = flags_parser(required=("workdir", "format", "output"), usage=__doc__)
+    app.run(main, flags_parser=parser)
+
+
+if __name__ == "__main__":
+    run()

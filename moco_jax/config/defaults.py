@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     # encoders, with a fresh optimizer, queue and step; its baselines add the loaded weights' kNN
     # (init_from_knn_*). None: random initialisation.
     config.init_from = placeholder(str)
+    # A fork's modules (comma-separated, e.g. "my_pkg.my_backbone"), imported before the config
+    # is checked: their @register_backbone / @register_algorithm add names (config.user_modules).
+    config.imports = ""
     return config
 
 

@@ -37,6 +37,7 @@ from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module'
     require,
 )
 from moco_jax.config.shape_rules import check_model_shapes
+from moco_jax.config.user_modules import import_user_modules
 from moco_jax.data.folder_source import folder_root, is_folder
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
@@ -184,7 +185,9 @@ def _validate_channels(config: Any) -> None:
 
 
 def validate_config(config: Any, num_devices: int) -> None:
-    """Raise ``ConfigError`` naming the first field that is wrong for a run on ``num_devices``."""
+    """Raise ``ConfigError`` naming the first field that is wrong for a run on ``num_devices``
+    (after importing the fork's modules of ``config.imports``: they register its names)."""
+    import_user_modules(config)
     for name, value in [
         ("batch_size", config.batch_size),
         ("epochs", config.epochs),
@@ -233,7 +236,8 @@ def _validate_model_fields(config: Any) -> None:
     m, moco, optim = config.model, config.moco, config.optim
     require(
         config.algorithm in available_algorithms(),
-        f"algorithm must be one of {available_algorithms()}, got {config.algorithm!r}",
+        f"algorithm must be one of {available_algorithms()}, got {config.algorithm!r} (a fork's "
+        "algorithm registers when its module is imported: --config.imports=MODULE)",
     )
     check_flag("model.cifar_stem", m.cifar_stem)
     require(
@@ -243,7 +247,8 @@ def _validate_model_fields(config: Any) -> None:
     require(
         m.backbone in available_backbones(),
         f"model.backbone: unknown backbone {m.backbone!r}; available: "
-        + ", ".join(available_backbones()),
+        + ", ".join(available_backbones())
+        + " (a fork's backbone registers when its module is imported: --config.imports=MODULE)",
     )
     require(m.head in HEAD_NAMES, f"model.head must be one of {list(HEAD_NAMES)}, got {m.head!r}")
     require(m.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")

@@ -30,6 +30,7 @@ from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from moco_jax.config.checks import ConfigError
 from moco_jax.data.tfds_source import DatasetError
+from moco_jax.run import cli_help
 
 EXPECTED_ERRORS = (ConfigError, DatasetError, OSError)
 EXIT_USAGE = 2
@@ -64,6 +65,17 @@ def _exit(line: str, code: int) -> NoReturn:
             with contextlib.suppress(Exception):  # its failure, or still running after 60 s
                 thread.join(max(0.0, deadline - time.monotonic()))
     sys.exit(code)
+
+
+def quiet_native_logs() -> None:
+    """Before TensorFlow or JAX load: no start-up banners of their C++ libraries on the terminal.
+    TensorFlow only reads files here: its INFO/WARNING lines (CPU features, oneDNN) and its oneDNN
+    custom operations (a banner of their own) are not wanted. libtpu, installed for
+    ``--compile_for``, writes its warnings to its log files under /tmp/tpu_logs, not stderr.
+    Values already set in the environment win."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "2")
 
 
 def quiet_library_logs() -> None:
@@ -233,14 +245,19 @@ def define_config_file(
 
 
 def flags_parser(
-    required: Sequence[str] = (), commands: Sequence[str] = ()
+    required: Sequence[str] = (), commands: Sequence[str] = (), usage: str = ""
 ) -> Callable[[list[str]], list[str]]:
     """For ``app.run(main, flags_parser=...)``: parses ``flags.FLAGS`` as absl does, but a bad
     command line is one ``error:`` line and exit code 2 (absl: a ``FATAL`` line, usage and 1; or
     ml_collections' traceback). The flags in ``required`` must be given and not empty; the
-    positional arguments must be one of ``commands`` (none if ``commands`` is empty)."""
+    positional arguments must be one of ``commands`` (none if ``commands`` is empty). ``--help``
+    prints ``usage`` (the command's docstring) and every flag of the command
+    (``cli_help``), and exits with 0."""
 
     def parse(argv: list[str]) -> list[str]:
+        if cli_help.asks_for_help(argv[1:]):
+            sys.stdout.write(cli_help.help_text(usage))
+            sys.exit(0)
         try:
             rest = flags.FLAGS(argv)
         except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
