@@ -129,6 +129,7 @@ def _take(part: str, saved: dict, current: dict, loaded: dict) -> None:
 def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
     """``load_encoder_weights`` of a PyTorch or detectron2 file (read without running code)."""
     where = f"{what} {path}"
+    _refuse_unnamed_backbone(setup.config.model.backbone, where)
     try:
         variables, named, kind = formats.read_encoder(path)
     except WeightBridgeError as err:  # say which setting and file
@@ -159,6 +160,20 @@ def _load_file(path: str, template: Any, setup: Any, what: str) -> Any:
             taken.append("head")
     logging.info("%s: loaded the %s of %s %s", what, " and ".join(taken), kind, path)
     return setup.algorithm.load_encoder(template, loaded)
+
+
+def _refuse_unnamed_backbone(backbone: str, where: str) -> None:
+    """``ConfigError`` for a backbone without PyTorch names (a fork's, before its file is read):
+    a file's tensors are matched by torchvision's ResNet names or timm's ViT names."""
+    from moco_jax.models.resnet import RESNET_SPECS
+    from moco_jax.models.vit import VIT_SPECS
+
+    if backbone not in RESNET_SPECS and backbone not in VIT_SPECS:
+        raise ConfigError(
+            f"{where}: this config's backbone {backbone!r} has no PyTorch names: a weights file "
+            f"loads into {', '.join([*RESNET_SPECS, *VIT_SPECS])} (torchvision's ResNet names, "
+            "timm's ViT names); a moco_jax workdir's checkpoint loads into any backbone"
+        )
 
 
 def _check_backbone(named: dict, current: dict, where: str, config: Any) -> bool:
