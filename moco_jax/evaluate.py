@@ -2,8 +2,10 @@
 
 ``python -m moco_jax.evaluate knn --workdir DIR``: rebuilds the run from ``DIR/config.json``,
 restores the latest checkpoint (or ``--step``), and reports weighted-kNN top-1 on the head and
-backbone features next to the raw-pixel and random-init baselines of the same data, so the gain
-from pretraining is visible. The result is printed and written to ``DIR/knn_eval.json``.
+backbone features next to the raw-pixel and random-init baselines of the same data (those of
+the run's ``baselines.json``; ``--recompute_baselines`` computes them again), so the gain from
+pretraining is visible. The workdir is read without its lock, so it works while the run trains;
+the result is printed and written to ``DIR/knn_eval/step_N.json``.
 
 ``python -m moco_jax.evaluate linear --config configs/linear_imagenet.py --pretrained P
 --workdir OUT``: the paper's linear classification protocol on frozen features (or fine-tuning,
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 
+from moco_jax import storage
 from moco_jax.run.cli_errors import define_config_file, define_distributed_flag
 from moco_jax.run.saved_run import load_run_config, saved_steps
+from moco_jax.storage import read_text
 
 FLAGS = flags.FLAGS
 
@@ -37,6 +41,12 @@ def define_flags() -> None:
     define_distributed_flag()  # every host of a pod runs the same command, as train.py
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
     flags.DEFINE_string("data_dir", None, "Override dataset.data_dir of the saved config.")
+    flags.DEFINE_bool(
+        "recompute_baselines",
+        False,
+        "knn: compute the raw-pixel and random-init baselines again instead of reading the "
+        "run's baselines.json.",
+    )
     flags.DEFINE_string(
         "pretrained",
         None,
@@ -45,8 +55,19 @@ def define_flags() -> None:
     )
 
 
-def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = None) -> dict:
-    """kNN top-1 (%) of a saved checkpoint, with the baselines."""
+def evaluate_knn(
+    workdir: str,
+    step: int | None = None,
+    data_dir: str | None = None,
+    recompute_baselines: bool = False,
+) -> dict:
+    """kNN top-1 (%) of a saved checkpoint, with the baselines: those the run wrote
+    (``baselines.json``) unless there are none or ``recompute_baselines``.
+
+    The workdir is only read, without its lock (as ``export``), so a run may be training there:
+    damaged checkpoints are skipped, never moved. The result goes to its own file,
+    ``DIR/knn_eval/step_N.json`` (written whole, atomically): never among the run's checkpoints
+    or records, and two evaluations of other steps never write the same file."""
     import jax
 
     from moco_jax.config.checks import ConfigError
@@ -57,8 +78,7 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
     if data_dir is not None:
         config.dataset.data_dir = data_dir
     _check_saved(workdir_path, step, saved_steps(workdir_path))  # before the data is loaded
-    # Read-only: damaged checkpoints are skipped, never moved (a pretraining run's own restore
-    # sets them aside).
+    saved_baselines = None if recompute_baselines else _saved_baselines(workdir_path)
     run = setup_run(config, workdir_path, read_only=True)
     try:
         if run.monitor is None:
@@ -68,13 +88,28 @@ def evaluate_knn(workdir: str, step: int | None = None, data_dir: str | None = N
         initial = run.setup.initial_state()
         state = run.checkpointer.restore(step, initial) if step is not None else run.state
         encoder = run.setup.algorithm.encoder_variables
-        result = {"step": int(state.step), **run.monitor.baselines(encoder(initial))}
+        baselines = saved_baselines or run.monitor.baselines(encoder(initial))
+        result = {"step": int(state.step), **baselines}
         result.update(run.monitor.evaluate(encoder(state)))
     finally:
         run.close()
     if jax.process_index() == 0:
-        (workdir_path / "knn_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        output = workdir_path / "knn_eval" / f"step_{result['step']}.json"
+        output.parent.mkdir(exist_ok=True)
+        storage.write_whole(output, json.dumps(result, indent=2) + "\n", "the kNN result")
+        result["output"] = str(output)
     return result
+
+
+def _saved_baselines(workdir: epath.Path) -> dict | None:
+    """The run's ``baselines.json`` (None: not written yet, or damaged: computed again)."""
+    path = workdir / "baselines.json"
+    try:
+        saved = json.loads(read_text(path)) if path.exists() else None
+    except ValueError:
+        logging.warning("%s is damaged; the baselines are computed again", path)
+        return None
+    return saved if isinstance(saved, dict) and "knn_pixels" in saved else None
 
 
 def _check_saved(workdir: epath.Path, step: int | None, steps: list[int]) -> None:
@@ -113,8 +148,9 @@ def main(argv):
         if "backbone_unchanged" in summary:
             print(f"backbone bit-for-bit the pretrained one: {summary['backbone_unchanged']}")
         return
-    result = run_with_clear_errors(evaluate_knn, FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
-    print(f"step {result['step']}:")
+    args = (FLAGS.workdir, FLAGS.step, FLAGS.data_dir, FLAGS.recompute_baselines)
+    result = run_with_clear_errors(evaluate_knn, *args)
+    print(f"step {result['step']} (written to {result.get('output')}):")
     print(f"  kNN top-1, head features      {result['knn_head']:6.2f}%")
     print(f"  kNN top-1, backbone features  {result['knn_backbone']:6.2f}%")
     print(f"  raw pixels                    {result['knn_pixels']:6.2f}%")

@@ -103,7 +103,8 @@ def test_a_killed_folder_run_resumes_bit_for_bit(runs):
 
 def test_evaluate_knn_reads_a_folder_run(runs):
     assert runs["knn"].returncode == 0, runs["knn"].stderr[-3000:]
-    result = json.loads((runs["root"] / "reference" / "knn_eval.json").read_text())
+    output = runs["root"] / "reference" / "knn_eval" / f"step_{STEPS}.json"
+    result = json.loads(output.read_text())
     assert result["step"] == STEPS and result["knn_pixels"] > 90  # colour classes
 
 

@@ -213,21 +213,34 @@ def test_checkpoints_all_deleted_while_read_are_not_called_damaged(workdir, tmp_
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_evaluate_knn_leaves_a_damaged_checkpoint_where_it_is(workdir, caplog):
-    """``evaluate knn`` writes its result (``knn_eval.json``) beside the run's checkpoints, and
-    changes nothing among them."""
+def test_evaluate_knn_beside_a_training_run_reads_and_changes_nothing(workdir, caplog):
+    """``evaluate knn`` on a workdir whose run holds the lock (training): it reads the newest
+    intact checkpoint, leaves a damaged one where it is, takes the run's baselines.json as they
+    are, and writes only its own result file (``knn_eval/step_N.json``)."""
     from data_fixtures import fashion_mnist_data_dir
 
     from moco_jax.evaluate import evaluate_knn
+    from moco_jax.run.workdir_lock import WorkdirLock
 
     data_dir = fashion_mnist_data_dir()
     _truncate_arrays(workdir / "checkpoints" / "6")
-    before = _tree(workdir / "checkpoints")
-    with caplog.at_level("WARNING"):
+    baselines = {"knn_pixels": 12.5, "random_init_knn_head": 25.0, "random_init_knn_backbone": 5}
+    (workdir / "baselines.json").write_text(json.dumps(baselines))
+    with WorkdirLock(workdir), caplog.at_level("WARNING"):  # as the training run holds it
+        before = _tree(workdir)
         result = evaluate_knn(str(workdir), data_dir=data_dir)
     assert result["step"] == 4
+    assert {key: result[key] for key in baselines} == baselines  # read, not computed again
+    assert 0 <= result["knn_head"] <= 100 and 0 <= result["knn_backbone"] <= 100
     assert "skipped damaged checkpoint step 6 of" in caplog.text
-    assert _tree(workdir / "checkpoints") == before
+    output = workdir / "knn_eval" / "step_4.json"
+    assert result["output"] == str(output)
+    assert json.loads(output.read_text()) == {k: v for k, v in result.items() if k != "output"}
+    after = _tree(workdir)
+    assert {name for name in after if not name.startswith("knn_eval")} == set(before)
+    assert {name: after[name] for name in before if name != "."} == {
+        name: before[name] for name in before if name != "."
+    }  # the workdir's own entry changed: knn_eval/ was added
     assert not (workdir / "checkpoints_damaged").exists()
 
 

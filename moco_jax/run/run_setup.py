@@ -47,7 +47,7 @@ class Run:
     state: State
     checkpointer: Checkpointer
     monitor: KnnMonitor | None  # kNN and its baselines (None: a run that reports otherwise)
-    lock: WorkdirLock
+    lock: WorkdirLock | None  # None: a read-only run (evaluate knn) takes no lock
     # state -> the epoch record's evaluation entries, every ``eval_every_epochs`` and at the end.
     evaluate: Callable[[State], dict[str, float]]
     eval_every_epochs: int
@@ -62,14 +62,16 @@ class Run:
         try:
             self.checkpointer.close()
         finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
 
 def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -> Run:
     """Validate, load the data, build the algorithm and restore the latest checkpoint if any.
 
-    ``read_only``: the run's checkpoints are only read (``evaluate knn``): damaged ones are
-    skipped but left in place, and nothing is checked for saving."""
+    ``read_only``: the workdir is only read (``evaluate knn``), without its lock, so the run
+    may be training there: damaged checkpoints are skipped but left in place, and nothing is
+    checked for saving or written."""
     mesh = mesh_for(config)  # every config rule that needs no data, once
     config.dataset.name = absolute_name(config.dataset.name)  # stored so, found from anywhere
     early = build(config, 1, mesh=mesh)  # a run that cannot fit in memory fails before the data
@@ -78,8 +80,12 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
     workdir = epath.Path(workdir)
     what = "linear.pretrained" if "linear" in config else "init_from"
     storage.check_reachable(what, config.init_from or "")  # a bucket: before the workdir
-    _check_workdir(workdir)
-    lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
+    if read_only:
+        storage.check_reachable("workdir", workdir)
+        lock = None
+    else:
+        _check_workdir(workdir)
+        lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
     checkpointer = None
     try:
         data = load_data(config, mesh, inputs, listed)
@@ -106,7 +112,8 @@ def setup_run(config: Any, workdir: str | epath.Path, read_only: bool = False) -
     except BaseException:
         if checkpointer is not None:  # else orbax's threads print a traceback at exit
             checkpointer.close()
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
     encoder = setup.algorithm.encoder_variables
     evaluate = lambda state: monitor.evaluate(encoder(state)) if monitor else {}
