@@ -55,7 +55,7 @@ def _define(values: flags.FlagValues) -> None:
     integer("loss_steps", None, "steps of the fp32/bf16 loss check; 0: off", 0, flag_values=values)
     boolean("torch", False, "time PyTorch side by side", flag_values=values)
     integer("torch_threads", 0, "PyTorch CPU threads (0: its default)", 0, flag_values=values)
-    boolean("no_floor", False, "skip the XLA floor", flag_values=values)
+    boolean("floor", True, "time the XLA floor (--nofloor skips it)", flag_values=values)
     integer(
         "floor_pairs",
         0,
@@ -63,12 +63,20 @@ def _define(values: flags.FlagValues) -> None:
         0,
         flag_values=values,
     )
-    boolean("no_collectives", False, "skip the collectives report", flag_values=values)
+    boolean(
+        "collectives", True, "report the collectives (--nocollectives skips it)", flag_values=values
+    )
     integer("collectives_devices", 8, "devices of the collectives report", 1, flag_values=values)
-    boolean("no_fit_batch", False, "fail instead of halving the batch", flag_values=values)
+    boolean(
+        "fit_batch",
+        True,
+        "halve the batch until it fits (--nofit_batch fails instead)",
+        flag_values=values,
+    )
     integer("seed", 0, "seed of the synthetic data", flag_values=values)
     flags.DEFINE_string("json", None, "write the report here ('-': stdout)", flag_values=values)
-    flags.DEFINE_string("collectives_worker", None, "(internal)", flag_values=values)
+    # The collectives report's child process (benchmarks/collectives.py); not in --help.
+    flags.DEFINE_string("collectives_worker", None, "", flag_values=values)
 
 
 def parse_args(argv: list[str]) -> flags.FlagValues:
@@ -96,11 +104,11 @@ def options_from(values: flags.FlagValues) -> Options:
         warmup=values.warmup,
         loss_steps=values.loss_steps,
         torch=values.torch,
-        floor=not values.no_floor,
+        floor=values.floor,
         floor_pairs=values.floor_pairs,
-        collectives=not values.no_collectives,
+        collectives=values.collectives,
         collectives_devices=values.collectives_devices,
-        fit_batch=not values.no_fit_batch,
+        fit_batch=values.fit_batch,
         torch_threads=values.torch_threads,
         seed=values.seed,
     )

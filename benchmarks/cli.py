@@ -18,6 +18,7 @@ from typing import Any
 
 from absl import flags
 
+from moco_jax.run import cli_help
 from moco_jax.run.cli_errors import (
     EXIT_USAGE,
     EXPECTED_ERRORS,
@@ -27,9 +28,10 @@ from moco_jax.run.cli_errors import (
 )
 
 CONFIG_HELP = (
-    "a config file (configs/*.py); then --config.KEY=VALUE sets any of its fields, "
-    "e.g. --config.moco.queue_size=128"
+    "a config file (configs/*.py; default: the preset's); then --config.KEY=VALUE sets any of "
+    "its fields, e.g. --config.moco.queue_size=128"
 )
+HIDDEN_FLAGS = ("collectives_worker", "help")  # a child process's; --help itself
 
 
 class UsageError(ValueError):
@@ -79,8 +81,8 @@ def parse(
         if values.config is not None:
             values.config.get("seed")  # a file that failed to load raises here
     if values.help:
-        print(f"usage: {prog} [flags]\n\n{textwrap.fill(description, 80)}\n")
-        print(values.get_help(include_special_flags=False))
+        usage = f"usage: {prog} [flags]\n\n{textwrap.fill(description, 80)}"
+        print(cli_help.help_text(usage, values, hidden=HIDDEN_FLAGS), end="")
         sys.exit(0)
     if len(rest) > 1:
         raise UsageError(f"unexpected argument {rest[1]!r} (flags only)")

@@ -23,6 +23,9 @@ SMOKE = ["--config", str(ROOT / "configs" / "smoke.py")]
 EVALUATE = ["-m", "moco_jax.evaluate"]
 LINEAR = ["--config", str(ROOT / "configs" / "linear_fashion_mnist.py")]
 SLOW_ROWS = ("init-from-missing", "unknown-dataset")
+# Run as a user runs them, JAX choosing its platforms (with libtpu installed, as the test
+# requirements install it, it looks for a TPU): still nothing on stderr but the error line.
+ANY_PLATFORM_ROWS = ("image-too-large-for-memory",)
 CLUSTER_PREFIXES = ("JAX_COORDINATOR", "SLURM_", "OMPI_", "TPU_WORKER", "KUBERNETES_")
 BUCKET = "gs://moco-jax-test-no-such-bucket"
 # A bucket is reached through this proxy, which is not there: "cannot reach" on any machine, at
@@ -280,9 +283,13 @@ def _prepare(tmp_path: pathlib.Path) -> None:
     (tmp_path / "cwd").mkdir()
 
 
-def _run(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], cwd: pathlib.Path, any_platform: bool = False
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_PREFIXES)}
     env.update(MOCO_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    if any_platform:
+        del env["JAX_PLATFORMS"]
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
@@ -311,7 +318,9 @@ def outcomes(tmp_path_factory):
     slow_first = sorted(runs, key=lambda row_id: row_id not in SLOW_ROWS)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         started = {
-            row_id: pool.submit(_run, runs[row_id][2], runs[row_id][0] / "cwd")
+            row_id: pool.submit(
+                _run, runs[row_id][2], runs[row_id][0] / "cwd", row_id in ANY_PLATFORM_ROWS
+            )
             for row_id in slow_first
             if isinstance(runs[row_id][2], list)
         }
@@ -332,6 +341,7 @@ def test_bad_input_is_one_error_line(outcomes, row_id, error, untouched):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(error.format(**places)), result.stderr[-3000:]
     assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert len(lines) == 1, result.stderr[-3000:]  # no banner or warning before it
     assert "Traceback" not in result.stderr
     assert not any((tmp_path / "cwd").iterdir())  # nothing written into the current directory
     if untouched and "no workdir" in untouched:
@@ -358,3 +368,15 @@ def test_the_error_stays_the_last_line_after_a_checkpoint_manager_closed(tmp_pat
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: the last line", result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [TRAIN, EVALUATE], ids=["train.py", "evaluate"])
+def test_help_lists_every_flag_in_plain_text(command, tmp_path):
+    """``--help`` (absl's stops before any JAX work) lists the command's own flags, --config and
+    --distributed among them, without reStructuredText markup or a file path as a title."""
+    result = _run([*command, "--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for flag in ("--config:", "--distributed:", "--workdir:"):
+        assert f"\n  {flag}" in result.stdout, result.stdout
+    assert "``" not in result.stdout
+    assert not [line for line in result.stdout.splitlines() if line.endswith(".py:")]

@@ -103,7 +103,7 @@ def tiny_report(tmp_path_factory):
     """
     path = tmp_path_factory.mktemp("benchmark") / "tiny.json"
     argv = ["--preset", "tiny", "--steps", "1", "--repeats", "2", "--warmup", "1"]
-    argv += ["--loss_steps", "2", "--no_floor", "--json", str(path)]
+    argv += ["--loss_steps", "2", "--nofloor", "--json", str(path)]
     if HAVE_TORCH:
         argv += ["--torch", "--torch_threads", "1"]
     assert cli.main(argv) == 0
@@ -125,7 +125,7 @@ def test_tiny_benchmark_reports_every_field(tiny_report):
     assert tiny_report["memory"]["peak_bytes_estimate"] > 0
     assert tiny_report["flops"]["xla_flops_per_image"] > 0
     assert tiny_report["flops"]["model_flops_per_image"] > 0
-    assert tiny_report["floor"] is None  # --no_floor
+    assert tiny_report["floor"] is None  # --nofloor
     assert tiny_report["transfer_guard"] == "disallow"
     assert tiny_report["donation"]["all_donated"]
     if HAVE_TORCH:
@@ -257,10 +257,21 @@ def test_presets_and_overrides_resolve_without_compiling():
 def test_bad_command_line_is_one_error_line(argv, words, capsys):
     """An unknown field, a bad value, a missing file or a config the step refuses: exit code 2
     and one ``error:`` line naming the cause, nothing run."""
-    assert cli.main([*argv, "--no_collectives", "--loss_steps=0"]) == 2
+    assert cli.main([*argv, "--nocollectives", "--loss_steps=0"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
     assert all(word in error for word in words), error
+
+
+def test_help_shows_positive_switches_and_no_internal_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--preset", "tiny", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for switch in ("--[no]floor:", "--[no]collectives:", "--[no]fit_batch:", "--config:"):
+        assert f"\n  {switch}" in text, text
+    assert "no_floor" not in text and "collectives_worker" not in text
+    assert "(internal)" not in text and ".py')" not in text  # no config file as a default
 
 
 def test_xla_floor_times_each_distinct_op():

@@ -14,6 +14,7 @@ preempted jobs see the usual code, and rerunning the same command resumes.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging as std_logging
 import os
 import sys
@@ -67,15 +68,31 @@ def _exit(line: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+# Device files of the accelerators JAX can use: NVIDIA (WSL: /dev/dxg), AMD, TPU (v2-v4: accel,
+# v5e and later: vfio).
+ACCELERATOR_DEVICE_FILES = (
+    "/dev/nvidia*",
+    "/dev/dxg",
+    "/dev/kfd",
+    "/dev/accel*",
+    "/dev/vfio/[0-9]*",
+)
+
+
 def quiet_native_logs() -> None:
-    """Before TensorFlow or JAX load: no start-up banners of their C++ libraries on the terminal.
-    TensorFlow only reads files here: its INFO/WARNING lines (CPU features, oneDNN) and its oneDNN
-    custom operations (a banner of their own) are not wanted. libtpu, installed for
-    ``--compile_for``, writes its warnings to its log files under /tmp/tpu_logs, not stderr.
-    Values already set in the environment win."""
+    """Before TensorFlow or JAX start: no banners or warnings of their C++ libraries.
+
+    TensorFlow only reads files here: its INFO/WARNING lines (CPU features) and its oneDNN custom
+    operations (with a banner of their own) are not wanted. JAX, with ``JAX_PLATFORMS`` unset,
+    tries every backend it has; with libtpu installed (the test requirements install it) and no
+    TPU, libtpu's start writes five lines of TPU_WORKER_HOSTNAMES warnings: a machine with no
+    accelerator's device file runs on the CPU without trying. Values already set win."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "2")
+    if "JAX_PLATFORMS" not in os.environ and not any(map(glob.glob, ACCELERATOR_DEVICE_FILES)):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if "jax" in sys.modules:  # imported already: its config read the variable
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def quiet_library_logs() -> None:

@@ -55,7 +55,10 @@ def command_flags(flag_values: flags.FlagValues, hidden: Sequence[str] = ()) -> 
 def help_text(
     usage: str, flag_values: flags.FlagValues = flags.FLAGS, hidden: Sequence[str] = ()
 ) -> str:
-    """The whole ``--help``: ``usage`` (the command's docstring) and its flags."""
+    """The whole ``--help``: ``usage`` (the command's docstring) and its flags (but ``hidden``);
+    of ``flags.FLAGS``, where absl's ``--helpfull`` lists the rest, a line saying so."""
     lines = [plain(usage), "", "flags:"]
     lines += [describe(flag) for flag in command_flags(flag_values, hidden)]
-    return "\n".join(lines) + "\n\n--helpfull also lists the flags of absl and the libraries.\n"
+    if flag_values is flags.FLAGS:
+        lines += ["", "--helpfull also lists the flags of absl and the libraries."]
+    return "\n".join(lines) + "\n"
