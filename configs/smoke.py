@@ -1,4 +1,13 @@
-"""A tiny config that compiles and runs in seconds on CPU: for smoke tests and first contact."""
+"""A tiny config that compiles and runs in seconds on CPU: for smoke tests and first contact.
+
+What to expect: one epoch of 8 steps on 512 Fashion-MNIST images at 16 px, a ResNet-18 of width
+4. The loss stays near where InfoNCE starts, ln(1 + K) = 4.6 for the K=96 queue (epoch mean
+about 4.0); the kNN top-1 (about 40%) comes out BELOW the random-init encoder's (about 53%) and
+far below raw pixels (about 71%). That is expected, not a failure: 8 steps move the features
+away from the random init's without learning much yet (train.py prints a note saying so). It
+shows that the whole pipeline runs (data, steps, kNN, checkpoints, records);
+configs/fashion_mnist.py is the demo that learns (kNN 81.6% in 5 epochs).
+"""
 
 from moco_jax.config.defaults import base_config
 

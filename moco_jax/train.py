@@ -62,6 +62,20 @@ def main(argv):
     summary = cli_errors.run_with_clear_errors(train_and_evaluate, FLAGS.config, FLAGS.workdir)
     if summary is not None and jax.process_index() == 0:
         print("summary:", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        if note := below_random_init(summary):
+            print(f"note: {note}")
+
+
+def below_random_init(summary: dict) -> str | None:
+    """What to read into a kNN top-1 below the random-init encoder's, or None when it is not."""
+    knn, random_init = summary.get("final_knn_head"), summary.get("random_init_knn_head")
+    if knn is None or random_init is None or knn >= random_init:
+        return None
+    return (
+        f"kNN top-1 {knn:.1f}% is below the random-init encoder's {random_init:.1f}%: expected "
+        "early in pretraining (a few hundred steps or fewer, as configs/smoke.py's 8): the "
+        "features leave the random init's before they learn; longer runs pass it"
+    )
 
 
 def compile_only():

@@ -59,6 +59,8 @@ def test_smoke_pretraining_through_train_py(tmp_path, data_dir, monkeypatch):
     assert steps[-1]["step"] == 8  # 512 examples / batch 64
     assert steps[-1]["queue_ptr"] == (8 * 64) % 96
     assert "summary:" in result.stdout
+    below = summary["final_knn_head"] < summary["random_init_knn_head"]  # 8 steps: expected
+    assert ("is below the random-init encoder's" in result.stdout) == below, result.stdout
 
     # Rerunning the same command resumes from the final checkpoint: no step is repeated.
     again = _train_py(tmp_path, f"--config.dataset.data_dir={data_dir}")

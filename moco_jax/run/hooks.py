@@ -36,6 +36,9 @@ class Progress:
     metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
     epoch_loss: jax.Array | None = None  # loss summed over this epoch's steps so far (on device)
     epoch_steps: int = 0
+    # The same over the logging window: the steps since the last step record (LogMetrics).
+    window_loss: jax.Array | None = None
+    window_steps: int = 0
 
     @property
     def epoch(self) -> int:
@@ -50,12 +53,27 @@ class Progress:
         loss = self.metrics["loss"]
         self.epoch_loss = loss if self.epoch_loss is None else self.epoch_loss + loss
         self.epoch_steps += 1
+        self.window_loss = loss if self.window_loss is None else self.window_loss + loss
+        self.window_steps += 1
 
 
 def resumed_epoch_loss(extra: dict, step: int, steps_per_epoch: int, mesh) -> tuple[Any, int]:
     """The running (loss sum, steps) of the epoch ``step`` falls in, as saved with its checkpoint
     (kept on the mesh like the step's loss; None: nothing summed yet this epoch)."""
-    saved, steps = extra.get("epoch_loss_sum"), step % steps_per_epoch
+    return _resumed_sum(extra.get("epoch_loss_sum"), step % steps_per_epoch, mesh)
+
+
+def resumed_window_loss(
+    extra: dict, step: int, steps_per_epoch: int, every_steps: int, mesh
+) -> tuple[Any, int]:
+    """The running (loss sum, steps) of the logging window ``step`` falls in, as saved with its
+    checkpoint: a window ends every ``every_steps`` steps and at each epoch's end (a checkpoint
+    written before windows were saved: None, the window starts again here)."""
+    start = max(step - step % every_steps, step - step % steps_per_epoch)
+    return _resumed_sum(extra.get("window_loss_sum"), step - start, mesh)
+
+
+def _resumed_sum(saved: float | None, steps: int, mesh) -> tuple[Any, int]:
     if saved is None or steps == 0:
         return None, 0
     return put_replicated(mesh, np.float32(saved)), steps
@@ -91,11 +109,13 @@ class SaveCheckpoint:
 
     def extra(self, progress: Progress) -> dict[str, Any]:
         loss = 0.0 if progress.epoch_steps == 0 else progress.epoch_loss
+        window = 0.0 if progress.window_steps == 0 else progress.window_loss
         history = {"epochs": list(self.history.get("epochs", []))}  # a copy: saved later
         if "baselines" in self.history:
             history["baselines"] = dict(self.history["baselines"])
         return {
             "epoch_loss_sum": loss,
+            "window_loss_sum": window,
             "steps_per_epoch": progress.steps_per_epoch,
             **self.views.checkpoint_extra(),
             HISTORY: history,
@@ -122,33 +142,46 @@ class StopWhenPreempted:
 
 
 class LogMetrics:
-    """Every ``every_steps`` steps and at each epoch's end: fetch the step's metrics, stop on a
-    non-finite loss, write them with the images/sec since the last write, move the bar."""
+    """Every ``every_steps`` steps and at each epoch's end (the logging window): fetch the
+    metrics, stop on a non-finite loss, write them, move the bar. ``loss`` is the mean over the
+    window's steps (saved with each checkpoint, so a resumed run writes the same figure); the
+    other metrics are the window's last step's. ``images_per_sec`` counts the window's steps
+    but this process's first, which compiled the step: throughput, not compile time (a window
+    of that step alone has none)."""
 
     def __init__(self, every_steps, batch_size, epochs, writer, progress_bar, checkpointer):
         self.every_steps, self.batch_size, self.epochs = every_steps, batch_size, epochs
         self.writer, self.progress_bar, self.checkpointer = writer, progress_bar, checkpointer
-        self.window_start, self.window_steps = time.time(), 0
+        self.window_start, self.bar_steps, self.timed_steps = time.time(), 0, 0
+        self.compiled = False
 
     def restart_clock(self) -> None:
         self.window_start = time.time()
 
     def __call__(self, progress: Progress) -> None:
-        self.window_steps += 1
+        self.bar_steps += 1
+        if self.compiled:
+            self.timed_steps += 1
+        else:  # the clock starts once the first step (compiled here) has run
+            jax.block_until_ready(progress.metrics)
+            self.compiled = True
+            self.restart_clock()
         if progress.step % self.every_steps and not progress.end_of_epoch:
             return
-        scalars = {k: float(v) for k, v in jax.device_get(progress.metrics).items()}
+        metrics, window_loss = jax.device_get((progress.metrics, progress.window_loss))
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars["loss"] = float(window_loss) / progress.window_steps
+        progress.window_loss, progress.window_steps = None, 0
         check_finite(scalars["loss"], progress.step, self.checkpointer)
-        elapsed = max(time.time() - self.window_start, 1e-9)
-        scalars["images_per_sec"] = self.window_steps * self.batch_size / elapsed
+        shown = {"epoch": f"{progress.epoch}/{self.epochs}", "loss": f"{scalars['loss']:.3f}"}
+        if self.timed_steps:
+            elapsed = max(time.time() - self.window_start, 1e-9)
+            scalars["images_per_sec"] = self.timed_steps * self.batch_size / elapsed
+            shown["img_s"] = f"{scalars['images_per_sec']:.0f}"
         self.writer.write_step(progress.step, scalars)
-        self.progress_bar.set_postfix(
-            epoch=f"{progress.epoch}/{self.epochs}",
-            loss=f"{scalars['loss']:.3f}",
-            img_s=f"{scalars['images_per_sec']:.0f}",
-        )
-        self.progress_bar.update(self.window_steps)
-        self.window_start, self.window_steps = time.time(), 0
+        self.progress_bar.set_postfix(**shown)
+        self.progress_bar.update(self.bar_steps)
+        self.window_start, self.bar_steps, self.timed_steps = time.time(), 0, 0
 
 
 class EndOfEpoch:

@@ -72,6 +72,13 @@ def train_loop(run: Run) -> tuple[dict, Any]:
     progress.epoch_loss, progress.epoch_steps = hooks.resumed_epoch_loss(
         checkpointer.restored_extra, progress.step, steps_per_epoch, run.setup.mesh
     )
+    progress.window_loss, progress.window_steps = hooks.resumed_window_loss(
+        checkpointer.restored_extra,
+        progress.step,
+        steps_per_epoch,
+        config.log_every_steps,
+        run.setup.mesh,
+    )
     views.restore(checkpointer.restored_extra)  # e.g. streamed data's skipped-image count
     bar = _progress_bar(total_steps, progress.step, enabled=is_main)
     first, last = _installed_actions(run)
