@@ -111,6 +111,8 @@ BAD_VALUES = [
     ({"profile_steps": -1}, 1, "profile_steps must be an integer >= 0, got -1"),
     ({"profile_first_step": 0}, 1, "profile_first_step must be an integer >= 1, got 0"),
     ({"init_from": ""}, 1, "init_from must be a path to another run's checkpoints"),
+    ({"imports": "no_such_fork_module"}, 1, "imports: cannot import 'no_such_fork_module' "),
+    ({"imports": "../my_pkg"}, 1, "imports: '../my_pkg' is not a module name"),
     # Bad input that used to fail late or deep inside a library.
     ({"seed": 2**70}, 1, r"seed must be < 2\*\*31, got 1180591620717411303424"),
     ({"dataset.name": "../../etc/passwd"}, 1, "dataset.name must be a TFDS dataset name, got '../"),

@@ -27,6 +27,8 @@ def module_names(imports: Any) -> list[str]:
 def import_user_modules(config: Any) -> None:
     """Import every module ``config.imports`` names (once: Python keeps imported modules)."""
     for name in module_names(config.get("imports", "")):
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"imports: {name!r} is not a module name (e.g. my_pkg.my_backbone)")
         try:
             importlib.import_module(name)
         except ImportError as err:
