@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -85,11 +86,15 @@ def quiet_native_logs() -> None:
     TensorFlow only reads files here: its INFO/WARNING lines (CPU features) and its oneDNN custom
     operations (with a banner of their own) are not wanted. JAX, with ``JAX_PLATFORMS`` unset,
     tries every backend it has; with libtpu installed (the test requirements install it) and no
-    TPU, libtpu's start writes five lines of TPU_WORKER_HOSTNAMES warnings: a machine with no
-    accelerator's device file runs on the CPU without trying. Values already set win."""
+    TPU, libtpu's start writes five lines of TPU_WORKER_HOSTNAMES warnings: there, a machine with
+    no accelerator's device file runs on the CPU without trying. Values already set win."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    if "JAX_PLATFORMS" not in os.environ and not any(map(glob.glob, ACCELERATOR_DEVICE_FILES)):
+    if (
+        "JAX_PLATFORMS" not in os.environ
+        and importlib.util.find_spec("libtpu") is not None
+        and not any(map(glob.glob, ACCELERATOR_DEVICE_FILES))
+    ):
         os.environ["JAX_PLATFORMS"] = "cpu"
         if "jax" in sys.modules:  # imported already: its config read the variable
             sys.modules["jax"].config.update("jax_platforms", "cpu")
