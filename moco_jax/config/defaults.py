@@ -149,6 +149,7 @@ def linear_config() -> ml_collections.ConfigDict:
     linear.init_std = 0.01  # classifier weight ~ N(0, init_std^2), bias 0
     linear.eval_every_epochs = 1  # test top-1/top-5 period in epochs (and after the last one)
     linear.cached_features = False  # True: features once, no augmentation; a faster protocol
+    # (streamed data: read once, the features kept on the devices)
     linear.train_backbone = False  # True: fine-tune the whole encoder, BN in train mode
     linear.backbone_lr = 0.0  # fine-tuning: the backbone's lr per 256 images (same schedule)
     return config
