@@ -107,6 +107,15 @@ def test_evaluate_knn_reads_a_folder_run(runs):
     assert result["step"] == STEPS and result["knn_pixels"] > 90  # colour classes
 
 
+def test_evaluate_show_draws_a_folder_run(runs):
+    """``evaluate show`` of a streamed run: its centre crops, from the latest checkpoint."""
+    from moco_jax.evaluate import show
+
+    paths = show(str(runs["root"] / "reference"))
+    assert [p.name for p in paths] == ["neighbours.png", "embedding.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
 def test_a_folder_changed_since_the_checkpoint_is_refused(runs):
     folder, workdir = runs["folder"], runs["root"] / "interrupted"
     blue = folder / "train" / "blue"

@@ -104,6 +104,16 @@ def base_config() -> ml_collections.ConfigDict:
     knn.k = 200  # neighbours (the official demo's 200)
     knn.temperature = 0.1  # vote weight exp(similarity / t)
 
+    # Pictures of what the features mean (``python -m moco_jax.evaluate show``; and after training):
+    # neighbours.png (test images and their nearest training images by the kNN monitor's backbone
+    # similarity) and embedding.png (t-SNE of the test features beside raw pixels; scikit-learn).
+    config.show = show = ml_collections.ConfigDict()
+    show.at_end = True  # both after training, for data kept on the devices (streamed: the command)
+    show.queries = 12  # test images shown, drawn at random with show.seed
+    show.neighbours = 8  # nearest training images per query
+    show.map_points = 2000  # test images in the 2-D maps (t-SNE's time grows ~N log N)
+    show.seed = 0
+
     # Checkpoints live in <workdir>/checkpoints; rerunning with the same workdir resumes from the
     # newest intact one. A save also follows every epoch, and SIGTERM saves before stopping.
     config.checkpoint = ckpt = ml_collections.ConfigDict()
