@@ -187,6 +187,14 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pieces_table(breakdown: dict[str, Any]) -> str:
+    lines = [f"ours, CPU ms per image on {breakdown['cores']} core(s):"]
+    for piece, ms in breakdown["ms_per_image"].items():
+        lines.append(f"  {piece:9s} {ms:6.2f}")
+    lines.append(f"  {'total':9s} {breakdown['total_ms']:6.2f}")
+    return "\n".join(lines)
+
+
 def _main(argv: list[str]) -> int:
     values = parse_args(argv)
     if values.synthesize:
@@ -201,10 +209,12 @@ def _main(argv: list[str]) -> int:
     report = measure(values, allowed[: values.cores])
     report["chips"] = cores_per_chip(report["ours_per_core"], bound)
     if values.breakdown:
-        from benchmarks.host_pieces import breakdown
-
-        report["breakdown"] = breakdown(values.folder, allowed[:1], values.batch)
+        request = {"side": "pieces", "cpus": allowed[: values.cores],
+                   "root": os.path.abspath(values.folder), "batch": values.batch}  # fmt: skip
+        report["breakdown"] = run_in_process(request, [REPO])
     print(summary(report))
+    if values.breakdown:
+        print(pieces_table(report["breakdown"]))
     if values.json:
         cli.write_json(values.json, report)
     return 0

@@ -132,7 +132,13 @@ def _timed(batches, count, hand_off, children_cpu) -> dict[str, Any]:
     }
 
 
-SIDES = {"ours": time_ours, "official": time_official}
+def time_pieces(root: str, cores: int, batch: int) -> dict[str, Any]:
+    from benchmarks.host_pieces import time_pieces
+
+    return time_pieces(root, cores, batch)
+
+
+SIDES = {"ours": time_ours, "official": time_official, "pieces": time_pieces}
 
 
 def run_side(request: dict[str, Any]) -> dict[str, Any]:
