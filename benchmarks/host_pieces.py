@@ -20,15 +20,12 @@ from benchmarks.host_sides import _moco_v2_config
 REPEATS = 2  # each prefix timed this many times; the lowest CPU time counts
 
 
-def _one(item) -> int:
-    return 1
-
-
 def _rows(item) -> int:
-    return len(item[0])
+    """Images in one item: a batch of crops (a tuple of columns) or of per-image numbers."""
+    return len(item[0]) if isinstance(item, tuple) else len(item)
 
 
-def _cpu_per_image(make_iterator, rows=_one, hand_off=_one) -> float:
+def _cpu_per_image(make_iterator, rows, hand_off=len) -> float:
     """CPU seconds per image after the first item (``rows(item)`` images each), over one pass
     of a fresh iterator."""
     iterator = make_iterator()
@@ -57,17 +54,29 @@ def time_pieces(root: str, cores: int, batch: int) -> dict[str, Any]:
     builder = get_builder(config.dataset.name, None)
     steps = crop_steps(config, 0, 2, from_files=True)
     stages = {}
+
+    def first(x):  # a number that needs ``x``'s value (a size would be folded when static)
+        if x.dtype == tf.string:
+            return tf.cast(tf.strings.length(x), tf.int64)
+        return tf.reduce_sum(tf.cast(tf.reshape(x, [-1])[:1], tf.int64))
+
+    def sizes(*value):  # every output computed; Python gets one number per image
+        return tf.add_n([first(x) for x in tf.nest.flatten(value)])
+
     for k, (name, _) in enumerate(steps, 1):
         prefix = chain(steps[:k])
         stages[name] = lambda prefix=prefix: iter(
             with_threads(
-                records(builder, "train").map(prefix, num_parallel_calls=tf.data.AUTOTUNE), cores
+                records(builder, "train")
+                .map(lambda *record, prefix=prefix: sizes(*prefix(*record)),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(batch),
+                cores,
             )
-        )
+        )  # fmt: skip
     stages["batching"] = lambda: iter(
         crop_dataset(records(builder, "train"), config, 0, 0, batch, 2, True, True)
     )
-    rows = {"batching": _rows}
     mesh = make_data_mesh(1)
     views = StreamingViews(mesh, builder, config)
 
@@ -76,11 +85,9 @@ def time_pieces(root: str, cores: int, batch: int) -> dict[str, Any]:
 
     cumulative = {}
     for name, make in stages.items():
-        count = rows.get(name, _one)
-        cumulative[name] = min(_cpu_per_image(make, count) for _ in range(REPEATS))
+        cumulative[name] = min(_cpu_per_image(make, _rows) for _ in range(REPEATS))
     cumulative["hand-off"] = min(
-        _cpu_per_image(lambda: views._epoch_batches(0, 0), _rows, hand_off)
-        for _ in range(REPEATS)
+        _cpu_per_image(lambda: views._epoch_batches(0, 0), _rows, hand_off) for _ in range(REPEATS)
     )
     pieces, before = {}, 0.0
     for name, seconds in cumulative.items():
