@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     # on the devices; for streamed ones, the kNN monitor's first N of each process's share.
     dataset.max_train_examples = 0
     dataset.max_test_examples = 0
+    # Streamed datasets: threads of the host's decoding (tf.data's private thread pool); 0: one
+    # per core this process may use. Set it below the core count only to leave cores to other
+    # work on the host (README, "Feeding the chips").
+    dataset.host_threads = 0
     dataset.mean = (0.485, 0.456, 0.406)  # per-channel normalisation of images in [0, 1]
     dataset.std = (0.229, 0.224, 0.225)
 
