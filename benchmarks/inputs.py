@@ -5,7 +5,8 @@ and the trainer's ``ResidentViews`` (the epoch's index table on device, gather +
 augmentation in one jitted call, the step counter kept on device). Large-image datasets
 (streamed by the trainer: the host decodes and crops): two uint8 crops per image already on
 device and the device half of the pipeline (flip, jitter, grayscale, blur, solarize,
-normalisation); the host's JPEG decoding is not part of the number.
+normalisation); the host's JPEG decoding is not part of the number (``benchmarks.host_input``
+times it).
 
 Between epochs the resident pipeline puts the next epoch's index table on the mesh (one explicit
 transfer per epoch, as in training); otherwise a step sends nothing from the host.

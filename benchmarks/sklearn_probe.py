@@ -1,4 +1,4 @@
-"""Independent linear probes with scikit-learn on Fashion-MNIST (README "Linear evaluation"):
+"""Independent linear probes with scikit-learn on Fashion-MNIST (docs/evaluation.md):
 ``LogisticRegression`` on standardised raw pixels, and on the standardised pooled features of a
 pretrained encoder (unaugmented images, BN in evaluation mode)::
 

@@ -11,7 +11,7 @@ What is adapted to 28x28 one-channel images on a CPU:
   reference ResNet's 128-d features it blows the classifier up (cross-entropy of 5.8 at the end
   of training). A sweep with cached features, 20 epochs, test top-1: lr 0.1 84.03%, 0.3 84.96%,
   1 85.09%, 3 83.92%, 30 83.94% (Fashion-MNIST has no validation split: chosen on the test
-  split; README "Linear evaluation" has the full-protocol figures at 1 and 30);
+  split; docs/evaluation.md has the full-protocol figures at 1 and 30);
 - 20 epochs instead of 100 (milestones 12 and 16 in place of 60 and 80): an epoch of the
   reference ResNet takes about a minute on a 2-core CPU, and the cached probe moves by 0.34
   points after the first lr drop (84.75% at epoch 14, 85.09% at 20);
@@ -21,7 +21,7 @@ What is adapted to 28x28 one-channel images on a CPU:
   features), taken from the pretrained workdir.
 ``--config.linear.cached_features=True`` trains on features computed once from the unaugmented
 images: seconds instead of minutes, a different (augmentation-free) protocol.
-Expected (README "Linear evaluation", the 10-epoch reference pretraining): 80.93% test top-1,
+Expected (docs/evaluation.md, the 10-epoch reference pretraining): 80.93% test top-1,
 85.09% with cached features (its kNN monitor: 83.13%; raw pixels: 81.84%, scikit-learn 83.47%).
 """
 

@@ -10,9 +10,10 @@ predictor without a last BN, BYOL's asymmetric views with crop (0.2, 1)) at batc
 epochs with 1 warm-up epoch, heads 128-1024-128 and 128-1024-128 (the official's 4096 hidden
 and 256 out are sized for ResNet-50's 2048 features), kNN (k=200, t=0.1) every epoch as the
 reference recipe. Each step runs the encoder four times (two views, online and momentum), about
-twice v2's work per image. Expected result (README "MoCo v3 on Fashion-MNIST", one seed, 2-core
-CPU, ~9 minutes an epoch): kNN top-1 head / backbone 72.34 / 74.89 after epoch 1, 80.32 / 81.47
-after epoch 10 (random init 59.29 / 60.51; v2's reference recipe 83.13 / 82.26); final loss 19.04.
+twice v2's work per image. Expected result (docs/moco_v3.md, "MoCo v3 on Fashion-MNIST", one
+seed, 2-core CPU, ~9 minutes an epoch): kNN top-1 head / backbone 72.34 / 74.89 after epoch 1,
+80.32 / 81.47 after epoch 10 (random init 59.29 / 60.51; v2's reference recipe 83.13 / 82.26);
+final loss 19.04.
 """
 
 from configs import fashion_mnist_reference

@@ -11,7 +11,7 @@ layers, predictor with a last BN, BYOL's asymmetric views with crop (0.08, 1)) a
 every epoch. Cost: a v3 step of vit_mini runs ~275 images/s on a 2-core CPU (about 4 minutes an
 epoch, plus ~40 s of kNN); ``--config.model.backbone=vit_tiny`` (DeiT-Ti's 192 wide, 12 blocks)
 is about 20x the reference ResNet's cost per image: hours per epoch on that CPU, minutes on an
-accelerator. Expected result: see the README's "MoCo v3 on Fashion-MNIST" table.
+accelerator. Expected result: see docs/moco_v3.md, "MoCo v3 on Fashion-MNIST".
 """
 
 from configs import moco_v3_resnet_fashion_mnist

@@ -35,4 +35,5 @@ def get_config():
     config.knn.every_epochs = 1
     config.knn.k = 20
     config.log_every_steps = 2
+    config.show.at_end = False  # seconds of t-SNE per run: the tests that want it turn it on
     return config

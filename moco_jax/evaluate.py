@@ -14,6 +14,12 @@ the result is printed and written to ``DIR/knn_eval/step_N.json``.
 ``moco_jax.run.linear_eval``).
 Rerunning the same command resumes. On a pod every host runs the same command, as ``train.py``
 (``--distributed``).
+
+``python -m moco_jax.evaluate show --workdir DIR [--step N]``: pictures of what the features
+mean, written into DIR: ``neighbours.png`` (test images and their nearest training images) and
+``embedding.png`` (t-SNE of the features beside raw pixels; needs scikit-learn). ``--config C
+--pretrained FILE --workdir OUT`` shows PyTorch weights (as ``linear`` takes them) on C's data,
+into OUT (see ``moco_jax.run.show``).
 """
 
 from __future__ import annotations
@@ -112,6 +118,39 @@ def _saved_baselines(workdir: epath.Path) -> dict | None:
     return saved if isinstance(saved, dict) and "knn_pixels" in saved else None
 
 
+def show(workdir: str, step: int | None = None, data_dir: str | None = None, config=None,
+         pretrained: str | None = None) -> list:  # fmt: skip
+    """``neighbours.png`` and ``embedding.png`` of a saved checkpoint (or of ``pretrained``'s
+    weights on ``config``'s data), written into ``workdir``."""
+    import jax
+
+    from moco_jax.config.checks import ConfigError
+    from moco_jax.run.run_setup import setup_run
+    from moco_jax.run.show import write_pictures
+    from moco_jax.storage import absolute
+
+    if jax.process_count() > 1:
+        raise ConfigError("show draws on one host: run it as one process (no --distributed)")
+    workdir_path = epath.Path(workdir)
+    if pretrained is None:
+        config = load_run_config(workdir_path)
+        _check_saved(workdir_path, step, saved_steps(workdir_path))  # before the data is loaded
+    else:
+        config = config.copy_and_resolve_references()
+        config.init_from = absolute(pretrained)  # loaded into the fresh state (no checkpoint)
+    if data_dir is not None:
+        config.dataset.data_dir = data_dir
+    run = setup_run(config, workdir_path, read_only=pretrained is None)
+    try:
+        state = run.state
+        if step is not None:
+            state = run.checkpointer.restore(step, run.setup.initial_state())
+        name = epath.Path(pretrained).name if pretrained else workdir_path.name
+        return write_pictures(run, state, workdir_path, f"{name}, step {int(state.step)}").paths
+    finally:
+        run.close()
+
+
 def _check_saved(workdir: epath.Path, step: int | None, steps: list[int]) -> None:
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: nothing to evaluate")
@@ -132,6 +171,8 @@ def main(argv):
         fail("linear needs --config (e.g. configs/linear_fashion_mnist.py)")
     if argv[1] == "knn" and (FLAGS.config is not None or FLAGS.pretrained is not None):
         fail("knn evaluates a pretraining workdir: --config and --pretrained are for linear")
+    if argv[1] == "show" and (FLAGS.config is None) != (FLAGS.pretrained is None):
+        fail("show takes a pretraining --workdir, or --config and --pretrained together")
     initialize_distributed(FLAGS.distributed)
     if argv[1] == "linear":
         from moco_jax.run.linear_eval import evaluate_linear
@@ -148,6 +189,11 @@ def main(argv):
         if "backbone_unchanged" in summary:
             print(f"backbone bit-for-bit the pretrained one: {summary['backbone_unchanged']}")
         return
+    if argv[1] == "show":
+        args = (FLAGS.workdir, FLAGS.step, FLAGS.data_dir, FLAGS.config, FLAGS.pretrained)
+        for path in run_with_clear_errors(show, *args):
+            print(f"wrote {path}")
+        return
     args = (FLAGS.workdir, FLAGS.step, FLAGS.data_dir, FLAGS.recompute_baselines)
     result = run_with_clear_errors(evaluate_knn, *args)
     print(f"step {result['step']} (written to {result.get('output')}):")
@@ -163,7 +209,8 @@ def run() -> None:
 
     quiet_native_logs()
     define_flags()
-    parser = flags_parser(required=("workdir",), commands=("knn", "linear"), usage=__doc__)
+    commands = ("knn", "linear", "show")
+    parser = flags_parser(required=("workdir",), commands=commands, usage=__doc__)
     app.run(main, flags_parser=parser)
 
 

@@ -15,7 +15,8 @@ from folder_fixtures import CLASSES, add_bad_files, png_claiming, write_image_fo
 
 from moco_jax.data import folder_source
 from moco_jax.data.folder_source import FolderSource
-from moco_jax.data.streaming import _image_shape, _tf, crop_dataset, records
+from moco_jax.data.host_crops import _image_shape, _tf
+from moco_jax.data.streaming import crop_dataset, records
 from moco_jax.data.tfds_source import DatasetError, get_builder
 from moco_jax.data.windows import EmptyWindow, full_windows
 from tiny import tiny_config

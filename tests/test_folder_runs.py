@@ -108,6 +108,15 @@ def test_evaluate_knn_reads_a_folder_run(runs):
     assert result["step"] == STEPS and result["knn_pixels"] > 90  # colour classes
 
 
+def test_evaluate_show_draws_a_folder_run(runs):
+    """``evaluate show`` of a streamed run: its centre crops, from the latest checkpoint."""
+    from moco_jax.evaluate import show
+
+    paths = show(str(runs["root"] / "reference"))
+    assert [p.name for p in paths] == ["neighbours.png", "embedding.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
 def test_a_folder_changed_since_the_checkpoint_is_refused(runs):
     folder, workdir = runs["folder"], runs["root"] / "interrupted"
     blue = folder / "train" / "blue"
@@ -120,12 +129,13 @@ def test_a_folder_changed_since_the_checkpoint_is_refused(runs):
 
 
 def test_evaluate_linear_caches_a_folders_features(runs, tmp_path):
-    """``evaluate linear`` with ``cached_features`` on the folder run: the 48 good training
+    """The linear evaluation with ``cached_features`` on the folder run: the 48 good training
     images' features once, in the folder's order with their labels, the 7 bad files counted and
     their places in the epoch taken by the first images; the classifier learns the colours."""
     from moco_jax.config.defaults import linear_config
     from moco_jax.data.folder_source import FolderSource
-    from moco_jax.run.linear_eval import evaluate_linear, setup_linear_run, with_pretrained
+    from moco_jax.run.linear_eval import backbone_unchanged, setup_linear_run, with_pretrained
+    from moco_jax.run.trainer import train_loop
 
     folder = runs["folder"]
     config = linear_config()
@@ -136,10 +146,12 @@ def test_evaluate_linear_caches_a_folders_features(runs, tmp_path):
         "epochs": 4, "optim.lr_milestones": (3,), "checkpoint.every_steps": 0,
     }  # fmt: skip
     config = with_pretrained(set_fields(config, fields), str(runs["root"] / "reference"))
-    run = setup_linear_run(config, tmp_path / "inspect")
+    run = setup_linear_run(config, tmp_path / "linear")
     try:
         views = run.train_views
         labels = np.asarray(views.train_set.labels)
+        history, state = train_loop(run)
+        unchanged = backbone_unchanged(run, state)
     finally:
         run.close()
     listed = list(FolderSource(str(folder)).records("train").as_numpy_iterator())
@@ -150,7 +162,6 @@ def test_evaluate_linear_caches_a_folders_features(runs, tmp_path):
     # The good images read once; the first again to fill ``steps`` steps of 10.
     np.testing.assert_array_equal(labels, good + good[: steps * 10 - len(good)])
     assert views.train_set.images.shape[0] == steps * 10
-
-    summary = evaluate_linear(config, tmp_path / "linear")
-    assert summary["protocol"] == "linear_cached_features" and summary["backbone_unchanged"]
-    assert summary["test_top1"] > 90, summary  # three colours
+    last = history["epochs"][-1]
+    assert unchanged and last["skipped_images"] == 7
+    assert last["test_top1"] > 90, last  # three colours

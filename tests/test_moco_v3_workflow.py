@@ -49,7 +49,9 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("v3_workflow")
     config = _config(fashion_mnist_data_dir())
+    config.show.at_end = True  # the pictures after training, once (evaluate show's own tests)
     summary = train_and_evaluate(config, str(root / "reference"))
+    config.show.at_end = False
     shutil.copytree(root / "reference", root / "resumed")
     for step_dir in (root / "resumed" / "checkpoints").iterdir():
         if step_dir.name.isdigit() and int(step_dir.name) > KILLED_AFTER:
@@ -69,6 +71,13 @@ def test_v3_pretraining_reports_knn_every_epoch(runs):
     metrics = records(root / "reference", "metrics.jsonl")
     momentum = [r["moco_momentum"] for r in metrics if "moco_momentum" in r]
     assert momentum[0] == pytest.approx(0.99, abs=1e-3) and momentum[-1] > momentum[0]
+
+
+def test_the_pictures_are_written_after_training(runs):
+    """``show.at_end``: neighbours.png and embedding.png beside pretraining.png."""
+    root, _, _ = runs
+    for name in ("neighbours.png", "embedding.png", "pretraining.png"):
+        assert (root / "reference" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_a_killed_v3_run_resumes_bit_for_bit(runs):

@@ -17,14 +17,8 @@ from test_augment import (
 )
 
 from moco_jax.data.augment import crop_box, crop_window
-from moco_jax.data.streaming import (
-    StreamingViews,
-    _crop_window,
-    _tf,
-    crop_dataset,
-    eval_batches,
-    tf_namespace,
-)
+from moco_jax.data.host_crops import _crop_window, _tf, tf_namespace
+from moco_jax.data.streaming import StreamingViews, crop_dataset, eval_batches
 from moco_jax.mesh import make_data_mesh
 from moco_jax.run.trainer import train_and_evaluate
 from tiny import tiny_config

@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     # on the devices; for streamed ones, the kNN monitor's first N of each process's share.
     dataset.max_train_examples = 0
     dataset.max_test_examples = 0
+    # Streamed datasets: threads of the host's decoding (tf.data's private thread pool); 0: one
+    # per core this process may use. Set it below the core count only to leave cores to other
+    # work on the host (README, "Feeding the chips").
+    dataset.host_threads = 0
     dataset.mean = (0.485, 0.456, 0.406)  # per-channel normalisation of images in [0, 1]
     dataset.std = (0.229, 0.224, 0.225)
 
@@ -104,6 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
     knn.k = 200  # neighbours (the official demo's 200)
     knn.temperature = 0.1  # vote weight exp(similarity / t)
 
+    # Pictures of what the features mean (``python -m moco_jax.evaluate show``; and after training):
+    # neighbours.png (test images and their nearest training images by the kNN monitor's backbone
+    # similarity) and embedding.png (t-SNE of the test features beside raw pixels; scikit-learn).
+    config.show = show = ml_collections.ConfigDict()
+    show.at_end = True  # both after training, for data kept on the devices (streamed: the command)
+    show.queries = 12  # test images shown, drawn at random with show.seed
+    show.neighbours = 8  # nearest training images per query
+    show.map_points = 2000  # test images in the 2-D maps (t-SNE's time grows ~N log N)
+    show.seed = 0
+
     # Checkpoints live in <workdir>/checkpoints; rerunning with the same workdir resumes from the
     # newest intact one. A save also follows every epoch, and SIGTERM saves before stopping.
     config.checkpoint = ckpt = ml_collections.ConfigDict()
@@ -152,6 +166,7 @@ def linear_config() -> ml_collections.ConfigDict:
     linear.init_std = 0.01  # classifier weight ~ N(0, init_std^2), bias 0
     linear.eval_every_epochs = 1  # test top-1/top-5 period in epochs (and after the last one)
     linear.cached_features = False  # True: features once, no augmentation; a faster protocol
+    # (streamed data: read once, the features kept on the devices)
     linear.train_backbone = False  # True: fine-tune the whole encoder, BN in train mode
     linear.backbone_lr = 0.0  # fine-tuning: the backbone's lr per 256 images (same schedule)
     return config

@@ -80,6 +80,7 @@ def _validate_data_fields(config: Any) -> None:
     check_flag("dataset.download", dataset.download)
     check_int_at_least("dataset.max_train_examples", dataset.max_train_examples, 0)
     check_int_at_least("dataset.max_test_examples", dataset.max_test_examples, 0)
+    check_int_at_least("dataset.host_threads", dataset.host_threads, 0)
     for name, value in [("dataset.mean", dataset.mean), ("dataset.std", dataset.std)]:
         require(are_numbers(value), f"{name} must be a tuple of numbers, got {value!r}")
     require(all(s > 0 for s in dataset.std), f"dataset.std must be > 0, got {tuple(dataset.std)!r}")

@@ -7,7 +7,7 @@ reads the four original files of the Debian package ``dataset-fashion-mnist``
 ``OUT/val/<class>/<index>.jpg`` (the 10k test images), each resized to ``--size`` px
 (bilinear) and, with ``--rgb``, stored as three channels. Class directories are named
 ``0_tshirt_top`` ... ``9_ankle_boot`` so that the sorted names give Fashion-MNIST's own labels.
-Then ``train.py --config.dataset.name=folder:OUT`` trains on them (README, "Your own images").
+Then ``train.py --config.dataset.name=folder:OUT`` trains on them (docs/own_images.md).
 """
 
 from __future__ import annotations

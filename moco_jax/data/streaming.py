@@ -1,8 +1,10 @@
 """Large-image datasets (ImageNet, Imagenette): the host decodes and crops, the device the rest.
 
-Per example the host (tf.data, parallel) decodes the JPEG only inside two independent
-random-resized-crop windows and resizes each to the training size as uint8. The windows follow
-the rule the device crop follows too (``moco_jax.data.augment.crop_window``, torchvision's sampler):
+Per example the host (tf.data, parallel) decodes the JPEG once, only inside the union of two
+independent random-resized-crop windows, and resizes each window to the training size as
+uint8 (``moco_jax.data.host_crops``: each view is its window of the whole decoded image). The
+windows follow the rule the device crop follows too (``moco_jax.data.augment.crop_window``,
+torchvision's sampler):
 area in ``augment.crop_scale``, log-uniform aspect ratio in ``augment.crop_ratio``, 10 tries,
 then the largest centred crop whose aspect ratio is clamped into ``crop_ratio`` (the whole image
 when its own aspect ratio is within). Flip, colour jitter, grayscale, blur, solarize and
@@ -11,159 +13,27 @@ normalisation then run on device (``moco_jax.data.augment`` with the crop turned
 Every random choice is a stateless function of ``(seed, epoch, example index)`` and the record
 order of an epoch is a fixed shuffle of ``(seed, epoch)``, so the stream of step ``s`` can be
 rebuilt after a restart by skipping records (cheap: nothing is decoded while skipping).
-Images that fail to read or decode, and images outside ``MIN_SIDE`` x ``MAX_PIXELS``, are
+Images that fail to read or decode, and images outside ``host_crops.MIN_SIDE`` x ``MAX_PIXELS``, are
 skipped and counted (``skipped_images`` in the epoch records): never a crash mid-epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moco_jax.data.augment import CROP_TRIES, augment_batch, crop_window, two_views
+from moco_jax.data.augment import augment_batch, two_views
+from moco_jax.data.host_crops import _tf, make_crop_fn, make_eval_fn
 from moco_jax.data.tfds_source import holds_paths
 from moco_jax.data.windows import EmptyWindow, full_windows
 from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
-# Images the host will not decode, checked from the header before any decoding: below MIN_SIDE
-# pixels on a side (a 1x1 tracking pixel, a broken thumbnail: nothing to crop) or above
-# MAX_PIXELS (PIL's decompression-bomb limit: a 20000x20000 PNG of a few kilobytes would take
-# 1.2 GB decoded, times the parallel decoders).
-MIN_SIDE, MAX_PIXELS = 8, 89_478_485
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CropPair = tuple[np.ndarray, np.ndarray]  # (crops_q, crops_k) of one host batch, uint8
-
-
-def _tf():
-    from moco_jax.data.tfds_source import _quiet_tensorflow
-
-    return _quiet_tensorflow()
-
-
-def tf_namespace(tf) -> SimpleNamespace:
-    """The array ops ``augment.crop_window`` needs, as TensorFlow ops (graph-safe, any shape)."""
-    return SimpleNamespace(
-        float32=tf.float32,
-        int32=tf.int32,
-        asarray=lambda x, dtype: tf.cast(x, dtype),
-        astype=lambda x, dtype: tf.cast(x, dtype),
-        maximum=tf.maximum,
-        exp=tf.exp,
-        sqrt=tf.sqrt,
-        round=tf.round,  # half to even, as jnp.round and Python's round
-        floor=tf.floor,
-        where=tf.where,
-        argmax=lambda x: tf.argmax(tf.cast(x, tf.int32)),
-        any=tf.reduce_any,
-        stack=tf.stack,
-    )
-
-
-def _crop_window(tf, shape, seed, scale, ratio):
-    """``[top, left, h, w]`` of torchvision's RandomResizedCrop sampler (``augment.crop_window``,
-    its uniforms a stateless function of ``seed``; ``shape`` may be known only at run time)."""
-    uniforms = tf.random.stateless_uniform([2 * CROP_TRIES + 2], seed=seed)
-    area_u, ratio_u = uniforms[:CROP_TRIES], uniforms[CROP_TRIES : 2 * CROP_TRIES]
-    top_u, left_u = uniforms[2 * CROP_TRIES], uniforms[2 * CROP_TRIES + 1]
-    return crop_window(
-        tf_namespace(tf), shape[0], shape[1], area_u, ratio_u, top_u, left_u, scale, ratio
-    )
-
-
-def _png_shape(tf, encoded):
-    """Height and width from a PNG's IHDR chunk (bytes 16-23, big-endian), nothing decoded."""
-    size = tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8, little_endian=False)
-    size = tf.reshape(tf.cast(size, tf.int64), [2, 4])
-    width, height = tf.unstack(tf.reduce_sum(size * [1 << 24, 1 << 16, 1 << 8, 1], axis=1))
-    return tf.cast(tf.stack([height, width]), tf.int32)
-
-
-def _image_shape(tf, encoded, channels):
-    """Height and width without decoding JPEGs or PNGs (other formats are decoded); an error,
-    so the image is skipped, outside ``MIN_SIDE`` and ``MAX_PIXELS``."""
-    is_png = tf.strings.substr(encoded, 0, len(PNG_SIGNATURE)) == PNG_SIGNATURE
-    shape = tf.case(
-        [
-            (tf.io.is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2]),
-            (is_png, lambda: _png_shape(tf, encoded)),
-        ],
-        default=lambda: tf.shape(tf.io.decode_image(encoded, channels, expand_animations=False))[
-            :2
-        ],
-    )
-    area = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
-    fits = tf.logical_and(tf.reduce_min(shape) >= MIN_SIDE, area <= MAX_PIXELS)
-    check = tf.debugging.Assert(fits, ["image size out of bounds:", shape])
-    with tf.control_dependencies([check]):
-        return tf.identity(shape)
-
-
-def _decode_crop(tf, encoded, window, size, channels):
-    """Decode only ``window`` (JPEG) or decode and slice (other formats), then resize."""
-
-    def other():
-        image = tf.io.decode_image(encoded, channels, expand_animations=False)
-        return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
-
-    image = tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=channels),
-        other,
-    )
-    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def make_crop_fn(config: Any, epoch: int, num_views: int = 2, from_files: bool = False):
-    """tf.data map: ``(index, (encoded image, label)) -> (crop_q, crop_k, label)`` (or
-    ``(crop, label)`` with ``num_views=1``); ``from_files``: records hold the images' paths."""
-    tf = _tf()
-    size, channels = config.dataset.image_size, config.dataset.num_channels
-    scale, ratio = tuple(config.augment.crop_scale), tuple(config.augment.crop_ratio)
-
-    def crop(index, example):
-        encoded, label = example
-        if from_files:
-            encoded = tf.io.read_file(encoded)
-        shape = _image_shape(tf, encoded, channels)
-        base = tf.stack([tf.cast(config.seed * 1_000_003 + epoch, tf.int64), index])
-        views = []
-        for view in range(num_views):
-            seed = tf.cast(base + tf.constant([0, view], tf.int64) * (1 << 40), tf.int64)
-            window = _crop_window(tf, shape, seed, scale, ratio)
-            views.append(_decode_crop(tf, encoded, window, size, channels))
-        return (*views, label)
-
-    return crop
-
-
-def make_eval_fn(config: Any, from_files: bool = False):
-    """tf.data map for evaluation: resize the shorter side to ``S * 256 / 224``, centre-crop S."""
-    tf = _tf()
-    size, channels = config.dataset.image_size, config.dataset.num_channels
-
-    def centre(encoded, label):
-        if from_files:
-            encoded = tf.io.read_file(encoded)
-        with tf.control_dependencies([_image_shape(tf, encoded, channels)]):  # bounds first
-            image = tf.io.decode_image(encoded, channels, expand_animations=False)
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        resize_to = size * 256 / 224
-        factor = resize_to / tf.reduce_min(shape)
-        new_shape = tf.cast(tf.round(shape * factor), tf.int32)
-        image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
-        top = (new_shape[0] - size) // 2
-        left = (new_shape[1] - size) // 2
-        image = image[top : top + size, left : left + size]
-        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
-
-    return centre
 
 
 def records(builder, split: str):
@@ -220,8 +90,18 @@ def crop_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    ds = ds.ignore_errors()
-    return ds.batch(batch, drop_remainder=False).prefetch(2)
+    ds = ds.ignore_errors().batch(batch, drop_remainder=False).prefetch(2)
+    return with_threads(ds, config.dataset.get("host_threads", 0))
+
+
+def with_threads(ds, threads: int):
+    """``ds`` run by a private pool of ``threads`` threads (0: tf.data's default pool, one
+    thread per core this process may use)."""
+    if not threads:
+        return ds
+    options = _tf().data.Options()
+    options.threading.private_threadpool_size = threads
+    return ds.with_options(options)
 
 
 def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):

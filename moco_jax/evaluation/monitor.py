@@ -60,7 +60,7 @@ class KnnMonitor:
         self.features_fn = make_feature_fn(self.mesh, self.model, transform)
         knn = self.config.knn
         self.counts_fn = make_knn_counts_fn(self.mesh, self.num_classes, knn.k, knn.temperature)
-        self.pixels_fn = jax.jit(_small_pixel_features)
+        self.pixels_fn = jax.jit(small_pixel_features)
 
     def _top1(self, featurize) -> list[float]:
         bank, bank_labels = collect(self.bank_source, featurize)
@@ -94,7 +94,7 @@ class KnnMonitor:
         return top1
 
 
-def _small_pixel_features(images: jax.Array) -> jax.Array:
+def small_pixel_features(images: jax.Array) -> jax.Array:
     size = images.shape[1]
     if size > MAX_PIXEL_SIZE:
         shape = (images.shape[0], MAX_PIXEL_SIZE, MAX_PIXEL_SIZE, images.shape[-1])

@@ -233,7 +233,7 @@ def _check_data_fits(config: Any, images: np.ndarray, per_device_batch: int, num
 
 def _check_queue(config: Any, images_per_epoch: int) -> None:
     """MoCo's queue must hold fewer keys than an epoch has images: a larger one holds keys of the
-    same images twice, a query's own image among its negatives (README, "Your own images")."""
+    same images twice, a query's own image among its negatives (docs/own_images.md)."""
     if config.algorithm == "moco" and config.moco.queue_size > images_per_epoch:
         raise ConfigError(
             f"moco.queue_size (K={config.moco.queue_size}) is larger than the {images_per_epoch} "

@@ -16,7 +16,7 @@ import jax
 from absl import logging
 
 from moco_jax.interop.init_from import load_encoder_weights
-from moco_jax.run import hooks
+from moco_jax.run import hooks, show
 from moco_jax.run.checkpointing import TrainingDiverged
 from moco_jax.run.metrics_io import MetricsWriter, plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
@@ -40,11 +40,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """
     run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, init_from)
     try:
-        history, _ = train_loop(run)
-        summary = _summary(history)  # the results: summary and plot
+        history, state = train_loop(run)
+        summary = _summary(history)  # the results: summary and plots
         if jax.process_index() == 0:
             plot_history(history, run.workdir / "pretraining.png", config.dataset.name)
             write_atomically(run.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        show.write_at_end(run, state)  # neighbours.png, embedding.png (config.show)
     finally:
         run.close()  # waits for the last checkpoint, then lets the next run in
     return summary
