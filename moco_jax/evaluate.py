@@ -16,7 +16,8 @@ Rerunning the same command resumes. On a pod every host runs the same command, a
 (``--distributed``).
 
 ``python -m moco_jax.evaluate show --workdir DIR [--step N]``: pictures of what the features
-mean, written into DIR: ``neighbours.png`` (test images and their nearest training images) and
+mean, written into ``DIR/show/step_N/`` (the run's own are beside ``pretraining.png``):
+``neighbours.png`` (test images and their nearest training images) and
 ``embedding.png`` (t-SNE of the features beside raw pixels; needs scikit-learn). ``--config C
 --pretrained FILE --workdir OUT`` shows PyTorch weights (as ``linear`` takes them) on C's data,
 into OUT (see ``moco_jax.run.show``).
@@ -146,7 +147,10 @@ def show(workdir: str, step: int | None = None, data_dir: str | None = None, con
         if step is not None:
             state = run.checkpointer.restore(step, run.setup.initial_state())
         name = epath.Path(pretrained).name if pretrained else workdir_path.name
-        return write_pictures(run, state, workdir_path, f"{name}, step {int(state.step)}").paths
+        # A run's workdir: its own folder per step, beside what the run writes (knn_eval/).
+        out = workdir_path if pretrained else workdir_path / "show" / f"step_{int(state.step)}"
+        out.mkdir(parents=True, exist_ok=True)
+        return write_pictures(run, state, out, f"{name}, step {int(state.step)}").paths
     finally:
         run.close()
 

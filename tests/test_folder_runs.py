@@ -113,7 +113,10 @@ def test_evaluate_show_draws_a_folder_run(runs):
     from moco_jax.evaluate import show
 
     paths = show(str(runs["root"] / "reference"))
-    assert [p.name for p in paths] == ["neighbours.png", "embedding.png"]
+    show_dir = runs["root"] / "reference" / "show" / f"step_{STEPS}"
+    assert [str(p) for p in paths] == [
+        str(show_dir / n) for n in ("neighbours.png", "embedding.png")
+    ]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 

@@ -123,6 +123,12 @@ def _validate_run_fields(config: Any) -> None:
     check_int_at_least("knn.every_epochs", knn.every_epochs, 1)
     check_int_at_least("knn.k", knn.k, 1)
     check_number("knn.temperature", knn.temperature, ">")
+    if "show" in config:  # the pictures (run.show); a linear config has none
+        check_flag("show.at_end", config.show.at_end)
+        check_int_at_least("show.queries", config.show.queries, 1)
+        check_int_at_least("show.neighbours", config.show.neighbours, 1)
+        check_int_at_least("show.map_points", config.show.map_points, 10)
+        check_int_at_least("show.seed", config.show.seed, 0)
     checkpoint = config.checkpoint
     check_int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
     check_int_at_least("checkpoint.keep", checkpoint.keep, 1)
