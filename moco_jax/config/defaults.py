@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     knn.every_epochs = 10  # kNN monitor period in epochs (and always after the last one)
     knn.k = 200  # neighbours (the official demo's 200)
     knn.temperature = 0.1  # vote weight exp(similarity / t)
+    # kNN of raw pixels and of the random-init encoder before training (what pretraining has to
+    # beat; a pass over the training and test splits each): on, off, or auto: on unless the
+    # training split is streamed and over 200,000 images (ImageNet; see README "Start-up")
+    knn.baselines = "auto"
 
     # Pictures of what the features mean (``python -m moco_jax.evaluate show``; and after training):
     # neighbours.png (test images and their nearest training images by the kNN monitor's backbone

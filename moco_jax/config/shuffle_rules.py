@@ -66,10 +66,11 @@ def check_shuffle_bn(model: Any, batch_size: int, num_devices: int) -> None:
     splits = ONE_DEVICE_BN_SPLITS
     require(
         group > 1 or model.bn_group_size or per_device % (2 * splits) == 0,
-        f"bn_mode 'shuffle' on one device splits the keys' BatchNorm into {splits} groups (as "
-        f"the official colab's --bn-splits {splits}): the per-device batch ({per_device}) must be "
-        f"a multiple of {2 * splits}; or set model.bn_group_size (images per BN group), or "
-        f"bn_mode 'local' to train without Shuffle-BN",
+        f"bn_mode 'shuffle' on one device (or model.shuffle_group_devices 1) runs the keys' "
+        f"BatchNorm in {splits} groups, as the official colab's --bn-splits {splits}: the "
+        f"per-device batch ({per_device}) must be a multiple of {2 * splits}; or set "
+        f"model.bn_group_size (images per BN group), or bn_mode 'local' to train without "
+        f"Shuffle-BN",
     )
 
 
@@ -82,7 +83,7 @@ def queue_warnings(config: Any) -> list[str]:
     if steps >= QUEUE_STEPS_WARNED:
         return []
     return [
-        f"moco.queue_size (K={config.moco.queue_size}) holds {steps:.3g} steps of keys "
-        f"({enqueued} a step): under {QUEUE_STEPS_WARNED}, the negatives are mostly this and "
-        f"the last steps' keys; MoCo's K is several times the batch (65536 for 256)"
+        f"moco.queue_size (K={config.moco.queue_size}) is {steps:.3g}x the {enqueued} keys a "
+        f"step enqueues: under {QUEUE_STEPS_WARNED}x, the negatives are mostly the last few "
+        f"steps' keys; MoCo's K is many times the batch (65536 for 256)"
     ]

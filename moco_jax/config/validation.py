@@ -46,6 +46,7 @@ from moco_jax.storage import is_remote
 
 SCHEDULES = ("cosine", "step", "constant", "warmup_cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")
+BASELINES = ("auto", "on", "off")  # knn.baselines (run/startup.py)
 # Files init_from reads as weights: official MoCo checkpoints, torchvision state dicts (torch
 # files) and detectron2 pickles of the official converter.
 WEIGHT_FILE_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar", ".pkl")
@@ -124,6 +125,10 @@ def _validate_run_fields(config: Any) -> None:
     check_int_at_least("knn.every_epochs", knn.every_epochs, 1)
     check_int_at_least("knn.k", knn.k, 1)
     check_number("knn.temperature", knn.temperature, ">")
+    require(
+        knn.baselines in BASELINES,
+        f"knn.baselines must be one of {list(BASELINES)}, got {knn.baselines!r}",
+    )
     checkpoint = config.checkpoint
     check_int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
     check_int_at_least("checkpoint.keep", checkpoint.keep, 1)
