@@ -43,7 +43,7 @@ BAD_VALUES = [
         8,
         r"per-device batch \(4\) must be divisible by 8",
     ),
-    # Shuffle-BN in groups of devices, and on one device (config/shuffle_rules.py).
+    # Shuffle-BN in groups of devices, and on one device (config/batch_rules.py).
     (
         {"model.shuffle_group_devices": -1},
         8,

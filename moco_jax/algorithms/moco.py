@@ -36,7 +36,7 @@ from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.queue import enqueue, init_queue
 from moco_jax.algorithms.shuffle_bn import shuffle_batch
 from moco_jax.algorithms.step_metrics import contrastive_metrics
-from moco_jax.config.shuffle_rules import key_bn_group_size, shuffle_group
+from moco_jax.config.batch_rules import key_bn_group_size, shuffle_group
 from moco_jax.mesh import DATA_AXIS, gather_replicated
 from moco_jax.models import bn_axis_name, build_encoder
 from moco_jax.optim import make_lr_schedule, make_optimizer

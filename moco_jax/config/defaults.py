@@ -74,10 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     model.stop_grad_conv1 = False  # ViT: frozen random patch projection (MoCo v3 --stop-grad-conv1)
     model.bn_mode = "shuffle"  # shuffle (Shuffle-BN), sync (global-batch stats) or local
     # samples per BN group within a device (0: the whole per-device batch; but with bn_mode
-    # shuffle on one device: 8 groups, as the official colab's --bn-splits 8; config/shuffle_rules)
+    # shuffle on one device: 8 groups, as the official colab's --bn-splits 8; config/batch_rules)
     model.bn_group_size = 0
     # Shuffle-BN exchanges keys within groups of this many devices (0: all devices): 8 as the
-    # official 8-GPU setup; the per-device batch must be a multiple of it (config/shuffle_rules)
+    # official 8-GPU setup; the per-device batch must be a multiple of it (config/batch_rules)
     model.shuffle_group_devices = 8
     model.dtype = "float32"  # compute dtype, float32 or bfloat16 (params and BN stats float32)
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from absl import logging
 from etils import epath
 
 from moco_jax import storage
 from moco_jax.algorithms import available_algorithms
+from moco_jax.config.batch_rules import check_shuffle_bn
 from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module's API too
     ConfigError,
     are_numbers,
@@ -38,7 +38,6 @@ from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module'
     require,
 )
 from moco_jax.config.shape_rules import check_model_shapes
-from moco_jax.config.shuffle_rules import check_shuffle_bn, queue_warnings
 from moco_jax.data.folder_source import folder_root, is_folder
 from moco_jax.models import BN_MODES, DTYPES, available_backbones
 from moco_jax.models.heads import HEAD_NAMES, V3_HEADS
@@ -161,20 +160,7 @@ def validate(config: Any, visible_devices: int) -> int:
     num_devices = config.num_devices or visible_devices
     validate_config(config, num_devices)
     _validate_channels(config)
-    for warning in queue_warnings(config):
-        _warn_once(warning)
     return num_devices
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """Log ``message`` as a warning the first time this process meets it (a run validates its
-    config more than once: the compile reports, evaluation after training)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logging.warning("%s", message)
 
 
 def validate_run_config(config: Any, visible_devices: int) -> None:

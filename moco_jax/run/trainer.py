@@ -16,6 +16,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from moco_jax.config.batch_rules import queue_warnings
 from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.run import hooks, show
 from moco_jax.run.checkpointing import TrainingDiverged
@@ -42,6 +43,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ``TrainingDiverged`` and is never saved.
     Returns the final summary (last epoch's loss, kNN top-1 and the baselines).
     """
+    for warning in queue_warnings(config):  # once a run; training only (not export, evaluate)
+        logging.warning("%s", warning)
     startup = Startup(enabled=jax.process_index() == 0)
     with startup.phase("data", data_line(config)):
         run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, ...)

@@ -1,4 +1,4 @@
-"""What Shuffle-BN does on a number of devices (config/shuffle_rules.py), the queue's warning,
+"""What Shuffle-BN does on a number of devices (config/batch_rules.py), the queue's warning,
 and the start-up's phase lines and baselines switch (run/startup.py)."""
 
 import logging
@@ -6,13 +6,13 @@ import logging
 import numpy as np
 import pytest
 
-from moco_jax.config import validation
-from moco_jax.config.shuffle_rules import key_bn_group_size, queue_warnings, shuffle_group
-from moco_jax.config.validation import validate
+from moco_jax.config.batch_rules import key_bn_group_size, queue_warnings, shuffle_group
+from moco_jax.run import trainer
 from moco_jax.run.startup import Startup, baselines_wanted
 from tiny import build, image_batches, run_steps, tiny_config
 
 MLP = {"model.backbone": "mlp", "model.width_multiplier": 0.125}
+V3 = {"algorithm": "moco_v3", "model.head": "v3_resnet", "model.bn_mode": "sync"}
 
 
 @pytest.mark.parametrize(
@@ -51,18 +51,21 @@ def test_one_device_shuffle_bn_trains_as_8_explicit_bn_groups():
     assert losses[0] == losses[8]
 
 
-def test_a_short_queue_is_warned_about_once(caplog, monkeypatch):
+def test_a_short_queue_is_warned_about_once_by_a_training_run(caplog, monkeypatch):
     config = tiny_config()  # K = 96 for 64 keys a step
     (warning,) = queue_warnings(config)
     assert warning.startswith("moco.queue_size (K=96) is 1.5x the 64 keys a step enqueues")
     assert queue_warnings(tiny_config(**{"moco.queue_size": 256})) == []  # 4 steps
     assert queue_warnings(tiny_config(**{"moco.symmetric": True, "moco.queue_size": 512})) == []
-    monkeypatch.setattr(validation, "_WARNED", set())
-    with caplog.at_level(logging.WARNING):
-        validate(config, 8)
-        validate(config, 8)
-    said = [r for r in caplog.records if "is 1.5x the 64 keys" in r.getMessage()]
-    assert len(said) == 1
+    assert queue_warnings(tiny_config(**V3)) == []  # no queue
+
+    def stop(config, workdir):
+        raise StopIteration  # after the warning, before the data
+
+    monkeypatch.setattr(trainer, "setup_run", stop)
+    with caplog.at_level(logging.WARNING), pytest.raises(StopIteration):
+        trainer.train_and_evaluate(config, "unused")
+    assert [r.getMessage() for r in caplog.records] == [warning]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""What Shuffle-BN does on a given number of devices, and the rules it puts on the batch.
+"""What Shuffle-BN does on a given number of devices, the rules it puts on the batch, and the
+queue's size against the batch.
 
 Shuffle-BN exists so that a key's BatchNorm statistics come from another random set of images
 than its query's (He et al. 2020, sec. 3.3): otherwise the two views of an image share batch
@@ -14,6 +15,10 @@ statistics and the model can cheat the pretext task with them.
   would see their own query batch. As the official CIFAR-10 colab does on its one GPU
   (``--bn-splits 8``), BatchNorm then runs in 8 groups of the shuffled batch unless
   ``model.bn_group_size`` says otherwise; a batch that 8 groups of >= 2 cannot split is refused.
+
+- The queue: K must be at least one step of keys (validation refuses less); under 4 steps a
+  pretraining run warns once (``queue_warnings``, said by ``run.trainer``), e.g. batch 65536 with
+  the default K = 65536: the negatives would be little more than the last step's keys.
 
 Pure functions of the config: the step (``algorithms.moco``) and validation read the same ones.
 """
