@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     knn.temperature = 0.1  # vote weight exp(similarity / t)
     # kNN of raw pixels and of the random-init encoder before training (what pretraining has to
     # beat; a pass over the training and test splits each): on, off, or auto: on unless the
-    # training split is streamed and over 200,000 images (ImageNet; see README "Start-up")
+    # training split is streamed and over 200,000 images (ImageNet; docs/evaluation.md)
     knn.baselines = "auto"
 
     # Pictures of what the features mean (``python -m moco_jax.evaluate show``; and after training):

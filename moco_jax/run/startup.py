@@ -18,7 +18,7 @@ from moco_jax.data.tfds_source import RESIDENT_DATASETS
 
 PREFIX = "start-up"
 # knn.baselines "auto": a streamed training split of more images than this skips the baselines
-# (ImageNet's 1.28M: two extra passes over it, see README "Start-up").
+# (ImageNet's 1.28M: two extra passes over it; docs/evaluation.md, baselines before training).
 AUTO_BASELINES_MAX_TRAIN = 200_000
 
 
