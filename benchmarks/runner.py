@@ -21,6 +21,7 @@ from benchmarks.inputs import SyntheticViews
 from benchmarks.loss_check import loss_curves
 from benchmarks.presets import STEPS_PER_EPOCH, Options, resolve_config
 from benchmarks.timing import Phases, device_peak_bytes, summarize, timed_loop
+from moco_jax.config.batch_rules import key_bn_group_size
 from moco_jax.models import build_encoder
 from moco_jax.models.encoder import build_predictor
 
@@ -72,7 +73,10 @@ def _header(setup: moco_jax.Setup, options: Options, run: dict[str, int]) -> dic
             "head": config.model.head,
             "dim": config.model.dim,
             "bn_mode": config.model.bn_mode,
-            "bn_group_size": config.model.bn_group_size,
+            # what the encoder is built with (one device, Shuffle-BN: 8 groups unless set)
+            "bn_group_size": key_bn_group_size(
+                config.model, config.batch_size // num_devices, num_devices
+            ),
             "queue_size": config.moco.queue_size,
         },
         "run": run,

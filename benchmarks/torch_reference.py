@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco_jax.config.batch_rules import key_bn_group_size
 from moco_jax.models import base_width
 
 
@@ -286,8 +287,9 @@ def build_for_training(
 ) -> tuple[MoCo, torch.optim.Optimizer, nn.Module, int]:
     """The official training set-up for one device's ``batch``: the MoCo module in train mode and
     channels-last, SGD (momentum, coupled weight decay) at ``lr`` and the cross-entropy loss.
-    Also returns the number of BN groups (``batch / model.bn_group_size``)."""
-    group = config.model.bn_group_size
+    Also returns the number of BN groups (``batch / bn_group_size``, the size moco_jax builds
+    its encoder with on one device: ``model.bn_group_size``, else 8 groups with Shuffle-BN)."""
+    group = key_bn_group_size(config.model, batch, 1)
     num_splits = batch // group if group else 1
     model = build_moco(config, num_splits).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(

@@ -1,4 +1,7 @@
-"""MoCo v2, ResNet-50 on ImageNet (Chen et al. 2020): v1 plus MLP head, T=0.2, cosine lr, aug+."""
+"""MoCo v2, ResNet-50 on ImageNet (Chen et al. 2020): v1 plus MLP head, T=0.2, cosine lr, aug+.
+
+The paper's batch of 256 (defaults.py), on its 8 GPUs or 8 chips (v5e:2x4: 32 a chip), K=65536
+(256 steps of keys). Larger slices: moco_v2_imagenet_4096.py."""
 
 from moco_jax.config.defaults import base_config
 

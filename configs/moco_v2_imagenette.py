@@ -14,6 +14,9 @@ def get_config():
     config.model.backbone = "resnet18"
     config.moco.queue_size = 4096
     config.moco.momentum = 0.99
+    # One GPU: the keys' BN in 8 groups of 32 (the official colab's --bn-splits 8), since
+    # Shuffle-BN has no other device to shuffle with; on 8 devices 32 is each one's whole batch.
+    config.model.bn_group_size = 32
     config.optim.base_lr = 0.06
     config.knn.every_epochs = 10
     return config

@@ -195,22 +195,28 @@ def split_groups(num_devices: int, per_device: int, group_size: int):
     return groups
 
 
-def shuffle_bn_permutation(sends: Sequence[np.ndarray], receives: Sequence[np.ndarray]):
+def shuffle_bn_permutation(
+    sends: Sequence[np.ndarray], receives: Sequence[np.ndarray], group: int | None = None
+):
     """Global rows fed to the key encoder, device by device, for Shuffle-BN.
 
-    Device ``d`` permutes its ``b`` images by ``sends[d]`` and sends chunk ``j`` (``b / n`` rows)
-    to device ``j``; device ``j`` concatenates what it got in source-device order and permutes it
-    by ``receives[j]``. Position ``p`` of the result holds global row ``perm[p]``.
+    The devices form groups of ``group`` consecutive devices (default: one group of all ``n``).
+    Device ``d`` permutes its ``b`` images by ``sends[d]`` and sends chunk ``j`` (``b / group``
+    rows) to device ``j`` of its group; each device concatenates what it got in source-device
+    order and permutes it by its ``receives``. Position ``p`` of the result holds global row
+    ``perm[p]``.
     """
     n = len(sends)
+    g = n if group is None else group
     b = len(sends[0])
-    c = b // n
+    c = b // g
     perm = []
-    for j in range(n):
+    for device in range(n):
+        first, j = device - device % g, device % g
         received = np.concatenate(
-            [d * b + np.asarray(sends[d])[j * c : (j + 1) * c] for d in range(n)]
+            [d * b + np.asarray(sends[d])[j * c : (j + 1) * c] for d in range(first, first + g)]
         )
-        perm.append(received[np.asarray(receives[j])])
+        perm.append(received[np.asarray(receives[device])])
     return np.concatenate(perm)
 
 

@@ -127,6 +127,19 @@ def test_not_fitting_is_one_line_with_the_largest_batch(report, tmp_path, monkey
     assert saved["training_step_batch"]["bytes_per_chip_by_batch"]["4"] < needs
 
 
+def test_shuffle_bn_in_groups_of_8_compiles_for_16_chips(tmp_path, monkeypatch):
+    """v5e:4x4 (16 chips, 8 images each; the step only): the default Shuffle-BN group of 8
+    devices compiles with the TPU compiler, as two all-to-alls within replica groups of 8, each
+    chip sending 7/8 of what it exchanges (one group of 16 would send 15/16)."""
+    _step_only(monkeypatch)
+    path = tmp_path / "report.json"
+    compile_for.main(tiny_config(batch_size=128), "v5e:4x4", str(path))
+    (step,) = json.loads(path.read_text())["functions"]
+    exchange = step["collectives"]["all-to-all"]
+    assert exchange["count"] == 2 and step["fits"] is True
+    assert exchange["moved_bytes"] == pytest.approx(exchange["result_bytes"] * 7 / 8)
+
+
 def test_a_moco_v3_step_compiles_with_gathered_keys_and_no_shuffle(tmp_path, monkeypatch):
     """MoCo v3 for a slice (the step only, as above): no Shuffle-BN all-to-all; the keys
     all-gathered, sync BN's statistics and the gradients all-reduced. (The TPU compiler turns

@@ -42,12 +42,16 @@ CASES = {
     "shuffle-8dev-2groups": (8, "shuffle", 4, 64, 100, (4, 4, 1)),
     # moco.symmetric (the colab's symmetric loss): 2 x 64 keys per step into K = 200
     "symmetric-shuffle-8dev-2groups": (8, "shuffle", 4, 64, 200, (4, 4, 1)),
+    # Shuffle-BN within groups of 2 devices (model.shuffle_group_devices)
+    "shuffle-8dev-in-pairs": (8, "shuffle", 0, 64, 100, (4, 4, 1)),
 }
+SHUFFLE_GROUPS = {"shuffle-8dev-in-pairs": 2}  # devices per Shuffle-BN group; others: all
 HEADS = ("linear", "mlp")
-# Every case with both heads, but the symmetric loss with the MLP head only (the heads do not
-# change what the symmetric step adds).
-CASE_HEADS = [(c, h) for c in CASES if not c.startswith("symmetric") for h in HEADS] + [
-    (c, "mlp") for c in CASES if c.startswith("symmetric")
+# Every case with both heads, but the symmetric loss and the grouped shuffle with the MLP head
+# only (the heads do not change what they add).
+ONE_HEAD = ("symmetric-shuffle-8dev-2groups", "shuffle-8dev-in-pairs")
+CASE_HEADS = [(c, h) for c in CASES if c not in ONE_HEAD for h in HEADS] + [
+    (c, "mlp") for c in ONE_HEAD
 ]
 
 MAX_DIFFS: dict[str, tuple[float, float]] = {}
@@ -136,6 +140,8 @@ def test_train_step_matches_numpy_reference(case, head):
     symmetric = case.startswith("symmetric")
     config = _config(num_devices, bn_mode, group_size, batch, queue_size, image_shape, head)
     config.moco.symmetric = symmetric
+    shuffle_group = SHUFFLE_GROUPS.get(case, num_devices)
+    config.model.shuffle_group_devices = shuffle_group
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
     mesh = built.mesh
     state = built.initial_state(seed=7)
@@ -171,7 +177,10 @@ def test_train_step_matches_numpy_reference(case, head):
         rng, shuffle_rng = jax.random.split(rng)
         # symmetric: the key encoder sees view 2, then view 1, each shuffled with its own key
         shuffle_rngs = jax.random.split(shuffle_rng) if symmetric else [shuffle_rng]
-        key_perms = [_key_permutation(r, bn_mode, num_devices, per_device) for r in shuffle_rngs]
+        key_perms = [
+            _key_permutation(r, bn_mode, num_devices, per_device, shuffle_group)
+            for r in shuffle_rngs
+        ]
 
         lr = _reference_lr(step)
         if symmetric:
@@ -223,20 +232,22 @@ def test_train_step_matches_numpy_reference(case, head):
     assert enqueued > queue_size
 
 
-def _key_permutation(shuffle_rng, bn_mode, num_devices, per_device):
-    """The global rows in the order the key encoder sees them (Shuffle-BN's draw from jax)."""
+def _key_permutation(shuffle_rng, bn_mode, num_devices, per_device, group):
+    """The global rows in the order the key encoder sees them (Shuffle-BN's draw from jax),
+    shuffled within groups of ``group`` devices."""
     batch = num_devices * per_device
     if bn_mode != "shuffle":
         return np.arange(batch)
     perms = [shuffle_permutations(shuffle_rng, d, per_device) for d in range(num_devices)]
     key_perm = ref.shuffle_bn_permutation(
-        [np.asarray(s) for s, _ in perms], [np.asarray(r) for _, r in perms]
+        [np.asarray(s) for s, _ in perms], [np.asarray(r) for _, r in perms], group
     )
     assert sorted(key_perm) == list(range(batch))
-    if num_devices > 1:  # every device's BN batch mixes images from all devices
+    if num_devices > 1:  # every device's BN batch mixes images from all devices of its group
         for d in range(num_devices):
             sources = key_perm[d * per_device : (d + 1) * per_device] // per_device
-            assert sorted(set(sources.tolist())) == list(range(num_devices))
+            first = d - d % group
+            assert sorted(set(sources.tolist())) == list(range(first, first + group))
     return key_perm
 
 

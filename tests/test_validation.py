@@ -43,6 +43,28 @@ BAD_VALUES = [
         8,
         r"per-device batch \(4\) must be divisible by 8",
     ),
+    # Shuffle-BN in groups of devices, and on one device (config/batch_rules.py).
+    (
+        {"model.shuffle_group_devices": -1},
+        8,
+        "model.shuffle_group_devices must be an integer >= 0, got -1",
+    ),
+    (
+        {"model.shuffle_group_devices": 3},
+        8,
+        "model.shuffle_group_devices 3 does not divide the 8 devices: set it to a divisor of 8",
+    ),
+    (
+        {"model.shuffle_group_devices": 4, "batch_size": 48},
+        8,
+        r"to every device of its group of 4 .* per-device batch \(6\) must be divisible by 4",
+    ),
+    (
+        {"batch_size": 40},
+        1,
+        r"bn_mode 'shuffle' on one device .* runs the keys' BatchNorm in 8 groups, as the "
+        r"official colab's --bn-splits 8: the per-device batch \(40\) must be a multiple of 16",
+    ),
     # Every other field of config_defaults.py: types (None, bools for numbers), ranges, shapes.
     ({"seed": -1}, 1, "seed must be an integer >= 0, got -1"),
     ({"seed": True}, 1, "seed must be an integer >= 0, got True"),
@@ -110,6 +132,7 @@ BAD_VALUES = [
     ({"show.map_points": 5}, 1, "show.map_points must be an integer >= 10, got 5"),
     ({"show.seed": -1}, 1, "show.seed must be an integer >= 0, got -1"),
     ({"dataset.host_threads": -1}, 1, "dataset.host_threads must be an integer >= 0, got -1"),
+    ({"knn.baselines": "yes"}, 1, r"knn.baselines must be one of \['auto', 'on', 'off'\]"),
     ({"checkpoint.every_steps": -1}, 1, "checkpoint.every_steps must be an integer >= 0"),
     ({"checkpoint.keep": 0}, 1, "checkpoint.keep must be an integer >= 1, got 0"),
     ({"checkpoint.keep_every_steps": -2}, 1, "checkpoint.keep_every_steps must be an integer"),

@@ -36,6 +36,7 @@ from moco_jax.algorithms.momentum import momentum_update
 from moco_jax.algorithms.queue import enqueue, init_queue
 from moco_jax.algorithms.shuffle_bn import shuffle_batch
 from moco_jax.algorithms.step_metrics import contrastive_metrics
+from moco_jax.config.batch_rules import key_bn_group_size, shuffle_group
 from moco_jax.mesh import DATA_AXIS, gather_replicated
 from moco_jax.models import bn_axis_name, build_encoder
 from moco_jax.optim import make_lr_schedule, make_optimizer
@@ -111,7 +112,7 @@ def load_encoder(state: MoCoState, variables: dict[str, Any]) -> MoCoState:
 
 def make_train_step(
     model, optimizer, schedule, mesh: Mesh, *, momentum, temperature, bn_mode, ordered=False,
-    symmetric=False,
+    symmetric=False, shuffle_group=None,
 ):  # fmt: skip
     """The jitted step ``(state, images_q, images_k) -> (state, metrics)``; donates ``state``.
 
@@ -119,6 +120,7 @@ def make_train_step(
     ``[global_batch, H, W, C]`` sharded over the mesh's ``data`` axis (already augmented).
     ``ordered``: means over devices (gradients, loss, BN statistics, metrics) add in device
     order (``mesh.ordered_sum``): the same bits for any split of the devices into processes.
+    ``shuffle_group``: devices per Shuffle-BN group (default: all of them).
     """
     num_devices = mesh.shape[DATA_AXIS]
     mean = device_mean(mesh, ordered)
@@ -131,7 +133,9 @@ def make_train_step(
         # 2. Keys, from a batch shuffled across devices (Shuffle-BN) or as it is.
         def keys(images, rng, stats):
             if bn_mode == "shuffle":
-                key_input, unshuffle = shuffle_batch(images, rng, DATA_AXIS, num_devices)
+                key_input, unshuffle = shuffle_batch(
+                    images, rng, DATA_AXIS, num_devices, shuffle_group
+                )
             else:
                 key_input, unshuffle = images, lambda x: x
             key_vars = {"params": ema_params, "batch_stats": stats}
@@ -195,7 +199,12 @@ def make_train_step(
 @register_algorithm("moco")
 def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
     """MoCo v1/v2 from a validated config: encoder, SGD, per-epoch lr schedule, the step."""
-    model = build_encoder(config.model, bn_axis_name(config.model.bn_mode))
+    num_devices = mesh.shape[DATA_AXIS]
+    group = shuffle_group(config.model, num_devices)
+    model_config = config.model.copy_and_resolve_references()
+    per_device = config.batch_size // num_devices
+    model_config.bn_group_size = key_bn_group_size(config.model, per_device, num_devices)
+    model = build_encoder(model_config, bn_axis_name(config.model.bn_mode))
     schedule = make_lr_schedule(config.optim, config.batch_size, steps_per_epoch, config.epochs)
     optimizer = make_optimizer(config.optim, schedule)
     step = make_train_step(
@@ -206,6 +215,7 @@ def build(config: Any, mesh: Mesh, steps_per_epoch: int) -> Algorithm:
         momentum=config.moco.momentum,
         temperature=config.moco.temperature,
         bn_mode=config.model.bn_mode,
+        shuffle_group=group,
         ordered=config.ordered_reductions,
         symmetric=config.moco.symmetric,
     )

@@ -41,7 +41,9 @@ ENCODER_FIELDS = ("model.backbone", "model.width_multiplier", "model.cifar_stem"
 # names (``storage.canonical``): a relative and an absolute spelling of one directory agree.
 SOURCE_FIELDS = ("linear.pretrained",)
 # Fields that may change between a run and its resumption without a warning.
-UNREMARKABLE_FIELDS = ("dataset.data_dir", "init_from", "profile_steps", "profile_first_step")
+UNREMARKABLE_FIELDS = (
+    "dataset.data_dir", "init_from", "profile_steps", "profile_first_step", "knn.baselines",
+)  # fmt: skip
 
 
 def config_dict(config: Any) -> dict:

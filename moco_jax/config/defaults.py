@@ -73,7 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     model.zero_init_residual = False  # ResNet: last BN of each residual block starts at scale 0
     model.stop_grad_conv1 = False  # ViT: frozen random patch projection (MoCo v3 --stop-grad-conv1)
     model.bn_mode = "shuffle"  # shuffle (Shuffle-BN), sync (global-batch stats) or local
-    model.bn_group_size = 0  # samples per BN group within a device (0: whole per-device batch)
+    # samples per BN group within a device (0: the whole per-device batch; but with bn_mode
+    # shuffle on one device: 8 groups, as the official colab's --bn-splits 8; config/batch_rules)
+    model.bn_group_size = 0
+    # Shuffle-BN exchanges keys within groups of this many devices (0: all devices): 8 as the
+    # official 8-GPU setup; the per-device batch must be a multiple of it (config/batch_rules)
+    model.shuffle_group_devices = 8
     model.dtype = "float32"  # compute dtype, float32 or bfloat16 (params and BN stats float32)
 
     config.moco = moco = ml_collections.ConfigDict()
@@ -107,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     knn.every_epochs = 10  # kNN monitor period in epochs (and always after the last one)
     knn.k = 200  # neighbours (the official demo's 200)
     knn.temperature = 0.1  # vote weight exp(similarity / t)
+    # kNN of raw pixels and of the random-init encoder before training (what pretraining has to
+    # beat; a pass over the training and test splits each): on, off, or auto: on unless the
+    # training split is streamed and over 200,000 images (ImageNet; docs/evaluation.md)
+    knn.baselines = "auto"
 
     # Pictures of what the features mean (``python -m moco_jax.evaluate show``; and after training):
     # neighbours.png (test images and their nearest training images by the kNN monitor's backbone

@@ -23,6 +23,7 @@ from etils import epath
 
 from moco_jax import storage
 from moco_jax.algorithms import available_algorithms
+from moco_jax.config.batch_rules import check_shuffle_bn
 from moco_jax.config.checks import (  # noqa: F401 - ConfigError is this module's API too
     ConfigError,
     are_numbers,
@@ -45,6 +46,7 @@ from moco_jax.storage import is_remote
 
 SCHEDULES = ("cosine", "step", "constant", "warmup_cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")
+BASELINES = ("auto", "on", "off")  # knn.baselines (run/startup.py)
 # Files init_from reads as weights: official MoCo checkpoints, torchvision state dicts (torch
 # files) and detectron2 pickles of the official converter.
 WEIGHT_FILE_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar", ".pkl")
@@ -129,6 +131,10 @@ def _validate_run_fields(config: Any) -> None:
         check_int_at_least("show.neighbours", config.show.neighbours, 1)
         check_int_at_least("show.map_points", config.show.map_points, 10)
         check_int_at_least("show.seed", config.show.seed, 0)
+    require(
+        knn.baselines in BASELINES,
+        f"knn.baselines must be one of {list(BASELINES)}, got {knn.baselines!r}",
+    )
     checkpoint = config.checkpoint
     check_int_at_least("checkpoint.every_steps", checkpoint.every_steps, 0)
     check_int_at_least("checkpoint.keep", checkpoint.keep, 1)
@@ -365,12 +371,7 @@ def _validate_cross_field_rules(config: Any, num_devices: int) -> None:
         f"enqueues ({'both views of ' if symmetric else ''}the global batch_size)",
     )
     per_device = config.batch_size // num_devices
-    if m.bn_mode == "shuffle":
-        require(
-            per_device % num_devices == 0,
-            f"bn_mode 'shuffle' sends 1/{num_devices} of each device's batch to every device: "
-            f"the per-device batch ({per_device}) must be divisible by {num_devices}",
-        )
+    check_shuffle_bn(m, config.batch_size, num_devices)
     if m.bn_mode == "sync":
         require(
             m.bn_group_size == 0,

@@ -10,16 +10,21 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import jax
 from absl import logging
 
+from moco_jax.config.batch_rules import queue_warnings
 from moco_jax.interop.init_from import load_encoder_weights
 from moco_jax.run import hooks, show
 from moco_jax.run.checkpointing import TrainingDiverged
 from moco_jax.run.metrics_io import MetricsWriter, plot_history, write_atomically
 from moco_jax.run.run_setup import Run, setup_run
+from moco_jax.run.startup import Startup, baselines_wanted, data_line
+
+COMPILE_LINE = "the training step, compiled at the first step (timed with that step)"
 
 __all__ = ["INSTALLED_ACTIONS", "TrainingDiverged", "train_and_evaluate", "train_loop"]
 
@@ -38,9 +43,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ``TrainingDiverged`` and is never saved.
     Returns the final summary (last epoch's loss, kNN top-1 and the baselines).
     """
-    run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, init_from)
+    for warning in queue_warnings(config):  # once a run; training only (not export, evaluate)
+        logging.warning("%s", warning)
+    startup = Startup(enabled=jax.process_index() == 0)
+    with startup.phase("data", data_line(config)):
+        run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, ...)
     try:
-        history, state = train_loop(run)
+        history, state = train_loop(run, startup)
         summary = _summary(history)  # the results: summary and plots
         if jax.process_index() == 0:
             plot_history(history, run.workdir / "pretraining.png", config.dataset.name)
@@ -51,10 +60,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     return summary
 
 
-def train_loop(run: Run) -> tuple[dict, Any]:
+def train_loop(run: Run, startup: Startup | None = None) -> tuple[dict, Any]:
     """The loop of every run (pretraining, linear evaluation): one step, then each periodic
-    action in order; ``run.evaluate`` and ``run.monitor`` say what is measured. Returns the
-    run's history and its final state."""
+    action in order; ``run.evaluate`` and ``run.monitor`` say what is measured. ``startup``
+    gets the baselines and compile phases (default: silent). Returns the run's history and its
+    final state."""
+    startup = startup or Startup(enabled=False)
     config, algorithm = run.config, run.setup.algorithm
     checkpointer, views = run.checkpointer, run.train_views
     steps_per_epoch = views.steps_per_epoch
@@ -65,9 +76,8 @@ def train_loop(run: Run) -> tuple[dict, Any]:
     history = writer.resume(int(run.state.step), steps_per_epoch, saved)
     if is_main:
         write_atomically(run.workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
-    if "baselines" not in history and run.monitor is not None:  # what pretraining has to beat
-        history["baselines"] = _baselines(run)
-        writer.write_baselines(history["baselines"])
+    if run.monitor is not None:  # what pretraining has to beat
+        _baselines_phase(run, history, writer, startup)
 
     progress = hooks.Progress(int(run.state.step), steps_per_epoch, run.state)
     progress.epoch_loss, progress.epoch_steps = hooks.resumed_epoch_loss(
@@ -106,9 +116,15 @@ def train_loop(run: Run) -> tuple[dict, Any]:
         hooks.StopWhenPreempted(save, bar),
     ]
     checkpointer.watch_sigterm()
+    first_step = progress.step
     for step in range(progress.step, total_steps):
-        with jax.transfer_guard("disallow"):  # a step sends nothing implicitly host<->device
+        compiling = startup.phase("compile", COMPILE_LINE) if step == first_step else nullcontext()
+        with compiling, jax.transfer_guard("disallow"):  # nothing sent implicitly host<->device
             progress.state, progress.metrics = algorithm.train_step(progress.state, *views(step))
+            if step == first_step:
+                jax.block_until_ready(progress.metrics)
+        if step == first_step:
+            startup.done()
         progress.step = step + 1
         for action in actions:
             action(progress)
@@ -125,6 +141,20 @@ def _installed_actions(run: Run) -> tuple[list, list]:
         before, after = make(run)
         first, last = first + before, last + after
     return first, last
+
+
+def _baselines_phase(run: Run, history: dict, writer: MetricsWriter, startup: Startup) -> None:
+    """The baselines, unless the run resumed has them or ``knn.baselines`` leaves them out."""
+    if "baselines" in history:
+        return startup.skip("baselines", "kept from the run resumed")
+    train_images = run.train_views.steps_per_epoch * run.config.batch_size
+    wanted, why = baselines_wanted(run.config, train_images)
+    if not wanted:
+        return startup.skip("baselines", why)
+    what = f"kNN top-1 of raw pixels and of the random-init encoder ({why}): 2 passes over the data"
+    with startup.phase("baselines", what):
+        history["baselines"] = _baselines(run)
+        writer.write_baselines(history["baselines"])
 
 
 def _baselines(run: Run) -> dict[str, float]:
