@@ -43,11 +43,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ``TrainingDiverged`` and is never saved.
     Returns the final summary (last epoch's loss, kNN top-1 and the baselines).
     """
-    for warning in queue_warnings(config):  # once a run; training only (not export, evaluate)
-        logging.warning("%s", warning)
     startup = Startup(enabled=jax.process_index() == 0)
     with startup.phase("data", data_line(config)):
         run = setup_run(config, workdir)  # mesh, data, algorithm, state (fresh, restored, ...)
+    # Once a run, training only (not export, evaluate), and after set-up: a run refused there
+    # ends with its one error line.
+    for warning in queue_warnings(config):
+        logging.warning("%s", warning)
     try:
         history, state = train_loop(run, startup)
         summary = _summary(history)  # the results: summary and plots
