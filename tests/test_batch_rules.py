@@ -59,13 +59,22 @@ def test_a_short_queue_is_warned_about_once_by_a_training_run(caplog, monkeypatc
     assert queue_warnings(tiny_config(**{"moco.symmetric": True, "moco.queue_size": 512})) == []
     assert queue_warnings(tiny_config(**V3)) == []  # no queue
 
-    def stop(config, workdir):
-        raise StopIteration  # after the warning, before the data
+    class SetUp:  # a run that was set up (a refused one ends with its error line alone)
+        closed = False
 
-    monkeypatch.setattr(trainer, "setup_run", stop)
+        def close(self):
+            self.closed = True
+
+    run = SetUp()
+
+    def stop(run, startup):
+        raise StopIteration  # after the warning, before the first step
+
+    monkeypatch.setattr(trainer, "setup_run", lambda config, workdir: run)
+    monkeypatch.setattr(trainer, "train_loop", stop)
     with caplog.at_level(logging.WARNING), pytest.raises(StopIteration):
         trainer.train_and_evaluate(config, "unused")
-    assert [r.getMessage() for r in caplog.records] == [warning]
+    assert [r.getMessage() for r in caplog.records] == [warning] and run.closed
 
 
 @pytest.mark.parametrize(
