@@ -46,6 +46,10 @@ SLOW_FIRST = (
     "test_disk_full.py",
     "test_moco_v3_parts.py",
     "test_moco_v3.py",
+    "test_show.py",  # tens of seconds each (2026-12-07 additions), so they do not start last
+    "test_host_crops.py",
+    "test_batch_rules.py",
+    "test_fork.py",
 )
 
 
