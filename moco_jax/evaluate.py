@@ -26,6 +26,7 @@ into OUT (see ``moco_jax.run.show``).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from absl import app, flags, logging
 from etils import epath
@@ -81,10 +82,7 @@ def evaluate_knn(
     from moco_jax.run.run_setup import setup_run
 
     workdir_path = epath.Path(workdir)
-    config = load_run_config(workdir_path)
-    if data_dir is not None:
-        config.dataset.data_dir = data_dir
-    _check_saved(workdir_path, step, saved_steps(workdir_path))  # before the data is loaded
+    config = _saved_run_config(workdir_path, step, data_dir)
     saved_baselines = None if recompute_baselines else _saved_baselines(workdir_path)
     run = setup_run(config, workdir_path, read_only=True)
     try:
@@ -134,13 +132,12 @@ def show(workdir: str, step: int | None = None, data_dir: str | None = None, con
         raise ConfigError("show draws on one host: run it as one process (no --distributed)")
     workdir_path = epath.Path(workdir)
     if pretrained is None:
-        config = load_run_config(workdir_path)
-        _check_saved(workdir_path, step, saved_steps(workdir_path))  # before the data is loaded
+        config = _saved_run_config(workdir_path, step, data_dir)
     else:
         config = config.copy_and_resolve_references()
         config.init_from = absolute(pretrained)  # loaded into the fresh state (no checkpoint)
-    if data_dir is not None:
-        config.dataset.data_dir = data_dir
+        if data_dir is not None:
+            config.dataset.data_dir = data_dir
     run = setup_run(config, workdir_path, read_only=pretrained is None)
     try:
         state = run.state
@@ -153,6 +150,16 @@ def show(workdir: str, step: int | None = None, data_dir: str | None = None, con
         return write_pictures(run, state, out, f"{name}, step {int(state.step)}").paths
     finally:
         run.close()
+
+
+def _saved_run_config(workdir: epath.Path, step: int | None, data_dir: str | None) -> Any:
+    """The config a saved run was trained with (``data_dir`` overriding its data directory), once
+    its checkpoints are known to hold ``step`` (or any, for the latest): before data is loaded."""
+    config = load_run_config(workdir)
+    if data_dir is not None:
+        config.dataset.data_dir = data_dir
+    _check_saved(workdir, step, saved_steps(workdir))
+    return config
 
 
 def _check_saved(workdir: epath.Path, step: int | None, steps: list[int]) -> None:

@@ -7,6 +7,7 @@ The end-of-training pictures are checked in ``test_moco_v3_workflow.py`` and ``e
 a streamed workdir in ``test_folder_runs.py``.
 """
 
+import os
 import sys
 
 import jax
@@ -20,6 +21,7 @@ from moco_jax.evaluation.knn import make_feature_fn
 from moco_jax.evaluation.monitor import collect
 from moco_jax.run.run_setup import setup_run
 from moco_jax.run.show import write_pictures
+from moco_jax.storage import FileRefused
 from tiny import tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -68,6 +70,11 @@ def test_a_folder_without_a_labelled_split_is_shown_from_its_training_images(tmp
     try:
         assert run.data.test_source is None
         shown = write_pictures(run, run.state, tmp_path, "unlabelled")
+        fifo_dir = tmp_path / "fifo"  # a picture's name taken by a FIFO: refused, never opened
+        fifo_dir.mkdir()
+        os.mkfifo(fifo_dir / "neighbours.png")
+        with pytest.raises(FileRefused, match="neighbours.png .* is a FIFO"):
+            write_pictures(run, run.state, fifo_dir, "unlabelled")
     finally:
         run.close()
     assert [p.read_bytes()[:8] for p in shown.paths] == [PNG, PNG]

@@ -38,6 +38,18 @@ def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
         return tsne.fit_transform(np.asarray(features, np.float64))
 
 
+def _png(fig) -> bytes:
+    """``fig`` as PNG bytes, closed (the caller writes them: ``storage.write_whole``)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, dpi=90, format="png")
+    plt.close(fig)
+    return png.getvalue()
+
+
 def _rgb(hex_colour: str) -> np.ndarray:
     return np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], np.uint8)
 
@@ -66,17 +78,16 @@ def mosaic(
 
 
 def draw_neighbours(
-    path,
     queries: np.ndarray,
     query_labels: np.ndarray | None,
     neighbours: np.ndarray,
     neighbour_labels: np.ndarray | None,
     class_names: Sequence[str],
     title: str,
-) -> None:
-    """One row per query: the query (blue frame), then its neighbours (most similar first).
-    With labels each image is captioned with its class and each neighbour framed green (the
-    query's class) or red (another); without labels (``None``), no captions and no frames."""
+) -> bytes:
+    """PNG bytes of one row per query: the query (blue frame), then its neighbours (most similar
+    first). With labels each image is captioned with its class and each neighbour framed green
+    (the query's class) or red (another); without labels (``None``), no captions and no frames."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,19 +119,17 @@ def draw_neighbours(
                         ha="center", va="bottom", fontsize=6,
                         fontweight="bold" if c == 0 else "normal")  # fmt: skip
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return _png(fig)
 
 
 def draw_maps(
-    path,
     maps: Sequence[tuple[str, np.ndarray]],
     labels: np.ndarray | None,
     class_names: Sequence[str],
     title: str,
-) -> None:
-    """Side by side, one scatter per ``(name, [N, 2] points)``, coloured by class with one
-    legend (``labels`` None: one colour, no legend)."""
+) -> bytes:
+    """PNG bytes of, side by side, one scatter per ``(name, [N, 2] points)``, coloured by class
+    with one legend (``labels`` None: one colour, no legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,5 +156,4 @@ def draw_maps(
         )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return _png(fig)

@@ -131,6 +131,7 @@ class Data:
     bank_source: Any  # () -> iterable of (images, labels) on the mesh: the kNN memory bank
     test_source: Any  # () -> the same for the evaluated split (None: no labelled split)
     num_classes: int
+    class_names: tuple[str, ...] = ()  # the dataset's, when its metadata names them
 
 
 def load_data(config: Any, mesh: Mesh, inputs: str = "two_views", source: Any = None) -> Data:
@@ -144,7 +145,8 @@ def load_data(config: Any, mesh: Mesh, inputs: str = "two_views", source: Any = 
         sources = _resident_data(config, mesh, builder, inputs)
     else:
         sources = _streaming_data(config, mesh, builder, inputs)
-    return Data(*sources, builder.info.features["label"].num_classes)
+    label = builder.info.features["label"]
+    return Data(*sources, label.num_classes, tuple(getattr(label, "names", None) or ()))
 
 
 def streamed_source(mesh: Mesh, builder, config: Any, split: str, limit: int = 0):

@@ -24,8 +24,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from moco_jax import storage
 from moco_jax.data.resident import ResidentViews, make_eval_transform
-from moco_jax.data.tfds_source import get_builder
 from moco_jax.evaluation.knn import make_feature_fn
 from moco_jax.evaluation.monitor import collect, small_pixel_features
 from moco_jax.evaluation.neighbours import nearest, rows_of, take_rows
@@ -51,8 +51,11 @@ def write_pictures(run: Any, state: Any, directory: epath.Path, title: str) -> S
     show = config.show
     labelled = data.test_source is not None
     queries_from = data.test_source if labelled else data.bank_source
-    features_fn = make_feature_fn(run.setup.mesh, run.setup.algorithm.model,
-                                  make_eval_transform(config))  # fmt: skip
+    features_fn = (
+        run.monitor.features_fn
+        if run.monitor
+        else make_feature_fn(run.setup.mesh, run.setup.algorithm.model, make_eval_transform(config))
+    )  # the monitor's, already compiled, when the run has one
     variables = run.setup.algorithm.encoder_variables(state)
 
     def backbone(source, split):
@@ -69,26 +72,29 @@ def write_pictures(run: Any, state: Any, directory: epath.Path, title: str) -> S
     k = min(show.neighbours, len(valid) - (0 if labelled else 1))
     exclude = None if labelled else rows
     _, found = nearest(take_rows(tested, rows), bank, bank_labels, k, exclude)
-    query_images, query_labels = rows_of(queries_from, rows)
+    mapped = rng.choice(valid, min(show.map_points, len(valid)), replace=False)
+    # The queries' and the map's images in one pass over their split (a streamed one is read).
+    fetched_images, fetched_labels = rows_of(queries_from, np.concatenate([rows, mapped]))
+    query_images, map_images = fetched_images[: len(rows)], fetched_images[len(rows) :]
+    query_labels, map_labels = fetched_labels[: len(rows)], fetched_labels[len(rows) :]
     images, labels = rows_of(data.bank_source, found)
-    names = _class_names(config, data.num_classes)
+    names = _class_names(data)
     written = [epath.Path(directory) / NEIGHBOURS, epath.Path(directory) / EMBEDDING]
-    draw_neighbours(
-        written[0], query_images, query_labels if labelled else None,
+    storage.write_whole(written[0], draw_neighbours(
+        query_images, query_labels if labelled else None,
         images.reshape(*found.shape, *images.shape[1:]),
         labels.reshape(found.shape) if labelled else None, names,
         f"{title}: test images (left) and their {k} nearest training images",
-    )  # fmt: skip
-    mapped = rng.choice(valid, min(show.map_points, len(valid)), replace=False)
-    map_images, map_labels = rows_of(queries_from, mapped)
+    ), "neighbours.png")  # fmt: skip
     pixels = np.asarray(small_pixel_features(jax.numpy.asarray(map_images)))
     maps = [
         ("backbone features", tsne(take_rows(tested, mapped), show.seed)),
         ("raw pixels", tsne(pixels, show.seed)),
     ]
     which = "test" if labelled else "training (no labelled split)"
-    draw_maps(written[1], maps, map_labels if labelled else None, names,
-              f"{title}: t-SNE of {len(mapped)} {which} images")  # fmt: skip
+    png = draw_maps(maps, map_labels if labelled else None, names,
+                    f"{title}: t-SNE of {len(mapped)} {which} images")  # fmt: skip
+    storage.write_whole(written[1], png, "embedding.png")
     logging.info("wrote %s (%.0fs)", ", ".join(map(str, written)), time.time() - t0)
     return Shown(written, rows, found)
 
@@ -109,15 +115,10 @@ def write_at_end(run: Any, state: Any) -> None:
         logging.warning("%s (neighbours.png written)", err)
 
 
-def _class_names(config: Any, num_classes: int) -> list[str]:
+def _class_names(data: Any) -> list[str]:
     """The dataset's class names (TFDS metadata, a folder's directories), else the numbers."""
-    try:
-        names = (
-            get_builder(config.dataset.name, config.dataset.data_dir).info.features["label"].names
-        )
-    except Exception:  # a picture's captions: never worth failing for
-        names = []
-    return list(names) if len(names) == num_classes else [str(c) for c in range(num_classes)]
+    names = list(data.class_names)
+    return names if len(names) == data.num_classes else [str(c) for c in range(data.num_classes)]
 
 
 def _with_progress(source, split: str):
