@@ -8,6 +8,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# What the programs set before TensorFlow starts (cli_errors.quiet_native_logs), which jax's import
+# would set otherwise (to "1"): the tests' subprocesses see a user's settings.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,3 +60,10 @@ SLOW_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+def pytest_sessionfinish(session):
+    """The fork server of tests/forkserver.py (started by the tests that need it) goes with us."""
+    forkserver = sys.modules.get("forkserver")
+    if forkserver is not None and forkserver._SERVER is not None:
+        forkserver._SERVER.close()
