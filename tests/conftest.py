@@ -14,6 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The persistent compile cache, for the tests and the programs they start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 sys.path.insert(0, str(ROOT))
 
 # torchvision (when installed) before TensorFlow: torchvision imports torch._dynamo, which loads

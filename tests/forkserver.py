@@ -49,11 +49,15 @@ class ForkServerError(RuntimeError):
 
 
 def base_env() -> dict[str, str]:
-    """The environment the server imports with: the tests' own (CPU, the shared compile cache)."""
+    """The environment the server imports with: the tests' own (tests/conftest.py sets the CPU
+    platform, the shared compile cache and the programs' TensorFlow log settings)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    env.update(TF_ENABLE_ONEDNN_OPTS="0", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    for name, value in PROGRAM_DEFAULTS.items():
+        env.setdefault(name, value)
+    env["PYTHONPATH"] = str(ROOT)
     return env
 
 
@@ -167,7 +171,7 @@ class ForkServer:
                     raise ForkServerError(f"the fork server died: {self.log_tail()}")
                 self.ended_lock.wait(1.0)
             pid = self.pids[count]
-        return Child(self, pid, args, logs)
+        return Child(self, pid, args, [pathlib.Path(p) for p in logs])
 
     def run(self, args, env=None, cwd=None, timeout=600, nice=0) -> subprocess.CompletedProcess:
         """Like ``subprocess.run(args, capture_output=True, text=True)``; killed at ``timeout``."""

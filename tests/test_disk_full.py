@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import forkserver
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
@@ -39,8 +40,8 @@ def _train(workdir, *flags, **faults):
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     data = f"--config.dataset.data_dir={fashion_mnist_data_dir()}"
     entry = [str(ROOT / "tests/with_faults.py")] if faults else []  # installs faults.py
-    command = [sys.executable, *entry, *RUN, *flags, data, "--workdir", str(workdir)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = [*entry, *RUN, *flags, data, "--workdir", str(workdir)]
+    return forkserver.server().run(command, env=env)  # train.py, its imports done once
 
 
 def test_a_disk_that_fills_during_train_py_is_one_line_and_the_rerun_finishes(small_disk):

@@ -11,9 +11,8 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 
+import forkserver
 import numpy as np
 import pytest
 from folder_fixtures import add_bad_files, write_image_folder
@@ -35,7 +34,6 @@ def _run(folder, workdir, *extra, kill_at=None, wait=True, cwd=None):
         env["MOCO_JAX_FAULT_KILL_AT_STEP"] = str(kill_at)
     entry = [str(ROOT / "tests/with_faults.py")] if kill_at else []  # installs faults.py
     command = [
-        sys.executable,
         *entry,
         str(ROOT / "train.py"),
         "--config",
@@ -49,15 +47,12 @@ def _run(folder, workdir, *extra, kill_at=None, wait=True, cwd=None):
         "--config.model.width_multiplier=0.25", "--config.epochs=2", "--config.knn.k=5",
         "--config.checkpoint.every_steps=2", "--config.log_every_steps=1", *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd
-    )
+    process = forkserver.server().start(command, env=env, cwd=cwd)  # its imports done once
     return _finish(process) if wait else process
 
 
 def _finish(process):
-    out, err = process.communicate(timeout=600)
-    return subprocess.CompletedProcess(process.args, process.returncode, out.decode(), err.decode())
+    return process.output()
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +67,9 @@ def runs(tmp_path_factory):
     reference = _run("images", root / "reference", wait=False, cwd=root)
     killed = _run(folder, root / "interrupted", kill_at=4)
     reference = _finish(reference)
-    knn = subprocess.Popen(
-        [sys.executable, "-m", "moco_jax.evaluate", "knn", "--workdir", str(root / "reference")],
+    knn = forkserver.server().start(
+        ["-m", "moco_jax.evaluate", "knn", "--workdir", str(root / "reference")],
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         cwd=ROOT,
     )
     finish = _run(folder, root / "interrupted")

@@ -23,8 +23,8 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 
+import forkserver
 import numpy as np
 import pytest
 from data_fixtures import fashion_mnist_data_dir
@@ -78,16 +78,15 @@ def _start(workdir, leg, faults=({}, {}), nice=0):
             env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_PROCESS_ID=str(index))
             env["JAX_NUM_PROCESSES"] = str(len(faults))
         entry = [str(ROOT / "tests/with_faults.py")] if fault else []  # installs faults.py
-        command = [sys.executable, *entry, str(ROOT / "train.py"), "--workdir", str(workdir)]
+        command = [*entry, str(ROOT / "train.py"), "--workdir", str(workdir)]
         command += ["--config", str(ROOT / "configs/smoke.py")]
         command += [f"--config.dataset.data_dir={_start.data_dir}"]
         command += [f"--config.{name}={value}" for name, value in FIELDS.items()]
         logs = [workdir.parent / f"{workdir.name}.{leg}.p{index}.{s}" for s in ("out", "err")]
-        with logs[0].open("w") as out, logs[1].open("w") as err:
-            process = subprocess.Popen(
-                ["nice", "-n", str(nice), *command], env=env, stdout=out, stderr=err
-            )
-        process.logs = logs
+        # A fork of a process that imported train.py's modules once (tests/forkserver.py).
+        process = forkserver.server().start(
+            command, env=env, stdout=logs[0], stderr=logs[1], nice=nice
+        )
         processes.append(process)
     return processes
 

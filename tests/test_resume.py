@@ -6,7 +6,8 @@ Rerun each time with the same command, it must end with parameters, EMA paramete
 statistics, optimizer state, queue, step, RNG and metrics bit-for-bit equal to an uninterrupted
 run. A NaN injected into the loss must stop a run with one clear line and exit code 2, leaving the
 last good checkpoint intact. The faults come from tests/faults.py (through with_faults.py); the
-uninterrupted run and the NaN run go alongside the interrupted one to save wall time.
+uninterrupted run and the NaN run go alongside the interrupted one to save wall time. Each run is
+a fork of a process that imported train.py's modules once (tests/forkserver.py).
 """
 
 import json
@@ -14,8 +15,8 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 
+import forkserver
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -51,14 +52,13 @@ def _start(workdir, *overrides, fault=None):
     if fault:
         env[f"MOCO_JAX_FAULT_{fault[0]}_AT_STEP"] = str(fault[1])
     entry = [str(ROOT / "tests/with_faults.py")] if fault else []  # installs faults.py
-    command = [sys.executable, *entry, str(ROOT / "train.py")]
+    command = [*entry, str(ROOT / "train.py")]
     command += ["--config", str(ROOT / "configs/smoke.py")]
     command += ["--workdir", str(workdir), f"--config.dataset.data_dir={_start.data_dir}"]
     logs = workdir.parent / f"{workdir.name}.{fault[0].lower() if fault else 'run'}"
-    stdout, stderr = open(f"{logs}.out", "w"), open(f"{logs}.err", "w")
-    process = subprocess.Popen([*command, *overrides], env=env, stdout=stdout, stderr=stderr)
-    process.logs = (pathlib.Path(f"{logs}.out"), pathlib.Path(f"{logs}.err"))
-    return process
+    return forkserver.server().start(
+        [*command, *overrides], env=env, stdout=f"{logs}.out", stderr=f"{logs}.err"
+    )
 
 
 def _wait(process):

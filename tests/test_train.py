@@ -4,9 +4,8 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
+import forkserver
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 
@@ -26,7 +25,6 @@ def _train_py(workdir, *overrides, devices=8):
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     command = [
-        sys.executable,
         str(ROOT / "train.py"),
         "--config",
         str(ROOT / "configs" / "smoke.py"),
@@ -34,7 +32,7 @@ def _train_py(workdir, *overrides, devices=8):
         str(workdir),
         *overrides,
     ]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return forkserver.server().run(command, env=env)  # train.py, its imports done once
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import forkserver
 import pytest
 
 from moco_jax.run.workdir_lock import WorkdirLock, WorkdirLocked
@@ -46,10 +47,8 @@ def test_train_py_on_a_held_workdir_refuses_in_one_line_and_touches_nothing(tmp_
     in_flight = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp"
     in_flight.mkdir(parents=True)  # the holder's checkpoint being written
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/smoke.py")]
-    result = subprocess.run(
-        [*command, "--workdir", str(tmp_path)], env=env, capture_output=True, text=True
-    )
+    command = [str(ROOT / "train.py"), "--config", str(ROOT / "configs/smoke.py")]
+    result = forkserver.server().run([*command, "--workdir", str(tmp_path)], env=env)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: workdir {tmp_path} is in use by another run (host "), last
