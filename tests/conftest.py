@@ -4,20 +4,23 @@ import os
 import pathlib
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from xla_flags import cpu_devices  # noqa: E402
+
+# 8 fake CPU devices, compiled fast (tests/xla_flags.py), for the tests and the programs they start.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {cpu_devices(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # What the programs set before TensorFlow starts (cli_errors.quiet_native_logs), which jax's import
 # would set otherwise (to "1"): the tests' subprocesses see a user's settings.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The persistent compile cache, for the tests and the programs they start.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-sys.path.insert(0, str(ROOT))
 
 # torchvision (when installed) before TensorFlow: torchvision imports torch._dynamo, which loads
 # triton's LLVM; loaded after TensorFlow's (TFDS), it segfaults the process (torch 2.14.1 +

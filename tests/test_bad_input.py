@@ -19,6 +19,7 @@ import sys
 import forkserver
 import pytest
 from data_fixtures import fashion_mnist_data_dir
+from xla_flags import cpu_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [str(ROOT / "train.py")]
@@ -298,7 +299,7 @@ def _run(
     env.update(MOCO_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     if any_platform:
         del env["JAX_PLATFORMS"]
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = cpu_devices(1)
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     if any(BUCKET in arg for arg in args):

@@ -11,6 +11,7 @@ import sys
 import forkserver
 import pytest
 from data_fixtures import fashion_mnist_data_dir
+from xla_flags import cpu_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = [
@@ -35,7 +36,7 @@ def small_disk(tmp_path):
 
 def _train(workdir, *flags, **faults):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", **faults)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = cpu_devices(8)
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     data = f"--config.dataset.data_dir={fashion_mnist_data_dir()}"

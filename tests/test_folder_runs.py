@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from folder_fixtures import add_bad_files, write_image_folder
 from test_resume import _checkpoint, _records
+from xla_flags import cpu_devices
 
 from tiny import set_fields
 
@@ -26,7 +27,7 @@ STEPS = 6  # 2 epochs of 55 records (48 images + 7 bad files) in batches of 16: 
 
 def _run(folder, workdir, *extra, kill_at=None, wait=True, cwd=None):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = cpu_devices(8)
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     env.pop("MOCO_JAX_FAULT_KILL_AT_STEP", None)
@@ -69,7 +70,7 @@ def runs(tmp_path_factory):
     reference = _finish(reference)
     knn = forkserver.server().start(
         ["-m", "moco_jax.evaluate", "knn", "--workdir", str(root / "reference")],
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=dict(os.environ, XLA_FLAGS=cpu_devices(8)),
         cwd=ROOT,
     )
     finish = _run(folder, root / "interrupted")

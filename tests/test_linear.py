@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 from workdirs import assert_same_final_state, records
+from xla_flags import cpu_devices
 
 import moco_jax
 from configs import linear_fashion_mnist
@@ -103,7 +104,7 @@ def test_the_protocol_lr_is_30_per_256_times_0_1_at_epochs_60_and_80():
 
 def _start(workdir, *overrides, fault=None, data_dir):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = cpu_devices(8)
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     if fault:

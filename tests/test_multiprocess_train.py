@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from data_fixtures import fashion_mnist_data_dir
 from test_resume import _checkpoint, _records, _steps_on_disk
+from xla_flags import cpu_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 16  # one epoch: 1024 examples / batch 64
@@ -48,9 +49,8 @@ FIELDS = {
     "ordered_reductions": True,  # the same sums on 2 x 4 devices as on 1 x 8
 }
 # Each restart of process 1 compiles all its programs again: jax's persistent cache keeps
-# process 0's only (the CPU topology in the cache key names the process). LLVM without its
-# optimisation passes compiles them faster; every run compared bit for bit uses this flag.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# process 0's only (the CPU topology in the cache key names the process). The tests' XLA flags
+# (tests/xla_flags.py: LLVM without its optimisation passes) make that fast.
 
 
 def _free_port():
@@ -71,7 +71,7 @@ def _start(workdir, leg, faults=({}, {}), nice=0):
         env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
         env.update({name: str(step) for name, step in fault.items()})
         devices = 8 // len(faults)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+        env["XLA_FLAGS"] = cpu_devices(devices)
         env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
         if len(faults) > 1:

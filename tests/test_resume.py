@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from data_fixtures import fashion_mnist_data_dir
+from xla_flags import cpu_devices
 
 from moco_jax.run.fingerprint import summarize
 
@@ -44,7 +45,7 @@ RUN = [
 def _start(workdir, *overrides, fault=None):
     """train.py in the background; stdout/stderr go to files next to the workdir."""
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = cpu_devices(8)
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     for name in ("KILL", "KILL_AFTER_COMMIT", "SIGTERM", "NAN"):

@@ -8,6 +8,7 @@ import pathlib
 import forkserver
 import pytest
 from data_fixtures import fashion_mnist_data_dir
+from xla_flags import cpu_devices
 
 from moco_jax.config.checks import ConfigError
 from moco_jax.data.tfds_source import DatasetError
@@ -21,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _train_py(workdir, *overrides, devices=8):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = cpu_devices(devices)
     env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     command = [
