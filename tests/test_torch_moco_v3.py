@@ -42,6 +42,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fast_compile  # noqa: E402
 import torch_moco_v3 as ref  # noqa: E402
 from test_moco_v3 import (  # noqa: E402
     EPOCHS,
@@ -277,7 +278,8 @@ def _run(case, float64):
     dtype = np.float64 if float64 else np.float32
     with context, jax.default_matmul_precision("highest"):
         built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:DEVICES])
-        state = built.initial_state(seed=0)
+        state = fast_compile.initial_state(built, seed=0)
+        train_step = fast_compile.train_step(built)
         if float64:
             state = _to_float64(state)
         model = torch_model(case, config).to(torch.float64 if float64 else torch.float32)
@@ -298,7 +300,7 @@ def _run(case, float64):
         for step in range(STEPS):
             x1, x2 = (data.normal(size=(BATCH, *IMAGE)).astype(np.float32) for _ in range(2))
             x1, x2 = x1.astype(dtype), x2.astype(dtype)
-            state, metrics = built.algorithm.train_step(
+            state, metrics = train_step(
                 state, shard_batch(built.mesh, x1), shard_batch(built.mesh, x2)
             )
             epoch = step / STEPS_PER_EPOCH
