@@ -3,8 +3,9 @@
 ``tests/torch_moco.py`` restates facebookresearch/moco (momentum update before the keys, Shuffle-BN
 by a permutation, normalised q/k, ``[l_pos, l_neg] / T`` with zero labels, enqueue after the
 logits, ``torch.optim.SGD`` with coupled weight decay, per-epoch cosine lr) with the CIFAR demo's
-``SplitBatchNorm``. Both start from the same weights and queue (copied over with the weight
-bridge), see the same images and the same key permutation, and must agree after every step.
+``SplitBatchNorm``, on a two-stage ResNet of BasicBlocks (``tests/parity_resnet.py``). Both start
+from the same weights and queue (copied over with the weight bridge), see the same images and
+the same key permutation, and must agree after every step.
 Also checks that ``.pth`` files are read through the bridge and that pickled code is refused.
 """
 
@@ -17,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 import fast_compile  # noqa: E402
 import jax  # noqa: E402
+from parity_resnet import RESNET, torch_resnet  # noqa: E402
 
 from configs import smoke  # noqa: E402
 from moco_jax import build  # noqa: E402
@@ -26,7 +28,7 @@ from moco_jax.mesh import shard_batch  # noqa: E402
 from moco_jax.models import base_width  # noqa: E402
 from moco_jax.optim import scaled_learning_rate  # noqa: E402
 from tests.torch_helpers import moco_checkpoint_to_flax  # noqa: E402
-from tests.torch_moco import CifarResNet18, MoCo, cosine_learning_rate, train_step  # noqa: E402
+from tests.torch_moco import MoCo, cosine_learning_rate, train_step  # noqa: E402
 
 TOL = 1e-4
 STEPS = 3
@@ -34,15 +36,16 @@ BATCH = 16
 QUEUE_SIZE = 40  # not a multiple of the batch: the third enqueue wraps (ptr 0 -> 16 -> 32 -> 8)
 GROUP_SIZE = 8  # two BN groups, as SplitBatchNorm(num_splits=2)
 EPOCHS = STEPS  # one step per epoch, so the cosine lr changes every step
-BASE_LR = 1.0  # x 16/256 = 0.0625: large enough that the weights visibly move
+BASE_LR = 4.0  # x 16/256 = 0.25: large enough that the weights visibly move
 
-# head -> (image shape HWC, dim, seed of the weights, queue and images). The seeds keep every
-# pre-ReLU activation of the query encoder 5e-6 or more away from 0 in all steps: float rounding
-# (~1e-7) then cannot put a ReLU on different sides of its kink in the two implementations,
-# which would change that gradient by O(1e-3) (it happens with seed 1 for ``mlp``). 16 x 16
-# images, so the last stage's BN sees 2 x 2 positions: at 8 x 8 (1 x 1 there, each BN group's
+# head -> (image shape HWC, dim, seed of the weights, queue and images). The network is
+# ``tests/parity_resnet.py``'s two-stage ResNet (width 4, SplitBatchNorm on both sides). The
+# seeds keep every pre-ReLU activation of the query encoder 1e-6 or more away from 0 in all
+# steps, while the two sides differ by ~1e-7: float rounding then cannot put a ReLU on different
+# sides of its kink in the two implementations, which would change that gradient by O(1e-3).
+# 16 x 16 images: with the ResNet-18 at 8 x 8 (1 x 1 in its last stage, each BN group's
 # statistics from 8 numbers) a 1-ulp change of the initial weights moved the two sides' weights
-# 4e-3 apart by the second step; at 16 x 16 they stay within 1e-6.
+# 4e-3 apart by the second step.
 CASES = {"linear": ((16, 16, 1), 16, 2), "mlp": ((16, 16, 3), 8, 3)}
 
 STAT_LEAVES = ("running_mean", "running_var")
@@ -57,6 +60,7 @@ def make_config(head):
     config.dataset.num_channels = image_shape[2]
     config.dataset.mean = (0.5,) * image_shape[2]  # one value per channel (validated)
     config.dataset.std = (0.25,) * image_shape[2]
+    config.model.backbone = RESNET
     config.model.head = head
     config.model.dim = dim
     config.model.bn_mode = "shuffle"
@@ -137,7 +141,7 @@ def reference_run(request):
 
     width = base_width(config.model)
     model = MoCo(
-        lambda: CifarResNet18(image_shape[2], width, dim, head == "mlp", BATCH // GROUP_SIZE),
+        lambda: torch_resnet(image_shape[2], width, dim, head == "mlp", BATCH // GROUP_SIZE),
         dim,
         QUEUE_SIZE,
         config.moco.momentum,
