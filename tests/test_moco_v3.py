@@ -7,6 +7,7 @@ The step tests use the ``mlp`` backbone and tiny heads (each compiles in a few s
 
 from __future__ import annotations
 
+import fast_compile
 import jax
 import numpy as np
 import numpy_moco_v3 as ref
@@ -114,7 +115,8 @@ def test_train_step_matches_numpy_reference(case):
     num_devices, bn_mode, head, optimizer, base_lr, weight_decay, batch = CASES[case]
     config = v3_config(*CASES[case])
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
-    state = built.initial_state(seed=3)
+    state = fast_compile.initial_state(built, seed=3)
+    train_step = fast_compile.train_step(built)
     init = jax.device_get(state)
     model = ref.MoCoV3Reference(
         init.params,
@@ -139,9 +141,7 @@ def test_train_step_matches_numpy_reference(case):
         lr = ref.warmup_cosine_lr(peak, step, STEPS_PER_EPOCH, EPOCHS, WARMUP_EPOCHS)
         m = ref.cosine_momentum(M0, step, STEPS_PER_EPOCH, EPOCHS)
         out = model.step(x1, x2, lr, m, groups)
-        state, metrics = built.algorithm.train_step(
-            state, shard_batch(built.mesh, x1), shard_batch(built.mesh, x2)
-        )
+        state, metrics = train_step(state, shard_batch(built.mesh, x1), shard_batch(built.mesh, x2))
         metrics = jax.device_get(metrics)
 
         _compare("loss", metrics["loss"], out["loss"])
@@ -216,11 +216,12 @@ def test_sync_bn_on_8_devices_equals_1_device_with_the_same_global_batch():
     for devices in (8, 1):
         config = v3_config(devices, "sync", "v3_vit", "lars", 40.0, 1e-2, 16)
         built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:devices])
-        state = built.initial_state(seed=1)
+        state = fast_compile.initial_state(built, seed=1)
+        train_step = fast_compile.train_step(built)
         data, history = np.random.default_rng(4), []
         for _ in range(2):
             x1, x2 = (data.normal(size=(16, *IMAGE_SHAPE)).astype(np.float32) for _ in range(2))
-            state, metrics = built.algorithm.train_step(
+            state, metrics = train_step(
                 state, shard_batch(built.mesh, x1), shard_batch(built.mesh, x2)
             )
             history.append(jax.device_get(metrics))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import fast_compile
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,7 +145,8 @@ def test_train_step_matches_numpy_reference(case, head):
     config.model.shuffle_group_devices = shuffle_group
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
     mesh = built.mesh
-    state = built.initial_state(seed=7)
+    state = fast_compile.initial_state(built, seed=7)
+    train_step = fast_compile.train_step(built)
 
     init = jax.device_get(state)
     model = ref.MoCoReference(
@@ -187,9 +189,7 @@ def test_train_step_matches_numpy_reference(case, head):
             out = model.symmetric_step(images_q, images_k, lr, query_groups, key_perms, key_groups)
         else:
             out = model.step(images_q, images_k, lr, query_groups, key_perms[0], key_groups)
-        state, metrics = built.algorithm.train_step(
-            state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
-        )
+        state, metrics = train_step(state, shard_batch(mesh, images_q), shard_batch(mesh, images_k))
         metrics = jax.device_get(metrics)
 
         _compare("loss", metrics["loss"], out["loss"])
@@ -361,7 +361,8 @@ def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
     config.optim.schedule = "constant"
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
     mesh = built.mesh
-    state = built.initial_state(seed=3)
+    state = fast_compile.initial_state(built, seed=3)
+    train_step = fast_compile.train_step(built)
 
     data = np.random.default_rng(3)
     gaps, pos_minus_neg = [], []
@@ -369,9 +370,7 @@ def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
     for _ in range(steps_to_fill + 3):
         images_q = data.normal(size=(batch, *image_shape)).astype(np.float32)
         images_k = data.normal(size=(batch, *image_shape)).astype(np.float32)
-        state, metrics = built.algorithm.train_step(
-            state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
-        )
+        state, metrics = train_step(state, shard_batch(mesh, images_q), shard_batch(mesh, images_k))
         gaps.append(float(metrics["loss"]) - math.log(1 + queue_size))
         pos_minus_neg.append(
             float(metrics["positive_similarity"]) - float(metrics["negative_similarity"])

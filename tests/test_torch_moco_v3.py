@@ -11,8 +11,8 @@ timm / torchvision name), see the same two views and take 3 steps on 8 devices w
 
 - ``vit``: a 16-wide ``vit_test`` (2 blocks, 2 heads, 8x8 images), ``v3_vit`` heads, AdamW,
   ``stop_grad_conv1``;
-- ``resnet``: a two-stage ResNet of BasicBlocks (registered here as ``resnet_parity``; the
-  ResNet-18 code with stage sizes ``(1, 1)``, a downsample included, so it compiles in seconds),
+- ``resnet``: a two-stage ResNet of BasicBlocks (``tests/parity_resnet.py``'s ``resnet_parity``:
+  the ResNet-18 code with stage sizes ``(1, 1)``, a downsample included),
   ``v3_resnet`` heads, LARS, ``zero_init_residual``.
 
 After every step, in float32: the loss and the BN running statistics (base encoder, predictor,
@@ -42,7 +42,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fast_compile  # noqa: E402
 import torch_moco_v3 as ref  # noqa: E402
+from parity_resnet import RESNET, RESNET_STAGES  # noqa: E402
 from test_moco_v3 import (  # noqa: E402
     EPOCHS,
     M0,
@@ -56,14 +58,7 @@ from test_moco_v3 import (  # noqa: E402
 from moco_jax import build  # noqa: E402
 from moco_jax.algorithms import momentum_schedule  # noqa: E402
 from moco_jax.mesh import shard_batch  # noqa: E402
-from moco_jax.models import (  # noqa: E402
-    available_backbones,
-    base_width,
-    batch_norm,
-    register_backbone,
-    resnet,
-    vit,
-)
+from moco_jax.models import base_width, batch_norm, resnet, vit  # noqa: E402
 from moco_jax.models import encoder as encoder_module  # noqa: E402
 from moco_jax.optim import scaled_learning_rate  # noqa: E402
 from numpy_moco import tree_items  # noqa: E402
@@ -74,8 +69,6 @@ STEPS = 3
 DEVICES = 8
 BATCH = 16
 IMAGE = (8, 8, 3)
-RESNET = "resnet_parity"
-RESNET_STAGES = (1, 1)
 PATCH = vit.VIT_SPECS["vit_test"][0]
 
 # Statistics that float32 noise moves by ~1e-3 (module docstring): the running mean of the ViT
@@ -87,20 +80,6 @@ CASES = {
     "vit": ("vit_test", 0.25, "v3_vit", "adamw", 0.5, 0.1),
     "resnet": (RESNET, 0.125, "v3_resnet", "lars", 40.0, 1e-2),
 }
-
-if RESNET not in available_backbones():
-
-    @register_backbone(RESNET)
-    def _resnet_parity(model_config, norm, dtype):
-        return resnet.ResNet(
-            stage_sizes=RESNET_STAGES,
-            block_cls=resnet.BasicBlock,
-            width=base_width(model_config),
-            cifar_stem=True,
-            norm=norm,
-            dtype=dtype,
-            zero_init_residual=bool(model_config.zero_init_residual),
-        )
 
 
 def make_config(case):
@@ -277,7 +256,8 @@ def _run(case, float64):
     dtype = np.float64 if float64 else np.float32
     with context, jax.default_matmul_precision("highest"):
         built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:DEVICES])
-        state = built.initial_state(seed=0)
+        state = fast_compile.initial_state(built, seed=0)
+        train_step = fast_compile.train_step(built)
         if float64:
             state = _to_float64(state)
         model = torch_model(case, config).to(torch.float64 if float64 else torch.float32)
@@ -298,7 +278,7 @@ def _run(case, float64):
         for step in range(STEPS):
             x1, x2 = (data.normal(size=(BATCH, *IMAGE)).astype(np.float32) for _ in range(2))
             x1, x2 = x1.astype(dtype), x2.astype(dtype)
-            state, metrics = built.algorithm.train_step(
+            state, metrics = train_step(
                 state, shard_batch(built.mesh, x1), shard_batch(built.mesh, x2)
             )
             epoch = step / STEPS_PER_EPOCH

@@ -3,8 +3,9 @@
 ``tests/torch_moco.py`` restates facebookresearch/moco (momentum update before the keys, Shuffle-BN
 by a permutation, normalised q/k, ``[l_pos, l_neg] / T`` with zero labels, enqueue after the
 logits, ``torch.optim.SGD`` with coupled weight decay, per-epoch cosine lr) with the CIFAR demo's
-``SplitBatchNorm``. Both start from the same weights and queue (copied over with the weight
-bridge), see the same images and the same key permutation, and must agree after every step.
+``SplitBatchNorm``, on a two-stage ResNet of BasicBlocks (``tests/parity_resnet.py``). Both start
+from the same weights and queue (copied over with the weight bridge), see the same images and
+the same key permutation, and must agree after every step.
 Also checks that ``.pth`` files are read through the bridge and that pickled code is refused.
 """
 
@@ -15,7 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fast_compile  # noqa: E402
 import jax  # noqa: E402
+from parity_resnet import RESNET, torch_resnet  # noqa: E402
 
 from configs import smoke  # noqa: E402
 from moco_jax import build  # noqa: E402
@@ -25,7 +28,7 @@ from moco_jax.mesh import shard_batch  # noqa: E402
 from moco_jax.models import base_width  # noqa: E402
 from moco_jax.optim import scaled_learning_rate  # noqa: E402
 from tests.torch_helpers import moco_checkpoint_to_flax  # noqa: E402
-from tests.torch_moco import CifarResNet18, MoCo, cosine_learning_rate, train_step  # noqa: E402
+from tests.torch_moco import MoCo, cosine_learning_rate, train_step  # noqa: E402
 
 TOL = 1e-4
 STEPS = 3
@@ -33,13 +36,17 @@ BATCH = 16
 QUEUE_SIZE = 40  # not a multiple of the batch: the third enqueue wraps (ptr 0 -> 16 -> 32 -> 8)
 GROUP_SIZE = 8  # two BN groups, as SplitBatchNorm(num_splits=2)
 EPOCHS = STEPS  # one step per epoch, so the cosine lr changes every step
-BASE_LR = 1.0  # x 16/256 = 0.0625: large enough that the weights visibly move
+BASE_LR = 4.0  # x 16/256 = 0.25: large enough that the weights visibly move
 
-# head -> (image shape HWC, dim, seed of the weights, queue and images). The seeds keep every
-# pre-ReLU activation of the query encoder >= 1e-5 away from 0 in all steps: float rounding
-# (~1e-7) then cannot put a ReLU on different sides of its kink in the two implementations,
-# which would change that gradient by O(1e-3) (it happens with seed 1 for ``mlp``).
-CASES = {"linear": ((16, 16, 1), 16, 2), "mlp": ((8, 8, 3), 8, 3)}
+# head -> (image shape HWC, dim, seed of the weights, queue and images). The network is
+# ``tests/parity_resnet.py``'s two-stage ResNet (width 4, SplitBatchNorm on both sides). The
+# seeds keep every pre-ReLU activation of the query encoder 1e-6 or more away from 0 in all
+# steps, while the two sides differ by ~1e-7: float rounding then cannot put a ReLU on different
+# sides of its kink in the two implementations, which would change that gradient by O(1e-3).
+# 16 x 16 images: with the ResNet-18 at 8 x 8 (1 x 1 in its last stage, each BN group's
+# statistics from 8 numbers) a 1-ulp change of the initial weights moved the two sides' weights
+# 4e-3 apart by the second step.
+CASES = {"linear": ((16, 16, 1), 16, 2), "mlp": ((16, 16, 3), 8, 3)}
 
 STAT_LEAVES = ("running_mean", "running_var")
 
@@ -53,6 +60,7 @@ def make_config(head):
     config.dataset.num_channels = image_shape[2]
     config.dataset.mean = (0.5,) * image_shape[2]  # one value per channel (validated)
     config.dataset.std = (0.25,) * image_shape[2]
+    config.model.backbone = RESNET
     config.model.head = head
     config.model.dim = dim
     config.model.bn_mode = "shuffle"
@@ -128,11 +136,12 @@ def reference_run(request):
     built = build(config, steps_per_epoch=1, devices=jax.devices()[:1])
     mesh = built.mesh
     with jax.default_matmul_precision("highest"):
-        state = built.initial_state(seed=seed)
+        state = fast_compile.initial_state(built, seed=seed)
+    jax_step = fast_compile.train_step(built)
 
     width = base_width(config.model)
     model = MoCo(
-        lambda: CifarResNet18(image_shape[2], width, dim, head == "mlp", BATCH // GROUP_SIZE),
+        lambda: torch_resnet(image_shape[2], width, dim, head == "mlp", BATCH // GROUP_SIZE),
         dim,
         QUEUE_SIZE,
         config.moco.momentum,
@@ -180,7 +189,7 @@ def reference_run(request):
             send, receive = shuffle_permutations(shuffle_rng, 0, BATCH)
             idx_shuffle = torch.tensor(np.asarray(send)[np.asarray(receive)], dtype=torch.long)
 
-            state, metrics = built.algorithm.train_step(
+            state, metrics = jax_step(
                 state, shard_batch(mesh, images_q), shard_batch(mesh, images_k)
             )
             lr = cosine_learning_rate(peak_lr, step, EPOCHS)
@@ -339,8 +348,6 @@ def test_load_torch_file_reads_an_official_checkpoint(reference_run, tmp_path):
 
 
 DOWNSAMPLE_BACKWARD = """
-import torch
-from benchmarks.torch_reference import DownsampleConv
 torch.set_num_threads(1)
 torch.manual_seed(0)
 conv = DownsampleConv(4, 8, 1, 2, bias=False).to(memory_format=torch.channels_last)
@@ -359,12 +366,18 @@ def test_thin_downsample_convolution_backward_on_cpu():
     """oneDNN 3.12's weight gradient of a strided 1x1 channels-last convolution with few input
     channels writes past its buffer (uxlfoundation/oneDNN#6035): one thread aborted the process,
     two hung now and then. DownsampleConv steers around it; checked in a child process, which a
-    relapse kills instead of the test worker."""
+    relapse kills instead of the test worker. The child runs the class's source with torch
+    alone (importing ``benchmarks`` would load jax as well: seconds)."""
+    import inspect
     import subprocess
     import sys
 
+    from benchmarks.torch_reference import DownsampleConv
+
+    header = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n"
+    child = header + inspect.getsource(DownsampleConv) + DOWNSAMPLE_BACKWARD
     result = subprocess.run(
-        [sys.executable, "-c", DOWNSAMPLE_BACKWARD],
+        [sys.executable, "-c", child],
         capture_output=True,
         text=True,
         timeout=120,
