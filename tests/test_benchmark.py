@@ -94,13 +94,19 @@ REQUIRED = {
 TORCH_FIELDS = {"torch_version", "device", "images_per_sec", "jax_over_torch", "channels_last"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def rbg_keys():
+    """Keys made here (initial weights, augmentation keys) are rbg's: XLA:CPU compiles threefry
+    for ~2 s per random parameter, rbg in a fraction; no field checked here depends on it."""
+    with jax.default_prng_impl("unsafe_rbg"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    """One short benchmark run of the tiny preset on the 8 fake devices, through the CLI.
-
-    Without the XLA floor: compiling each of the step's ~40 distinct convolutions alone would
-    double the test's time; ``test_xla_floor_times_each_distinct_op`` covers it on a small case.
-    """
+    """One short run of the tiny preset on the 8 fake devices, through the CLI; no XLA floor
+    (compiling each of the step's ~40 distinct convolutions alone would double the test's time;
+    ``test_xla_floor_times_each_distinct_op`` covers it on a small case)."""
     path = tmp_path_factory.mktemp("benchmark") / "tiny.json"
     argv = ["--preset", "tiny", "--steps", "1", "--repeats", "2", "--warmup", "1"]
     argv += ["--loss_steps", "2", "--nofloor", "--json", str(path)]
@@ -158,7 +164,7 @@ def test_shuffle_bn_all_to_all_moves_an_eighth_of_gathering_all_images(tiny_repo
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    """The tiny preset's set-up on 8 devices (its compiled code is shared with the run above),
+    """The tiny preset on 8 devices (compiled code shared with the run above, rbg keys as it),
     synthetic views, and a maker of fresh states (each test donates its own)."""
     config = tiny_config()
     built = setup(config, 8, steps_per_epoch=STEPS_PER_EPOCH)
@@ -274,14 +280,15 @@ def test_help_shows_positive_switches_and_no_internal_flag(capsys):
     assert "(internal)" not in text and ".py')" not in text  # no config file as a default
 
 
+def _conv(x, w, layout=("NHWC", "HWIO", "NHWC")):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=layout)
+
+
 def test_xla_floor_times_each_distinct_op():
     """Forward and both gradients of a conv, a matmul used twice: counted, FLOPs exact, timed."""
 
     def loss(x, w, a, b):
-        y = jax.lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return jnp.sum(y) + jnp.sum(a @ b) + jnp.sum(jnp.tanh(a) @ b)
+        return jnp.sum(_conv(x, w)) + jnp.sum(a @ b) + jnp.sum(jnp.tanh(a) @ b)
 
     args = (
         jnp.ones((2, 8, 8, 3)),
@@ -329,16 +336,16 @@ def test_collectives_parser_reads_async_and_grouped_forms():
 
 
 def test_epoch_benchmark_compares_real_data_with_views_on_device(tmp_path):
-    """``python -m benchmarks.epoch`` on the smoke config's real Fashion-MNIST: one
-    epoch through the trainer's input pipeline vs the same steps on views already on device."""
+    """``python -m benchmarks.epoch``, smoke config (MLP backbone: the input is the point) on real
+    Fashion-MNIST: an epoch through the trainer's input pipeline vs its steps on views on device."""
     from data_fixtures import fashion_mnist_data_dir
 
     from benchmarks import epoch
 
-    data_dir = fashion_mnist_data_dir()
     out = tmp_path / "epoch.json"
     config_path = str(ROOT / "configs" / "smoke.py")
-    argv = ["--config", config_path, f"--config.dataset.data_dir={data_dir}", "--json", str(out)]
+    argv = ["--config", config_path, "--config.model.backbone=mlp", "--json", str(out)]
+    argv.append(f"--config.dataset.data_dir={fashion_mnist_data_dir()}")
     assert epoch.main(argv) == 0
     report = json.loads(out.read_text())
     jax_side = report["jax"]
@@ -367,12 +374,11 @@ def test_torch_dataloader_epoch_of_the_official_pipeline():
     pytest.importorskip("torch")
     pytest.importorskip("torchvision")
     from data_fixtures import fashion_mnist_data_dir
+    from PIL import Image
 
     from benchmarks.torch_epoch import make_view_transform, time_torch_epoch
 
     config = tiny_config(**{"dataset.data_dir": fashion_mnist_data_dir()})
-    from PIL import Image
-
     view = make_view_transform(config, 0)(Image.fromarray(np.full((28, 28), 128, np.uint8)))
     assert tuple(view.shape) == (1, 16, 16)  # cropped and resized to image_size, one channel
     result = time_torch_epoch(config, steps=2, workers=0, log=lambda _: None)
@@ -382,12 +388,7 @@ def test_torch_dataloader_epoch_of_the_official_pipeline():
 def test_floor_pairs_time_the_floor_then_the_step_each_time():
     """Each pair is one floor measurement followed by one step timing; the ratio is theirs."""
 
-    def loss(x, w):
-        y = jax.lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return jnp.sum(y)
-
+    loss = lambda x, w: jnp.sum(_conv(x, w))
     jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4)))
     step_seconds = iter([0.002, 0.004, 0.003])
     result = floor_pairs(jaxpr, jax.devices()[0], lambda: next(step_seconds), 3, repeats=2)

@@ -4,12 +4,30 @@ import jax
 import numpy as np
 import pytest
 
-from tiny import build, image_batches, run_steps, tiny_config
+from moco_jax.mesh import replicated
+from moco_jax.models import base_width, register_backbone
+from moco_jax.models.resnet import BasicBlock, ResNet
+from tiny import build, image_batches, run_steps, setup, tiny_config
 
 # The EMA and Shuffle-BN contracts below hold for any encoder with BatchNorm: the MLP backbone
 # (flatten, Linear-BN-ReLU) compiles in a fraction of ResNet-18's time. Sync BN across devices
-# keeps the ResNet (BN over N, H, W of conv features).
+# keeps a ResNet (BN over N, H, W of conv features): the library's ResNet and BasicBlock in two
+# stages of one block (CIFAR stem, an identity block, a strided block with its downsample BN),
+# every kind of layer of ResNet-18 in a quarter of its layers to compile.
 MLP = {"model.backbone": "mlp", "model.width_multiplier": 0.125}
+TWO_BLOCK_RESNET = "test_step_resnet_1_1"
+
+
+@register_backbone(TWO_BLOCK_RESNET)
+def _two_block_resnet(model_config, norm, dtype):
+    return ResNet(
+        stage_sizes=(1, 1),
+        block_cls=BasicBlock,
+        width=base_width(model_config),
+        cifar_stem=model_config.cifar_stem,
+        norm=norm,
+        dtype=dtype,
+    )
 
 
 def _to_numpy(tree):
@@ -23,15 +41,34 @@ def _assert_close(a, b, tol=2e-5):
         np.testing.assert_allclose(x, y, rtol=tol, atol=tol, err_msg=str(path))
 
 
+def _copied_to(state, mesh):
+    """``state`` replicated over ``mesh`` through host memory: no buffer shared with ``state``,
+    whose buffers the step donates."""
+    host = jax.device_get(state.replace(rng=jax.random.key_data(state.rng)))
+    placed = jax.device_put(host, replicated(mesh))
+    impl = jax.random.key_impl(state.rng)
+    return placed.replace(rng=jax.random.wrap_key_data(placed.rng, impl=impl))
+
+
 def test_sync_bn_on_8_devices_equals_1_device_with_the_same_global_batch():
-    config = tiny_config(**{"model.bn_mode": "sync", "moco.momentum": 0.9})
+    config = tiny_config(
+        **{"model.backbone": TWO_BLOCK_RESNET, "model.bn_mode": "sync", "moco.momentum": 0.9}
+    )
     batches = image_batches(config, steps=3)
+    built8, built1 = setup(config, 8), setup(config, 1)
+    # One initial state for both meshes, its weights drawn by the rbg PRNG: XLA:CPU spends ~2 s
+    # compiling threefry for each random parameter, rbg a fraction of that; where the starting
+    # weights come from does not matter to the comparison, only that both runs share them.
+    with jax.default_prng_impl("unsafe_rbg"):
+        state8 = built8.initial_state()
+    state1 = _copied_to(state8, built1.mesh)
     results = []
-    for devices in (8, 1):
-        built, state = build(config, devices)
+    for built, state in ((built8, state8), (built1, state1)):
         state, history = run_steps(built, state, batches)
         results.append((_to_numpy(state.replace(rng=jax.random.key_data(state.rng))), history))
     (state8, hist8), (state1, hist1) = results
+    assert set(state8.params["backbone"]) == {"conv1", "bn1", "layer1_0", "layer2_0"}
+    assert "downsample_bn" in state8.batch_stats["backbone"]["layer2_0"]
     for key in ("loss", "top1", "positive_similarity", "negative_similarity", "ema_distance"):
         np.testing.assert_allclose([h[key] for h in hist8], [h[key] for h in hist1], rtol=2e-5)
     for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "queue"):
@@ -95,14 +132,16 @@ def test_metrics_and_initial_state(local_bn_setup):
         assert -1.0 <= h["negative_similarity"] <= 1.0
 
 
-def test_shuffle_bn_changes_the_keys_but_not_the_contract():
+def test_shuffle_bn_changes_the_keys_but_not_the_contract(local_bn_setup):
     """Shuffle-BN on 8 devices runs, differs from local BN, and still enqueues unit keys."""
     config = tiny_config(**MLP, **{"model.bn_mode": "shuffle"})
     batches = image_batches(config, steps=1)
     built, state = build(config, 8)
     state, (metrics,) = run_steps(built, state, batches)
-    local_setup, local_state = build(tiny_config(**MLP, **{"model.bn_mode": "local"}), 8)
-    local_state, _ = run_steps(local_setup, local_state, batches)
+    # Local BN from the same initial state (same config.seed). Its momentum (0) does not change
+    # the first step's keys: the key encoder starts as a copy of the query encoder.
+    local_setup, fresh_local_state = local_bn_setup
+    local_state, _ = run_steps(local_setup, fresh_local_state(), batches)
     keys = np.asarray(state.queue)[:64]
     np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, rtol=1e-5)
     assert not np.allclose(keys, np.asarray(local_state.queue)[:64], atol=1e-4)

@@ -163,15 +163,18 @@ def test_streamed_panorama_crops_are_its_centre():
 
 
 def test_stream_is_deterministic_and_resumes_at_any_step(data_dir):
-    config = _config(data_dir, **{"batch_size": 32, "model.bn_mode": "local"})
+    # Batch 64, as every two-view stream of this file (one compiled augmentation for them all):
+    # two steps an epoch, so step 1 resumes inside an epoch and step 2 at the next one's start.
+    config = _config(data_dir, **{"model.bn_mode": "local"})
     builder = tfds.builder("tiny_jpegs", data_dir=data_dir)
     mesh = make_data_mesh(8)
     views = StreamingViews(mesh, builder, config)
-    assert views.steps_per_epoch == 5  # 160 // 32
+    assert views.steps_per_epoch == 2  # 160 // 64
     first = [jax.device_get(views(step)) for step in range(3)]
-    resumed = StreamingViews(mesh, builder, config)
-    np.testing.assert_array_equal(jax.device_get(resumed(2))[0], first[2][0])
-    np.testing.assert_array_equal(jax.device_get(resumed(2))[1], first[2][1])
+    for step in (1, 2):
+        view_q, view_k = jax.device_get(StreamingViews(mesh, builder, config)(step))
+        np.testing.assert_array_equal(view_q, first[step][0])
+        np.testing.assert_array_equal(view_k, first[step][1])
     assert not np.allclose(first[0][0], first[1][0])
     assert views.skipped_images == 0
 
@@ -195,9 +198,9 @@ def test_pretraining_on_a_streamed_dataset(data_dir, tmp_path):
 
 
 def test_undecodable_images_are_counted_by_the_end_of_their_epoch(data_dir, monkeypatch):
-    """4 of 160 records fail (stubbed: TFDS will not store corrupt bytes). With batch 24 an epoch
-    still has its 6 full batches, so the count must come from finishing the epoch's stream (the
-    dropped partial batch), not from running short."""
+    """4 of 160 records fail (stubbed: TFDS will not store corrupt bytes). With batch 64 an epoch
+    has its 2 full batches and a dropped partial one of 32 records, so the count must come from
+    finishing the epoch's stream (the dropped partial batch), not from the batches taken."""
     from moco_jax.data import streaming
 
     real = streaming.crop_dataset
@@ -206,19 +209,18 @@ def test_undecodable_images_are_counted_by_the_end_of_their_epoch(data_dir, monk
         return real(records.filter(lambda index, example: index % 40 != 7), *args)
 
     monkeypatch.setattr(streaming, "crop_dataset", failing_some)
-    config = _config(data_dir, **{"batch_size": 24, "model.bn_mode": "local"})
+    config = _config(data_dir, **{"model.bn_mode": "local"})
     views = StreamingViews(make_data_mesh(8), tfds.builder("tiny_jpegs", data_dir=data_dir), config)
-    assert views.steps_per_epoch == 6
+    assert views.steps_per_epoch == 2
     counts = []
-    for step in range(12):
+    for step in range(4):
         views(step)
         counts.append(views.skipped_images)
-    assert counts[:5] == [0] * 5 and counts[5] == 4  # counted at the epoch's last step
-    assert counts[6:11] == [4] * 5 and counts[11] == 8
+    assert counts == [0, 4, 4, 8]  # counted at each epoch's last step
     # A resumed run takes the count back from the checkpoint's extra and goes on from there.
     resumed = StreamingViews(views.mesh, views.builder, config)
     resumed.restore(views.checkpoint_extra())
-    for step in range(12, 18):
+    for step in range(4, 6):
         resumed(step)
     assert resumed.skipped_images == 12
 
