@@ -201,6 +201,7 @@ def test_cached_features_agree_with_scikit_learn_logistic_regression(runs):
         "optim.base_lr": 1.0,
         "linear.eval_every_epochs": 40,
         "checkpoint.every_steps": 0,
+        "log_every_steps": 8,  # a record an epoch, not one a step (320 steps)
         "dataset.max_train_examples": 2048,
         "dataset.max_test_examples": 1024,
         "batch_size": 256,
@@ -214,12 +215,12 @@ def test_cached_features_agree_with_scikit_learn_logistic_regression(runs):
     loaded = load_encoder_weights(config.init_from, setup.initial_state(), setup)
     builder = prepared_builder("fashion_mnist", data_dir)
 
+    apply = jax.jit(lambda variables, x: setup.algorithm.model.apply(variables, x, train=False))
+
     def features(split, limit):
         images, labels = load_arrays(builder, split, limit)
         x = (images.astype(np.float32) / 255 - 0.28604) / 0.35302
-        pooled, _ = setup.algorithm.model.apply(
-            loaded.encoder_variables(), jnp.asarray(x), train=False
-        )
+        pooled, _ = apply(loaded.encoder_variables(), jnp.asarray(x))
         return np.asarray(pooled, np.float64), labels
 
     train_x, train_y = features("train", 2048)

@@ -47,7 +47,8 @@ def _state_of(setup, step):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """``(workdir, setup)``: config.json and checkpoints of ``STEPS``."""
-    config = tiny_config()
+    # As many test images as training ones: evaluate knn compiles the ResNet's features once.
+    config = tiny_config(**{"dataset.max_test_examples": 512})
     setup = moco_jax.build(config, 8, devices=jax.devices()[:1])
     workdir = tmp_path_factory.mktemp("saved") / "run"
     workdir.mkdir()
