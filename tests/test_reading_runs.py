@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from abstract_states import abstract_state
 from etils import epath
 
 import moco_jax
@@ -41,7 +42,7 @@ def _state_of(setup, step):
         values = rng.uniform(0.5, 1.5, x.shape) if x.shape else np.full((), step)
         return jax.device_put(values.astype(x.dtype), x.sharding)
 
-    return jax.tree.map(fill, setup.abstract_state())
+    return jax.tree.map(fill, abstract_state(setup))  # traced once
 
 
 @pytest.fixture(scope="module")
