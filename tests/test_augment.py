@@ -48,11 +48,27 @@ def test_views_and_examples_are_augmented_independently(v2_views):
     assert len(distinct) == 16  # every example drew its own parameters
 
 
+# crop_box runs eagerly, each op compiled once for its shapes and reused by every case (a jitted
+# program per case would compile each case's random draws again): the same number of keys and of
+# uniform draws in each test.
+KEYS = 20000
+
+
+def crop_boxes(height, width, scale, ratio):
+    """``crop_box`` of ``KEYS`` keys split from key 0, as NumPy ``[KEYS, 4]``."""
+    keys = jax.random.split(jax.random.key(0), KEYS)
+    return np.asarray(jax.vmap(lambda r: augment.crop_box(r, height, width, scale, ratio))(keys))
+
+
+def crop_windows(uniforms, height, width, scale, ratio):
+    """``crop_window`` of each row of ``uniforms`` (``crop_uniforms``), as NumPy."""
+    window = lambda *u: augment.crop_window(jnp, height, width, *u, scale, ratio)
+    return np.asarray(jax.vmap(window)(*uniforms))
+
+
 def test_crop_boxes_follow_torchvision_bounds():
-    boxes = jax.vmap(lambda r: augment.crop_box(r, 28, 28, (0.2, 1.0), (3 / 4, 4 / 3)))(
-        jax.random.split(jax.random.key(0), 20000)
-    )
-    top, left, h, w = np.asarray(boxes).T
+    boxes = crop_boxes(28, 28, (0.2, 1.0), (3 / 4, 4 / 3))
+    top, left, h, w = boxes.T
     assert (top >= 0).all() and (left >= 0).all()
     assert (top + h <= 28).all() and (left + w <= 28).all()
     area = h * w / 28**2
@@ -61,15 +77,14 @@ def test_crop_boxes_follow_torchvision_bounds():
     ratio = w / h
     assert ratio.min() >= 0.6 and ratio.max() <= 1.6
     assert abs(np.median(area) - 0.6) < 0.05  # U(0.2, 1) area before rounding
-    assert len(set(map(tuple, np.asarray(boxes)[:200]))) > 150
+    assert len(set(map(tuple, boxes[:200]))) > 150
 
 
 def test_crop_fallback_for_impossible_ratios():
     # A 4x40 image cannot hold a crop with aspect ratio in [3/4, 4/3] covering >= 50% area:
     # torchvision falls back to the central crop clipped to the allowed ratio.
-    box = augment.crop_box(jax.random.key(0), 4, 40, (0.5, 1.0), (3 / 4, 4 / 3))
-    top, left, h, w = np.asarray(box)
-    assert (h, w) == (4, round(4 * 4 / 3)) and top == 0 and left == (40 - w) // 2
+    for top, left, h, w in crop_boxes(4, 40, (0.5, 1.0), (3 / 4, 4 / 3))[:100]:
+        assert (h, w) == (4, round(4 * 4 / 3)) and top == 0 and left == (40 - w) // 2
 
 
 def torchvision_fallback(height, width, ratio):
@@ -137,17 +152,13 @@ def crop_uniforms(seed, count):
 @pytest.mark.parametrize("height, width, scale, ratio", FALLBACK_CASES)
 def test_crop_fallback_is_torchvisions_centred_clamped_crop(height, width, scale, ratio):
     expected = torchvision_fallback(height, width, ratio)
-    boxes = jax.vmap(lambda r: augment.crop_box(r, height, width, scale, ratio))(
-        jax.random.split(jax.random.key(0), 64)
-    )
-    np.testing.assert_array_equal(np.asarray(boxes), np.tile(expected, (64, 1)))
-    uniforms = crop_uniforms(1, 64)
+    boxes = crop_boxes(height, width, scale, ratio)
+    np.testing.assert_array_equal(boxes, np.tile(expected, (KEYS, 1)))
+    uniforms = crop_uniforms(1, 500)
     for u in zip(*uniforms, strict=True):
         assert torchvision_window(height, width, scale, ratio, *u) == expected  # no try fits
-    windows = jax.vmap(lambda *u: augment.crop_window(jnp, height, width, *u, scale, ratio))(
-        *uniforms
-    )
-    np.testing.assert_array_equal(np.asarray(windows), np.tile(expected, (64, 1)))
+    windows = crop_windows(uniforms, height, width, scale, ratio)
+    np.testing.assert_array_equal(windows, np.tile(expected, (500, 1)))
 
 
 @pytest.mark.parametrize("height, width, scale, ratio", RANDOM_CASES)
@@ -159,15 +170,16 @@ def test_crop_window_matches_torchvision_on_random_windows(height, width, scale,
     expected = [
         torchvision_window(height, width, scale, ratio, *u) for u in zip(*uniforms, strict=True)
     ]
-    np.testing.assert_array_equal(np.asarray(windows), np.asarray(expected))
+    np.testing.assert_array_equal(windows, np.asarray(expected))
 
 
 def test_full_image_crop_is_the_identity():
     image = jnp.asarray(np.random.default_rng(0).random((12, 12, 1)), jnp.float32)
-    out = augment.resized_crop(image, jnp.asarray([0, 0, 12, 12]), 12)
+    resized_crop = jax.jit(augment.resized_crop, static_argnums=2)  # one compile, both boxes
+    out = resized_crop(image, jnp.asarray([0, 0, 12, 12]), 12)
     np.testing.assert_allclose(out, image, atol=1e-6)
     # A crop of the top-left quarter upsampled 2x keeps that corner's mean.
-    out = augment.resized_crop(image, jnp.asarray([0, 0, 6, 6]), 12)
+    out = resized_crop(image, jnp.asarray([0, 0, 6, 6]), 12)
     np.testing.assert_allclose(float(out.mean()), float(image[:6, :6].mean()), atol=0.02)
 
 
@@ -213,28 +225,36 @@ def test_color_jitter_single_ops_match_torchvision_formulas():
 
 
 def test_grayscale_images_work_and_colour_ops_are_no_ops():
+    """MoCo v1's views of one-channel images (the crop off: it is the same code for any number
+    of channels, and every Fashion-MNIST run crops one channel), and the colour jitter's
+    saturation and hue leaving such an image as it is, in one compiled program."""
     config = fashion_mnist_reference.get_config()
+    config.augment.crop = False
     images = (np.random.default_rng(0).random((8, 28, 28, 1)) * 255).astype(np.uint8)
-    q, k = jax.jit(
-        lambda r, x: augment.two_views(r, x, config.augment, 28, (0.28604,), (0.35302,))
-    )(jax.random.key(0), images)
-    assert q.shape == (8, 28, 28, 1)
     image = jnp.asarray(images[0] / 255.0, jnp.float32)
+
+    def views_and_jitter(rng, x, image):
+        views = augment.two_views(rng, x, config.augment, 28, (0.28604,), (0.35302,))
+        return views, augment.color_jitter(rng, image, (0, 0, 0.9, 0.5))
+
+    (q, k), jittered = jax.jit(views_and_jitter)(jax.random.key(0), images, image)
+    assert q.shape == k.shape == (8, 28, 28, 1) and not np.allclose(q, k)
     # Saturation and hue need colour: on one channel they leave the image unchanged.
-    np.testing.assert_array_equal(
-        augment.color_jitter(jax.random.key(0), image, (0, 0, 0.9, 0.5)), image
-    )
+    np.testing.assert_array_equal(jittered, image)
 
 
 def test_grayscale_makes_rgb_channels_equal():
+    """Grayscale alone: crop and flip (which treat every channel alike, and compile for seconds)
+    are off."""
     config = moco_v2_imagenet.get_config()
     config.augment.grayscale_prob = 1.0
     config.augment.blur_prob = (0.0, 0.0)
     config.augment.jitter_prob = 0.0
+    config.augment.crop = config.augment.flip = False
     images = (np.random.default_rng(0).random((4, 16, 16, 3)) * 255).astype(np.uint8)
-    out = augment.augment_batch(
-        jax.random.key(0), images, config.augment, 0, 16, (0.0,) * 3, (1.0,) * 3
-    )
+    out = jax.jit(
+        lambda r, x: augment.augment_batch(r, x, config.augment, 0, 16, (0.0,) * 3, (1.0,) * 3)
+    )(jax.random.key(0), images)
     np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-6)
     np.testing.assert_allclose(out[..., 1], out[..., 2], atol=1e-6)
 

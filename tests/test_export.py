@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from abstract_states import abstract_state
 from etils import epath
 
 import moco_jax
@@ -51,7 +52,7 @@ def _random_state(setup, seed):
             values = rng.standard_normal(x.shape)
         return jax.device_put(values.astype(x.dtype), x.sharding)
 
-    state = jax.tree_util.tree_map_with_path(fill, setup.abstract_state())
+    state = jax.tree_util.tree_map_with_path(fill, abstract_state(setup))
     state = state.replace(step=state.step + STEP)
     return state.replace(queue_ptr=state.queue_ptr + 7) if hasattr(state, "queue_ptr") else state
 

@@ -1,14 +1,16 @@
 """MoCo v3 through the whole workflow on real Fashion-MNIST: pretraining in bfloat16 with the
-kNN monitor, exact resume, linear evaluation of the pretrained workdir.
+kNN monitor, the frozen patch projection, exact resume, linear evaluation of the pretrained
+workdir.
 
 One tiny run (``configs/moco_v3_vit_fashion_mnist.py`` with ``vit_test`` computing in bfloat16,
-512 images, 2 epochs of 8 steps, a checkpoint every 4 steps) goes through
+256 training and 256 test images, 2 epochs of 4 steps, a checkpoint every 2 steps; the colour
+jitter off: it compiles for seconds, and test_augment checks it) goes through
 ``train_and_evaluate`` in this process. A copy of its workdir that lost every checkpoint after
-step 4 (a run killed there) is rerun with the same config: it must end bit-for-bit on the
-uninterrupted run's state (online network, momentum encoder, AdamW moments, step) and records,
-so the momentum and lr schedules, the optimizer state and the data order all resume from the
-step. The linear protocol then reads that workdir (a ViT backbone without BatchNorm, the v3
-state's ``{backbone, head, predictor}``).
+step 2 (a run killed there, mid-epoch) is rerun with the same config: it must end bit-for-bit on
+the uninterrupted run's state (online network, momentum encoder, AdamW moments, step) and
+records, so the momentum and lr schedules, the optimizer state and the data order all resume
+from the step. The linear protocol then reads that workdir (a ViT backbone without BatchNorm,
+the v3 state's ``{backbone, head, predictor}``).
 """
 
 import json
@@ -21,14 +23,15 @@ from workdirs import assert_same_final_state, final_arrays, records
 
 from configs import linear_fashion_mnist, moco_v3_vit_fashion_mnist
 
-KILLED_AFTER = 4  # the copy keeps this step's checkpoint and loses the later ones
-STEPS = 16  # 2 epochs of 512 images / batch 64
+KILLED_AFTER = 2  # the copy keeps this step's checkpoint and loses the later ones
+STEPS = 8  # 2 epochs of 256 images / batch 64
 
 
 def _config(data_dir):
     config = moco_v3_vit_fashion_mnist.get_config()
     config.dataset.data_dir = data_dir
-    config.dataset.max_train_examples = 512
+    # As many test images as training ones: the kNN's feature function compiles for one shape.
+    config.dataset.max_train_examples = 256
     config.dataset.max_test_examples = 256
     config.batch_size = 64
     config.epochs = 2
@@ -37,6 +40,7 @@ def _config(data_dir):
     config.model.mlp_dim = 64
     config.model.dim = 32
     config.model.dtype = "bfloat16"  # mixed precision end to end (float32 state and gradients)
+    config.augment.jitter_prob = 0.0  # compiles for seconds; the views' other ops are random too
     config.checkpoint.every_steps = KILLED_AFTER
     config.checkpoint.keep = 10
     config.log_every_steps = 1
@@ -91,12 +95,39 @@ def test_a_killed_v3_run_resumes_bit_for_bit(runs):
     assert floats == {"float32"}  # bfloat16 compute, float32 state
 
 
+def test_the_patch_projection_stays_as_initialised(runs):
+    """stop_grad_conv1 through the whole run (AdamW with weight decay, the momentum encoder): the
+    final patch projection, online and momentum, is bit-equal to the initial one (no gradient,
+    no decay, no EMA drift), while the blocks moved."""
+    import jax
+
+    import moco_jax
+
+    root, _, _ = runs
+    setup = moco_jax.build(_config(fashion_mnist_data_dir()), STEPS // 2)
+
+    def initial_arrays():  # jitted: the rest of the initialisation is dead code, not compiled
+        backbone = setup.algorithm.init_state(jax.random.key(setup.config.seed)).params["backbone"]
+        return backbone["patch_embed"]["proj"], backbone["blocks_0"]["attn"]["qkv"]["kernel"]
+
+    projection, qkv = jax.device_get(jax.jit(initial_arrays)())
+    _, arrays = final_arrays(root / "reference")
+    for tree in ("params", "ema_params"):
+        for leaf in ("kernel", "bias"):
+            name = f"['{tree}']['backbone']['patch_embed']['proj']['{leaf}']"
+            np.testing.assert_array_equal(arrays[name], projection[leaf], err_msg=name)
+    assert not np.allclose(
+        arrays["['params']['backbone']['blocks_0']['attn']['qkv']['kernel']"], qkv
+    )
+
+
 def test_linear_evaluation_of_a_v3_vit_workdir(runs, tmp_path):
     from moco_jax.run.linear_eval import evaluate_linear
 
     root, _, _ = runs
     config = linear_fashion_mnist.get_config()
-    config.dataset = _config(fashion_mnist_data_dir()).dataset  # the pretraining's 512 images
+    config.dataset = _config(fashion_mnist_data_dir()).dataset  # the pretraining's 256 images
+    config.augment.crop = False  # flips only: the crop compiles for seconds (test_augment's)
     config.batch_size = 64
     config.epochs = 1
     summary = evaluate_linear(config, str(tmp_path / "linear"), pretrained=str(root / "reference"))

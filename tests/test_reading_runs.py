@@ -4,7 +4,7 @@ error naming the workdir when none is intact, and a step deleted while it is rea
 still saving; its retention deleted it) taken for what it is, not for damage.
 
 One tiny saved run (smoke.py's ResNet, steps 2, 4 and 6 of distinct states, no training); each
-test damages or deletes in a copy of it.
+test damages or deletes in a copy of it (``evaluate knn`` in one of the MLP backbone, made alike).
 """
 
 import json
@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from abstract_states import abstract_state
 from etils import epath
 
 import moco_jax
@@ -41,15 +42,13 @@ def _state_of(setup, step):
         values = rng.uniform(0.5, 1.5, x.shape) if x.shape else np.full((), step)
         return jax.device_put(values.astype(x.dtype), x.sharding)
 
-    return jax.tree.map(fill, setup.abstract_state())
+    return jax.tree.map(fill, abstract_state(setup))  # traced once
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """``(workdir, setup)``: config.json and checkpoints of ``STEPS``."""
-    config = tiny_config()
+def _save_run(workdir, config):
+    """config.json and checkpoints of ``STEPS`` (distinct random states) in ``workdir``; the
+    set-up they were made with."""
     setup = moco_jax.build(config, 8, devices=jax.devices()[:1])
-    workdir = tmp_path_factory.mktemp("saved") / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", config)
@@ -57,12 +56,30 @@ def saved(tmp_path_factory):
         extra = {"epoch_loss_sum": 0.0, "steps_per_epoch": 8}  # smoke.py: 512 / 64
         checkpointer.save(step, _state_of(setup, step), force=True, extra=extra)
     checkpointer.close()
-    return workdir, setup
+    return setup
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``(workdir, setup)`` of a saved smoke.py run (its ResNet: export reads it)."""
+    workdir = tmp_path_factory.mktemp("saved") / "run"
+    return workdir, _save_run(workdir, tiny_config())
 
 
 @pytest.fixture
 def workdir(saved, tmp_path):
     shutil.copytree(saved[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def mlp_workdir(tmp_path):
+    """A saved run as ``workdir``'s with the MLP backbone on the stored 28x28 images and as many
+    test images as training ones: ``evaluate knn`` compiles its initialisation and features
+    (once: one shape) in seconds, the ResNet's in tens of seconds."""
+    overrides = {"model.backbone": "mlp", "model.width_multiplier": 0.25}
+    overrides |= {"dataset.image_size": 28, "dataset.max_test_examples": 512}
+    _save_run(tmp_path / "run", tiny_config(**overrides))
     return tmp_path / "run"
 
 
@@ -213,7 +230,7 @@ def test_checkpoints_all_deleted_while_read_are_not_called_damaged(workdir, tmp_
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_evaluate_knn_beside_a_training_run_reads_and_changes_nothing(workdir, caplog):
+def test_evaluate_knn_beside_a_training_run_reads_and_changes_nothing(mlp_workdir, caplog):
     """``evaluate knn`` on a workdir whose run holds the lock (training): it reads the newest
     intact checkpoint, leaves a damaged one where it is, takes the run's baselines.json as they
     are, and writes only its own result file (``knn_eval/step_N.json``)."""
@@ -222,7 +239,7 @@ def test_evaluate_knn_beside_a_training_run_reads_and_changes_nothing(workdir, c
     from moco_jax.evaluate import evaluate_knn
     from moco_jax.run.workdir_lock import WorkdirLock
 
-    data_dir = fashion_mnist_data_dir()
+    data_dir, workdir = fashion_mnist_data_dir(), mlp_workdir
     _truncate_arrays(workdir / "checkpoints" / "6")
     baselines = {"knn_pixels": 12.5, "random_init_knn_head": 25.0, "random_init_knn_backbone": 5}
     (workdir / "baselines.json").write_text(json.dumps(baselines))

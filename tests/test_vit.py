@@ -65,6 +65,16 @@ def _init(model, image_shape, seed=0):
     return init(x), x
 
 
+@pytest.fixture(scope="module")
+def vit_test_init():
+    """``(params, x)`` of ``vit_test`` (patch 4, 64 wide, 2 blocks, 2 heads) initialised on 2
+    images of 32x32x3: compiled once for the tests that read or apply its parameters (their
+    shapes do not depend on the image size: the position table is a constant)."""
+    model = _backbone("vit_test")
+    assert model == VisionTransformer(patch_size=4, embed_dim=64, depth=2, num_heads=2)
+    return _init(model, (32, 32, 3))
+
+
 def _apply(model, params, x):
     return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, x)
 
@@ -130,10 +140,8 @@ def _assert_uniform(w, bound):
     assert np.std(w) == pytest.approx(bound / math.sqrt(3), rel=0.05)
 
 
-def test_initialisation_follows_moco_v3():
-    params, _ = _init(
-        VisionTransformer(patch_size=4, embed_dim=64, depth=2, num_heads=2), (32, 32, 3)
-    )
+def test_initialisation_follows_moco_v3(vit_test_init):
+    params, _ = vit_test_init  # VisionTransformer(patch_size=4, embed_dim=64, depth=2, heads=2)
     flat = _flat(params)
     dim = 64
     for i in range(2):
@@ -180,18 +188,19 @@ def test_bad_shapes_fail_with_a_message(size, multiplier, message):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_stop_grad_conv1_freezes_the_patch_projection(frozen):
+def test_stop_grad_conv1_freezes_the_patch_projection(frozen, vit_test_init):
     model = _backbone("vit_test", stop_grad_conv1=frozen)
     assert model.stop_grad_conv1 == frozen
-    params, x = _init(model, (16, 16, 3))
+    params, _ = vit_test_init  # the same parameters with or without the flag
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=False) ** 2)
     grads = jax.jit(jax.grad(loss))(params)
     for path, grad in _flat(grads).items():
         assert grad.any() != (frozen and path[0] == "patch_embed"), path
 
 
-def test_parameter_paths_are_timm_names():
-    params, _ = _init(_backbone("vit_test"), (32, 32, 3))
+def test_parameter_paths_are_timm_names(vit_test_init):
+    params, _ = vit_test_init
     flat = _flat(params)
     names = [timm_name(path) for path in flat]
     assert sorted(names + ["pos_embed"]) == sorted(EXPECTED_TIMM_KEYS)
@@ -224,12 +233,12 @@ def _torch_vit(torch, state, images, depth, heads, patch):
     return norm(x, "norm")[:, 0]
 
 
-def test_forward_matches_a_torch_restatement_of_timm():
+def test_forward_matches_a_torch_restatement_of_timm(vit_test_init):
     """Weights carried over by name and layout (Dense kernels transposed, the conv kernel
     [p, p, C, D] -> [D, C, p, p]); every parameter perturbed so none is trivially 0 or 1."""
     torch = pytest.importorskip("torch")
     model = _backbone("vit_test")
-    params, x = _init(model, (32, 32, 3))
+    params, x = vit_test_init
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda p: p + 0.2 * rng.standard_normal(p.shape, np.float32), params)
     state = {"pos_embed": torch.tensor(_sincos_restated(8, 8, 64))}
@@ -243,14 +252,19 @@ def test_forward_matches_a_torch_restatement_of_timm():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-5)  # 2.4e-6 seen
 
 
-def test_encoder_in_bfloat16():
+def test_encoder_in_bfloat16(vit_test_init):
     """build_encoder with a ViT: pooled features of the embedding width, float32 parameters,
     bfloat16 compute close to float32's."""
     config = _model_config("vit_test", head="mlp", dtype="bfloat16")
     model = build_encoder(config)
-    params, x = _init(model, (28, 28, 1))
-    assert params["head"]["fc0"]["kernel"].shape == (64, 64)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    backbone, x = vit_test_init
+    init = lambda x: model.init(jax.random.key(0), x, train=False)["params"]
+    shapes = jax.eval_shape(init, x)  # the parameters as built for bfloat16 compute
+    assert shapes["head"]["fc0"]["kernel"].shape == (64, 64)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+    assert jax.tree.map(jnp.shape, shapes["backbone"]) == jax.tree.map(jnp.shape, backbone)
+    # The head initialised (jitted: the backbone's initialisation is dead code, not compiled).
+    params = {"backbone": backbone, "head": jax.jit(lambda x: init(x)["head"])(x)}
     features, embedding = _apply(model, params, x)
     assert features.shape == (2, 64) and embedding.shape == (2, config.dim)
     assert features.dtype == embedding.dtype == jnp.float32
