@@ -39,27 +39,32 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 # --no-loadscope-reorder, or pytest-xdist 3.8 orders files by their number of tests), first: each
 # file runs whole on one worker, so starting the long ones first lets the two workers end
 # together instead of one finishing a long file alone at the end.
-SLOW_FIRST = (
-    "test_multiprocess_train.py",
-    "test_resume.py",
-    "test_step.py",
-    "test_streaming.py",
-    "test_folder_runs.py",
-    "test_bad_input.py",
-    "test_torch_moco_v3.py",
-    "test_train.py",
-    "test_benchmark.py",
-    "test_torch_reference.py",
-    "test_moco_v3_workflow.py",
-    "test_linear.py",
-    "test_compile_for.py",
-    "test_disk_full.py",
-    "test_moco_v3_parts.py",
-    "test_moco_v3.py",
-    "test_show.py",  # tens of seconds each (2026-12-07 additions), so they do not start last
-    "test_host_crops.py",
-    "test_batch_rules.py",
-    "test_fork.py",
+SLOW_FIRST = (  # fresh clone of 21467d9, 2026-12-07: seconds of one worker per file
+    "test_multiprocess_train.py",  # 200
+    "test_resume.py",  # 184
+    "test_streaming.py",  # 93
+    "test_train.py",  # 88
+    "test_moco_v3_workflow.py",  # 83
+    "test_benchmark.py",  # 78
+    "test_linear.py",  # 66
+    "test_bad_input.py",  # 65
+    "test_torch_moco_v3.py",  # 65
+    "test_numpy_reference.py",  # 60
+    "test_compile_for.py",  # 52
+    "test_folder_runs.py",  # 46
+    "test_moco_v3.py",  # 42
+    "test_reading_runs.py",  # 42
+    "test_disk_full.py",  # 38
+    "test_torch_reference.py",  # 27
+    "test_export.py",  # 26
+    "test_torch_bridge.py",  # 25
+    "test_augment.py",  # 24
+    "test_step.py",  # 19
+    "test_special_files.py",  # 17
+    "test_shuffle_and_queue.py",  # 17
+    "test_torch_bridge_vit.py",  # 16
+    "test_show.py",  # 13
+    "test_checkpointing.py",  # 12
 )
 
 

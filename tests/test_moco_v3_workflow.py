@@ -97,8 +97,10 @@ def test_a_killed_v3_run_resumes_bit_for_bit(runs):
 
 def test_the_patch_projection_stays_as_initialised(runs):
     """stop_grad_conv1 through the whole run (AdamW with weight decay, the momentum encoder): the
-    final patch projection, online and momentum, is bit-equal to the initial one (no gradient,
-    no decay, no EMA drift), while the blocks moved."""
+    final online patch projection is bit-equal to the initial one (no gradient, no decay), and the
+    momentum one equal up to float32 rounding (``x * m + x * (1 - m)`` is x or 1 ulp from it, in
+    the official ``param_m * m + param_b * (1 - m)`` too: 2 of 1024 weights after 8 steps with
+    the tests' XLA flags), while the blocks moved."""
     import jax
 
     import moco_jax
@@ -112,10 +114,11 @@ def test_the_patch_projection_stays_as_initialised(runs):
 
     projection, qkv = jax.device_get(jax.jit(initial_arrays)())
     _, arrays = final_arrays(root / "reference")
-    for tree in ("params", "ema_params"):
-        for leaf in ("kernel", "bias"):
-            name = f"['{tree}']['backbone']['patch_embed']['proj']['{leaf}']"
-            np.testing.assert_array_equal(arrays[name], projection[leaf], err_msg=name)
+    for leaf in ("kernel", "bias"):
+        name = f"['params']['backbone']['patch_embed']['proj']['{leaf}']"
+        np.testing.assert_array_equal(arrays[name], projection[leaf], err_msg=name)
+        ema = arrays[name.replace("'params'", "'ema_params'")]
+        np.testing.assert_allclose(ema, projection[leaf], rtol=5e-7, atol=0, err_msg=name)
     assert not np.allclose(
         arrays["['params']['backbone']['blocks_0']['attn']['qkv']['kernel']"], qkv
     )
