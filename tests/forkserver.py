@@ -116,7 +116,6 @@ class ForkServer:
         )  # fmt: skip
         self.ended: dict[int, int] = {}
         self.ended_lock = threading.Condition()
-        self.started: list[int] = []
         self.pids: list[int] = []
         self.request_lock = threading.Lock()
         self.reader = threading.Thread(target=self._read, daemon=True)

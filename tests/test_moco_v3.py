@@ -7,7 +7,6 @@ The step tests use the ``mlp`` backbone and tiny heads (each compiles in a few s
 
 from __future__ import annotations
 
-import fast_compile
 import jax
 import numpy as np
 import numpy_moco_v3 as ref
@@ -115,8 +114,8 @@ def test_train_step_matches_numpy_reference(case):
     num_devices, bn_mode, head, optimizer, base_lr, weight_decay, batch = CASES[case]
     config = v3_config(*CASES[case])
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
-    state = fast_compile.initial_state(built, seed=3)
-    train_step = fast_compile.train_step(built)
+    state = built.initial_state(3)
+    train_step = built.algorithm.train_step
     init = jax.device_get(state)
     model = ref.MoCoV3Reference(
         init.params,
@@ -216,8 +215,8 @@ def test_sync_bn_on_8_devices_equals_1_device_with_the_same_global_batch():
     for devices in (8, 1):
         config = v3_config(devices, "sync", "v3_vit", "lars", 40.0, 1e-2, 16)
         built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:devices])
-        state = fast_compile.initial_state(built, seed=1)
-        train_step = fast_compile.train_step(built)
+        state = built.initial_state(1)
+        train_step = built.algorithm.train_step
         data, history = np.random.default_rng(4), []
         for _ in range(2):
             x1, x2 = (data.normal(size=(16, *IMAGE_SHAPE)).astype(np.float32) for _ in range(2))

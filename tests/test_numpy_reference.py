@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import fast_compile
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,8 +144,8 @@ def test_train_step_matches_numpy_reference(case, head):
     config.model.shuffle_group_devices = shuffle_group
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:num_devices])
     mesh = built.mesh
-    state = fast_compile.initial_state(built, seed=7)
-    train_step = fast_compile.train_step(built)
+    state = built.initial_state(7)
+    train_step = built.algorithm.train_step
 
     init = jax.device_get(state)
     model = ref.MoCoReference(
@@ -361,8 +360,8 @@ def test_untrained_loss_is_log_one_plus_k_once_queue_holds_own_keys():
     config.optim.schedule = "constant"
     built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:1])
     mesh = built.mesh
-    state = fast_compile.initial_state(built, seed=3)
-    train_step = fast_compile.train_step(built)
+    state = built.initial_state(3)
+    train_step = built.algorithm.train_step
 
     data = np.random.default_rng(3)
     gaps, pos_minus_neg = [], []

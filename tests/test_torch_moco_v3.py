@@ -42,7 +42,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import fast_compile  # noqa: E402
 import torch_moco_v3 as ref  # noqa: E402
 from parity_resnet import RESNET, RESNET_STAGES  # noqa: E402
 from test_moco_v3 import (  # noqa: E402
@@ -256,8 +255,8 @@ def _run(case, float64):
     dtype = np.float64 if float64 else np.float32
     with context, jax.default_matmul_precision("highest"):
         built = build(config, STEPS_PER_EPOCH, devices=jax.devices()[:DEVICES])
-        state = fast_compile.initial_state(built, seed=0)
-        train_step = fast_compile.train_step(built)
+        state = built.initial_state(0)
+        train_step = built.algorithm.train_step
         if float64:
             state = _to_float64(state)
         model = torch_model(case, config).to(torch.float64 if float64 else torch.float32)

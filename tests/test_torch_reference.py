@@ -16,7 +16,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import fast_compile  # noqa: E402
 import jax  # noqa: E402
 from parity_resnet import RESNET, torch_resnet  # noqa: E402
 
@@ -136,8 +135,8 @@ def reference_run(request):
     built = build(config, steps_per_epoch=1, devices=jax.devices()[:1])
     mesh = built.mesh
     with jax.default_matmul_precision("highest"):
-        state = fast_compile.initial_state(built, seed=seed)
-    jax_step = fast_compile.train_step(built)
+        state = built.initial_state(seed)
+    jax_step = built.algorithm.train_step
 
     width = base_width(config.model)
     model = MoCo(
