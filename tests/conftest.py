@@ -18,7 +18,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-# The persistent compile cache, for the tests and the programs they start.
+# The persistent compile cache, for the tests (jax reads these at import) and the programs they
+# start: one setting for both.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
@@ -30,10 +31,7 @@ try:
 except Exception:  # not installed, or a build for another torch
     pass
 
-import jax  # noqa: E402
-
-jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+import jax  # noqa: E402, F401  (after torchvision; reads the compile cache settings above)
 
 # The slowest test files (cold, quiet 2-core machine, pytest -n 2 --dist loadfile; with
 # --no-loadscope-reorder, or pytest-xdist 3.8 orders files by their number of tests), first: each
