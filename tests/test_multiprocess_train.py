@@ -104,6 +104,12 @@ def _wait(processes, kill_the_rest=False):
     return results
 
 
+def _failure(what, results):
+    """``what``, with each process's exit code and the end of its stderr."""
+    ends = [f"process {i}: exit {r.returncode}\n{r.stderr[-2500:]}" for i, r in enumerate(results)]
+    return "\n".join([what, *ends])
+
+
 def _lines_up_to(workdir, step):
     """The metrics.jsonl lines of steps <= ``step``, as written (images/sec included)."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -138,11 +144,13 @@ def _legs(root, started):
     reference = start(root / "one_process", "run", ({},), nice=10)
     sigterm = _wait(sigterm)
     saved = {"after_sigterm": _steps_on_disk(interrupted)}
+    assert saved["after_sigterm"], _failure("no checkpoint after the SIGTERM leg", sigterm)
     lines_after_sigterm = _lines_up_to(interrupted, saved["after_sigterm"][-1])
 
     kill = {"MOCO_JAX_FAULT_KILL_AT_STEP": KILL_AT}
     killed = _wait(start(interrupted, "kill", (kill, {})), kill_the_rest=True)
     saved["after_kill"] = _steps_on_disk(interrupted)
+    assert saved["after_kill"], _failure("no checkpoint after the killed leg", killed)
     lines_after_kill = _lines_up_to(interrupted, saved["after_kill"][-1])
     finish = _wait(start(interrupted, "finish"))
     return {
