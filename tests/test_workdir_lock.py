@@ -1,5 +1,7 @@
 """One run per workdir: a live holder is named, a SIGKILLed one leaves no stale lock, and a refused
-run touches nothing (not even an in-flight checkpoint's temporary directory)."""
+run touches nothing (not even an in-flight checkpoint's temporary directory). The processes of
+one pod run, which share a workdir, check that it is writable at once without tripping on each
+other."""
 
 import os
 import pathlib
@@ -55,3 +57,29 @@ def test_train_py_on_a_held_workdir_refuses_in_one_line_and_touches_nothing(tmp_
     assert f"pid {holder.pid}" in last and "Traceback" not in result.stderr
     assert in_flight.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoints"]
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # the children touch only the file system
+def test_processes_checking_one_workdir_at_once_do_not_remove_each_others_probe(tmp_path):
+    """The processes of a pod run check a shared workdir at the same moment: each one's write
+    probe is its own (a shared name let one unlink the other's between its write and unlink)."""
+    from etils import epath
+
+    from moco_jax.run.run_setup import _check_workdir
+
+    workdir = epath.Path(tmp_path / "shared")
+    children = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:  # a child: no jax here, only the file system
+            code = 0
+            try:
+                for _ in range(300):
+                    _check_workdir(workdir)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert codes == [0] * 4
+    assert list(pathlib.Path(workdir).iterdir()) == []  # and no probe is left behind
