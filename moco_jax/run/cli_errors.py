@@ -103,7 +103,10 @@ def quiet_native_logs() -> None:
 def quiet_library_logs() -> None:
     """Library INFO logs (orbax, TFDS) drown the progress bar: show warnings unless asked. Orbax's
     own error logs (with tracebacks from its threads) are dropped too: the error they describe
-    reaches the caller as an exception, which becomes the one ``error:`` line."""
+    reaches the caller as an exception, which becomes the one ``error:`` line. So are asyncio's
+    "Future exception was never retrieved" records: orbax reads a damaged checkpoint through
+    futures that fail together, it raises the first failure and the others, collected whenever
+    the garbage collector runs, would print their tracebacks before the ``error:`` line."""
     from absl import logging
 
     if not flags.FLAGS["verbosity"].present:
@@ -113,6 +116,8 @@ def quiet_library_logs() -> None:
 
 
 def _not_from_orbax(record: std_logging.LogRecord) -> bool:
+    if record.name == "asyncio" and " exception was never retrieved" in str(record.msg):
+        return False
     return "/orbax/" not in record.pathname.replace(os.sep, "/")
 
 
