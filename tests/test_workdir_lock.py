@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import forkserver
 import pytest
@@ -80,6 +81,15 @@ def test_processes_checking_one_workdir_at_once_do_not_remove_each_others_probe(
                 code = 1
             os._exit(code)
         children.append(pid)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
-    assert codes == [0] * 4
+    codes, deadline = {}, time.monotonic() + 120  # a child stuck on a lock fails, never hangs
+    while len(codes) < len(children) and time.monotonic() < deadline:
+        for pid in set(children) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    for pid in set(children) - set(codes):
+        os.kill(pid, signal.SIGKILL)
+        codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    assert [codes[pid] for pid in children] == [0] * 4
     assert list(pathlib.Path(workdir).iterdir()) == []  # and no probe is left behind
