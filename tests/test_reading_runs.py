@@ -201,7 +201,10 @@ def _asyncio_records(make_noise):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("asyncio").addHandler(handler)
+    logger = logging.getLogger("asyncio")
+    # A CLI run in this process before (cli_errors.fail) may have silenced the logger for good.
+    disabled, logger.disabled = logger.disabled, False
+    logger.addHandler(handler)
     try:
 
         async def main():
@@ -210,7 +213,8 @@ def _asyncio_records(make_noise):
 
         asyncio.run(main())
     finally:
-        logging.getLogger("asyncio").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.disabled = disabled
     return records
 
 
