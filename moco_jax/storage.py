@@ -39,6 +39,7 @@ Paths on an object store (``gs://...``) hold objects only, each written whole: n
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from typing import Any
 
@@ -108,6 +109,16 @@ def check_reachable(what: str, path: str | epath.Path) -> None:
         epath.Path(path).exists()
     except Exception as err:  # each file-system layer raises its own kinds
         raise unreachable(what, path, err) from None
+
+
+def probe_writable(directory: epath.Path) -> None:
+    """Write and remove a small file in ``directory`` (raises what the file system raises). The
+    file is this process's own, named by host and pid: the processes of a pod run probe one
+    shared directory at once, and a shared name let one remove the other's probe between its
+    write and its unlink."""
+    probe = directory / f".write_test_{socket.gethostname()}_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
 
 
 # Regular files

@@ -231,9 +231,9 @@ def test_an_abandoned_failed_future_prints_nothing_before_the_error_line():
 
     [unretrieved] = _asyncio_records(abandoned)
     assert unretrieved.getMessage().startswith("Future exception was never retrieved")
-    assert not cli_errors._not_from_orbax(unretrieved)
+    assert not cli_errors._not_orbax_noise(unretrieved)
     [other] = _asyncio_records(failing_callback)
-    assert cli_errors._not_from_orbax(other)
+    assert cli_errors._not_orbax_noise(other)
 
 
 def delete_as_read(saves_newer):

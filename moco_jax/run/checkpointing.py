@@ -69,7 +69,7 @@ from moco_jax.run.checkpoint_policies import (
     warn_instead_of_failing_deletes,
 )
 from moco_jax.run.saved_run import newest_intact
-from moco_jax.storage import is_remote
+from moco_jax.storage import is_remote, probe_writable
 
 RESUME_FIELDS = STATE_FIELDS + SCHEDULE_FIELDS + SOURCE_FIELDS  # a resumed run must keep these
 
@@ -175,10 +175,8 @@ class Checkpointer:
     def check_can_save(self, template: Any) -> None:
         """Fail before training if checkpoints cannot be written: a read-only directory, or a disk
         without room for one more checkpoint of ``template`` (an ``OSError`` naming the cause)."""
-        probe = self.directory / f".write_test_{jax.process_index()}"
         try:
-            probe.write_text("ok")
-            probe.unlink()
+            probe_writable(self.directory)
         except OSError as err:
             raise OSError(
                 f"checkpoint directory {self.directory} is not writable: {err.strerror or err}"

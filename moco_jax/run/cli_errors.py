@@ -111,11 +111,12 @@ def quiet_library_logs() -> None:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-        logging.get_absl_handler().addFilter(_not_from_orbax)
+        logging.get_absl_handler().addFilter(_not_orbax_noise)
         sys.unraisablehook = _unless_from_orbax(sys.unraisablehook)
 
 
-def _not_from_orbax(record: std_logging.LogRecord) -> bool:
+def _not_orbax_noise(record: std_logging.LogRecord) -> bool:
+    """False for orbax's own log records and asyncio's reports of its abandoned failed futures."""
     if record.name == "asyncio" and " exception was never retrieved" in str(record.msg):
         return False
     return "/orbax/" not in record.pathname.replace(os.sep, "/")

@@ -7,8 +7,6 @@ anything is compiled), then the data, then the algorithm and the state (fresh or
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -261,15 +259,11 @@ def _check_epoch_length(checkpointer: Checkpointer, steps_per_epoch: int) -> Non
 
 def _check_workdir(workdir: epath.Path) -> None:
     """Fail before training if the workdir cannot be written (local path or bucket: one line
-    naming the bucket when it cannot be reached). The probe file is this process's own: the
-    processes of a pod run check one shared workdir at once, and a shared name let one remove
-    the other's probe between its write and its unlink."""
+    naming the bucket when it cannot be reached)."""
     storage.check_reachable("workdir", workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test_{socket.gethostname()}_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        storage.probe_writable(workdir)
     except Exception as err:  # a bucket's file system raises its own kinds
         if storage.is_remote(workdir):
             raise storage.unreachable("workdir", workdir, err, "write to") from None
