@@ -300,8 +300,6 @@ def _run(
     if any_platform:
         del env["JAX_PLATFORMS"]
     env["XLA_FLAGS"] = cpu_devices(1)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     if any(BUCKET in arg for arg in args):
         env.update(NO_NETWORK)
     if not fresh:

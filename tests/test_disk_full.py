@@ -37,8 +37,6 @@ def small_disk(tmp_path):
 def _train(workdir, *flags, **faults):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1", JAX_PLATFORMS="cpu", **faults)
     env["XLA_FLAGS"] = cpu_devices(8)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     data = f"--config.dataset.data_dir={fashion_mnist_data_dir()}"
     entry = [str(ROOT / "tests/with_faults.py")] if faults else []  # installs faults.py
     command = [*entry, *RUN, *flags, data, "--workdir", str(workdir)]

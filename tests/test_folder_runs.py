@@ -28,8 +28,6 @@ STEPS = 6  # 2 epochs of 55 records (48 images + 7 bad files) in batches of 16: 
 def _run(folder, workdir, *extra, kill_at=None, wait=True, cwd=None):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
     env["XLA_FLAGS"] = cpu_devices(8)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     env.pop("MOCO_JAX_FAULT_KILL_AT_STEP", None)
     if kill_at:
         env["MOCO_JAX_FAULT_KILL_AT_STEP"] = str(kill_at)

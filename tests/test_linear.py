@@ -122,8 +122,6 @@ def test_the_protocol_lr_is_30_per_256_times_0_1_at_epochs_60_and_80():
 def _start(workdir, *overrides, fault=None, data_dir):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
     env["XLA_FLAGS"] = cpu_devices(8)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     if fault:
         env[f"MOCO_JAX_FAULT_{fault[0]}_AT_STEP"] = str(fault[1])
     entry = [str(ROOT / "tests/with_faults.py")] if fault else []  # installs faults.py

@@ -72,8 +72,6 @@ def _start(workdir, leg, faults=({}, {}), nice=0):
         env.update({name: str(step) for name, step in fault.items()})
         devices = 8 // len(faults)
         env["XLA_FLAGS"] = cpu_devices(devices)
-        env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
         if len(faults) > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_PROCESS_ID=str(index))
             env["JAX_NUM_PROCESSES"] = str(len(faults))

@@ -46,8 +46,6 @@ def _start(workdir, *overrides, fault=None):
     """train.py in the background; stdout/stderr go to files next to the workdir."""
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
     env["XLA_FLAGS"] = cpu_devices(8)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     for name in ("KILL", "KILL_AFTER_COMMIT", "SIGTERM", "NAN"):
         env.pop(f"MOCO_JAX_FAULT_{name}_AT_STEP", None)
     if fault:

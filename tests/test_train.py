@@ -23,8 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _train_py(workdir, *overrides, devices=8):
     env = dict(os.environ, MOCO_JAX_NO_PROGRESS="1")
     env["XLA_FLAGS"] = cpu_devices(devices)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")  # shared with the tests
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     command = [
         str(ROOT / "train.py"),
         "--config",
