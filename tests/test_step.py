@@ -3,31 +3,17 @@
 import jax
 import numpy as np
 import pytest
+from parity_resnet import RESNET as TWO_BLOCK_RESNET
 
 from moco_jax.mesh import replicated
-from moco_jax.models import base_width, register_backbone
-from moco_jax.models.resnet import BasicBlock, ResNet
 from tiny import build, image_batches, run_steps, setup, tiny_config
 
 # The EMA and Shuffle-BN contracts below hold for any encoder with BatchNorm: the MLP backbone
 # (flatten, Linear-BN-ReLU) compiles in a fraction of ResNet-18's time. Sync BN across devices
 # keeps a ResNet (BN over N, H, W of conv features): the library's ResNet and BasicBlock in two
-# stages of one block (CIFAR stem, an identity block, a strided block with its downsample BN),
-# every kind of layer of ResNet-18 in a quarter of its layers to compile.
+# stages of one block (tests/parity_resnet.py: CIFAR stem, an identity block, a strided block
+# with its downsample BN), every kind of layer of ResNet-18 in a quarter of its layers to compile.
 MLP = {"model.backbone": "mlp", "model.width_multiplier": 0.125}
-TWO_BLOCK_RESNET = "test_step_resnet_1_1"
-
-
-@register_backbone(TWO_BLOCK_RESNET)
-def _two_block_resnet(model_config, norm, dtype):
-    return ResNet(
-        stage_sizes=(1, 1),
-        block_cls=BasicBlock,
-        width=base_width(model_config),
-        cifar_stem=model_config.cifar_stem,
-        norm=norm,
-        dtype=dtype,
-    )
 
 
 def _to_numpy(tree):
