@@ -57,6 +57,9 @@ def _define(values: flags.FlagValues) -> None:
     string("baseline", None, "also time moco_jax's input at this git revision",
            flag_values=values)  # fmt: skip
     flags.DEFINE_boolean("breakdown", False, "also time each piece of ours", flag_values=values)
+    flags.DEFINE_enum("resize", "device", ["device", "host"], "where ours resizes the views "
+                      "(dataset.resize_on); the other is timed too as ours_other_resize",
+                      flag_values=values)  # fmt: skip
     flags.DEFINE_float("bound", None, "images/sec/chip to feed (default: the compile report's)",
                        flag_values=values)  # fmt: skip
 
@@ -125,18 +128,20 @@ def run_in_process(request: dict[str, Any], paths: list[str]) -> dict[str, Any]:
 def measure(values: flags.FlagValues, cpus: list[int], log=print) -> dict[str, Any]:
     """Each side ``--repeats`` times, alternating; the best run of each side counts."""
     root = os.path.abspath(values.folder)
-    sides = {"ours": [REPO], "official": [REPO]}
+    other = "host" if values.resize == "device" else "device"
+    sides = {"ours": ([REPO], values.resize), "ours_other_resize": ([REPO], other),
+             "official": ([REPO], "")}  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         if values.baseline:
-            sides = {"baseline": [checkout(values.baseline, scratch), REPO], **sides}
+            sides = {"baseline": ([checkout(values.baseline, scratch), REPO], "host"), **sides}
         runs: dict[str, list] = {side: [] for side in sides}
         for repeat in range(values.repeats):
-            for side, paths in sides.items():
-                request = {"side": "ours" if side == "baseline" else side, "cpus": cpus,
-                           "root": root, "batch": values.batch}  # fmt: skip
+            for side, (paths, resize) in sides.items():
+                request = {"side": "official" if side == "official" else "ours", "cpus": cpus,
+                           "root": root, "batch": values.batch, "resize": resize}  # fmt: skip
                 runs[side].append(run_in_process(request, paths))
                 run = runs[side][-1]
-                log(f"  run {repeat + 1}: {side:9s} {run['images_per_sec']:7.1f} two-view "
+                log(f"  run {repeat + 1}: {side:17s} {run['images_per_sec']:7.1f} two-view "
                     f"images/s, {run['images_per_cpu_sec']:7.1f} per CPU-second")  # fmt: skip
     best = {side: max(r["images_per_sec"] for r in rs) for side, rs in runs.items()}
     cpu = {side: max(r["images_per_cpu_sec"] for r in rs) for side, rs in runs.items()}
@@ -151,6 +156,9 @@ def measure(values: flags.FlagValues, cpus: list[int], log=print) -> dict[str, A
         "ours_per_cpu_sec": cpu["ours"],
         "official_per_cpu_sec": cpu["official"],
         "ratio_cpu": cpu["ours"] / cpu["official"],
+        "resize": values.resize,
+        "ours_other_resize": best["ours_other_resize"],
+        "ours_other_resize_per_cpu_sec": cpu["ours_other_resize"],
         "runs": runs,
         "images_per_run": runs["ours"][0]["images"],
         "batch": values.batch,
@@ -168,14 +176,16 @@ def measure(values: flags.FlagValues, cpus: list[int], log=print) -> dict[str, A
 def summary(report: dict[str, Any]) -> str:
     cores, chips = report["cores"], report["chips"]
     lines = [f"host input on {cores} core(s), {report['images_per_run']} images timed per run:"]
-    for side in ("baseline", "ours", "official"):
+    names = {"ours": f"ours ({report['resize']} resize)", "ours_other_resize": "ours ("
+             f"{'host' if report['resize'] == 'device' else 'device'} resize)"}  # fmt: skip
+    for side in ("baseline", "ours", "ours_other_resize", "official"):
         if side in report:
             rate, cpu = report[side], report[f"{side}_per_cpu_sec"]
             lines.append(
-                f"  {side:9s} {rate:7.1f} two-view images/s ({rate / cores:.1f} per core; "
-                f"{cpu:.1f} per CPU-second)"
+                f"  {names.get(side, side):19s} {rate:7.1f} two-view images/s "
+                f"({rate / cores:.1f} per core; {cpu:.1f} per CPU-second)"
             )
-    lines.append(f"  ratio     {report['ratio']:.2f} (ours / official; by CPU time "
+    lines.append(f"  ratio               {report['ratio']:.2f} (ours / official; by CPU time "
                  f"{report['ratio_cpu']:.2f})")  # fmt: skip
     if "baseline" in report:
         lines.append(f"  baseline / official {report['baseline_ratio']:.2f} (by CPU time "
@@ -193,7 +203,9 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def pieces_table(breakdown: dict[str, Any]) -> str:
-    lines = [f"ours, CPU ms per image on {breakdown['cores']} core(s):"]
+    lines = [
+        f"ours, CPU ms per image on {breakdown['cores']} core(s), {breakdown['resize']} resize:"
+    ]
     for piece, ms in breakdown["ms_per_image"].items():
         lines.append(f"  {piece:9s} {ms:6.2f}")
     lines.append(f"  {'total':9s} {breakdown['total_ms']:6.2f}")
@@ -214,9 +226,9 @@ def _main(argv: list[str]) -> int:
     report = measure(values, allowed[: values.cores])
     report["chips"] = cores_per_chip(report["ours_per_core"], report["ours_per_cpu_sec"], bound)
     if values.breakdown:
-        request = {"side": "pieces", "cpus": allowed[: values.cores],
+        request = {"side": "pieces", "cpus": allowed[: values.cores], "resize": values.resize,
                    "root": os.path.abspath(values.folder), "batch": values.batch}  # fmt: skip
-        report["breakdown"] = run_in_process(request, [REPO])
+        report["breakdown"] = {**run_in_process(request, [REPO]), "resize": values.resize}
     print(summary(report))
     if values.breakdown:
         print(pieces_table(report["breakdown"]))

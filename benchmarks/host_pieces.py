@@ -1,13 +1,14 @@
 """What each piece of moco_jax's host input costs, per image per core (``--breakdown``).
 
 The pieces are the library's own steps (``host_crops.crop_steps``: read, locate, decode, crop,
-resize), then ``streaming.crop_dataset`` (shuffle, batching, the error filter, prefetch) and the
-trainer's consumer (``StreamingViews``: to NumPy, the fixed batch windows, ``shard_batch`` to
-the device). Each prefix of that chain runs as a tf.data pipeline over the whole folder, in the
-process this runs in (pinned to the cores it is given, tf.data's private pool that size); a
-piece's cost is the CPU time of its prefix minus the one before, per image. "locate" is the
-image's size read from its header, both crop windows and their union; "crop" cuts the windows
-out of the decoded union.
+resize; with ``resize="device"``: read, locate, decode, pack), then ``streaming.crop_dataset``
+(shuffle, batching, the error filter, prefetch) and the trainer's consumer (``StreamingViews``:
+to NumPy, the fixed batch windows, ``shard_batch`` to the device). Each prefix of that chain
+runs as a tf.data pipeline over the whole folder, in the process this runs in (pinned to the
+cores it is given, tf.data's private pool that size); a piece's cost is the CPU time of its
+prefix minus the one before, per image. "locate" is the image's size read from its header, both
+crop windows and their union; "crop" cuts the windows out of the decoded union; "pack" hands the
+union on with the windows' boxes (or resizes the views of a union too large for the buffer).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _cpu_per_image(make_iterator, rows, hand_off=len) -> float:
     return (time.process_time() - start) / max(count, 1)
 
 
-def time_pieces(root: str, cores: int, batch: int) -> dict[str, Any]:
+def time_pieces(root: str, cores: int, batch: int, resize: str = "host") -> dict[str, Any]:
     """``{piece: CPU milliseconds per image}`` on ``cores`` (see the module docstring)."""
     from moco_jax.data.host_crops import _tf, chain, crop_steps
     from moco_jax.data.streaming import StreamingViews, crop_dataset, records, with_threads
@@ -50,7 +51,7 @@ def time_pieces(root: str, cores: int, batch: int) -> dict[str, Any]:
     from moco_jax.data.tfds_source import get_builder
     from moco_jax.mesh import make_data_mesh, shard_batch
 
-    config = _moco_v2_config(root, batch, cores)
+    config = _moco_v2_config(root, batch, cores, resize)
     builder = get_builder(config.dataset.name, None)
     steps = crop_steps(config, 0, 2, from_files=True)
     stages = {}
@@ -81,7 +82,7 @@ def time_pieces(root: str, cores: int, batch: int) -> dict[str, Any]:
     views = StreamingViews(mesh, builder, config)
 
     def hand_off(crops):
-        jax.block_until_ready(tuple(shard_batch(mesh, c) for c in crops))
+        jax.block_until_ready(jax.tree.map(lambda rows: shard_batch(mesh, rows), crops))
 
     cumulative = {}
     for name, make in stages.items():

@@ -31,7 +31,7 @@ def pin(cores: list[int]) -> None:
     os.sched_setaffinity(0, cores)
 
 
-def _moco_v2_config(root: str, batch: int, threads: int):
+def _moco_v2_config(root: str, batch: int, threads: int, resize: str = "host"):
     from configs import moco_v2_imagenet
 
     config = moco_v2_imagenet.get_config()
@@ -40,10 +40,12 @@ def _moco_v2_config(root: str, batch: int, threads: int):
     config.seed = 0
     if "host_threads" in config.dataset:  # absent in revisions from before the field
         config.dataset.host_threads = threads
+    if "resize_on" in config.dataset:  # likewise
+        config.dataset.resize_on = resize
     return config
 
 
-def time_ours(root: str, cores: int, batch: int) -> dict[str, Any]:
+def time_ours(root: str, cores: int, batch: int, resize: str = "host") -> dict[str, Any]:
     """Two-view images/sec of moco_jax's streamed input on ``cores`` (see the module docstring)."""
     from moco_jax.data.streaming import StreamingViews, _tf
 
@@ -55,12 +57,12 @@ def time_ours(root: str, cores: int, batch: int) -> dict[str, Any]:
     from moco_jax.data.tfds_source import get_builder
     from moco_jax.mesh import make_data_mesh, shard_batch
 
-    config = _moco_v2_config(root, batch, cores)
+    config = _moco_v2_config(root, batch, cores, resize)
     mesh = make_data_mesh(1)
     views = StreamingViews(mesh, get_builder(config.dataset.name, None), config)
 
     def hand_off(crops):
-        jax.block_until_ready(tuple(shard_batch(mesh, c) for c in crops))
+        jax.block_until_ready(jax.tree.map(lambda rows: shard_batch(mesh, rows), crops))
         return len(crops[0])
 
     batches = views._epoch_batches(0, 0)
@@ -77,8 +79,9 @@ class _TwoCrops:
         return [self.transform(image), self.transform(image)]
 
 
-def time_official(root: str, cores: int, batch: int) -> dict[str, Any]:
+def time_official(root: str, cores: int, batch: int, resize: str = "") -> dict[str, Any]:
     """Two-view images/sec of the official MoCo input on ``cores`` (see the module docstring)."""
+    del resize  # PIL's, always on the host
     import torch
     from torchvision import datasets, transforms
 
@@ -132,18 +135,18 @@ def _timed(batches, count, hand_off, children_cpu) -> dict[str, Any]:
     }
 
 
-def time_pieces(root: str, cores: int, batch: int) -> dict[str, Any]:
+def time_pieces(root: str, cores: int, batch: int, resize: str = "host") -> dict[str, Any]:
     from benchmarks.host_pieces import time_pieces
 
-    return time_pieces(root, cores, batch)
+    return time_pieces(root, cores, batch, resize)
 
 
 SIDES = {"ours": time_ours, "official": time_official, "pieces": time_pieces}
 
 
 def run_side(request: dict[str, Any]) -> dict[str, Any]:
-    """One side in this (fresh) process: ``{"side", "cpus", "root", "batch"}``."""
+    """One side in this (fresh) process: ``{"side", "cpus", "root", "batch", "resize"}``."""
     pin(request["cpus"])
     cores = len(request["cpus"])
-    result = SIDES[request["side"]](request["root"], cores, request["batch"])
-    return {**result, "side": request["side"], "cores": cores}
+    args = (request["root"], cores, request["batch"], request.get("resize", "host"))
+    return {**SIDES[request["side"]](*args), "side": request["side"], "cores": cores}

@@ -5,8 +5,9 @@ and the trainer's ``ResidentViews`` (the epoch's index table on device, gather +
 augmentation in one jitted call, the step counter kept on device). Large-image datasets
 (streamed by the trainer: the host decodes and crops): two uint8 crops per image already on
 device and the device half of the pipeline (flip, jitter, grayscale, blur, solarize,
-normalisation); the host's JPEG decoding is not part of the number (``benchmarks.host_input``
-times it).
+normalisation; with ``dataset.resize_on=device`` first the resize of two windows of random
+sizes out of each image's union buffer); the host's JPEG decoding is not part of the number
+(``benchmarks.host_input`` times it).
 
 Between epochs the resident pipeline puts the next epoch's index table on the mesh (one explicit
 transfer per epoch, as in training); otherwise a step sends nothing from the host.
@@ -51,10 +52,15 @@ class SyntheticViews:
             train_set = ResidentTrainSet(mesh, images, labels, per_device, per_device_batch, seed)
             self._views = ResidentViews(train_set, config)
         else:
-            shape = (self.batch // jax.process_count(), size, size, channels)
-            self._crops = tuple(
-                shard_batch(mesh, rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)
-            )
+            rows = self.batch // jax.process_count()
+            shape = (rows, size, size, channels)
+            crops = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]
+            if config.dataset.get("resize_on") == "device":  # unions and two boxes in each
+                side = config.dataset.union_buffer
+                crops[0] = rng.integers(0, 256, (rows, side, side, channels), dtype=np.uint8)
+                extent = rng.integers(size // 2, side + 1, (rows, 2, 2))
+                crops[1] = np.concatenate([side - extent, extent], axis=2).astype(np.int32)
+            self._crops = tuple(shard_batch(mesh, c) for c in crops)
             self._augment = DeviceViews(mesh, make_crop_augment_fn(mesh, config), seed + 1)
 
     def __call__(self, step: int) -> tuple[jax.Array, jax.Array]:

@@ -179,6 +179,31 @@ def test_stream_is_deterministic_and_resumes_at_any_step(data_dir):
     assert views.skipped_images == 0
 
 
+@pytest.mark.parametrize("inputs", ["two_views", "labelled_view"])
+def test_resizing_on_the_device_gives_the_same_views(data_dir, inputs):
+    """``dataset.resize_on="device"`` (the host sends each decoded union of windows in a 48 px
+    buffer, or its views resized when larger, and the device resizes): step 0's augmented views
+    within 3 grey levels of the host-resized ones (1 before augmentation, which can stretch it),
+    on average within 0.01; the labels equal."""
+    make = _config if inputs == "two_views" else _linear_config
+    config = make(data_dir, **{"model.bn_mode": "local"})
+    builder = tfds.builder("tiny_jpegs", data_dir=data_dir)
+    mesh = make_data_mesh(8)
+    host = jax.device_get(StreamingViews(mesh, builder, config, inputs)(0))
+    config.dataset.resize_on, config.dataset.union_buffer = "device", 48
+    device = jax.device_get(StreamingViews(mesh, builder, config, inputs)(0))
+    level = 1 / 255 / config.dataset.std[0]
+    for ours, theirs in zip(device, host, strict=True):
+        assert ours.shape == theirs.shape
+        diff = np.abs(ours.astype(np.float64) - theirs)
+        assert diff.max() <= 3 * level + 1e-6 and diff.mean() <= 0.01 * level, (
+            diff.max() / level,
+            diff.mean() / level,
+        )
+    if inputs == "labelled_view":
+        np.testing.assert_array_equal(device[1], host[1])
+
+
 def test_eval_batches_are_centre_crops(data_dir):
     config = _config(data_dir)
     builder = tfds.builder("tiny_jpegs", data_dir=data_dir)

@@ -133,6 +133,12 @@ BAD_VALUES = [
     ({"show.map_points": 5}, 1, "show.map_points must be an integer >= 10, got 5"),
     ({"show.seed": -1}, 1, "show.seed must be an integer >= 0, got -1"),
     ({"dataset.host_threads": -1}, 1, "dataset.host_threads must be an integer >= 0, got -1"),
+    ({"dataset.resize_on": "gpu"}, 1, "dataset.resize_on must be 'host' or 'device', got 'gpu'"),
+    (
+        {"dataset.resize_on": "device", "dataset.union_buffer": 20},
+        1,
+        r"dataset.union_buffer must be an integer >= 2 x dataset.image_size \(32: it carries two",
+    ),
     ({"knn.baselines": "yes"}, 1, r"knn.baselines must be one of \['auto', 'on', 'off'\]"),
     ({"checkpoint.every_steps": -1}, 1, "checkpoint.every_steps must be an integer >= 0"),
     ({"checkpoint.keep": 0}, 1, "checkpoint.keep must be an integer >= 1, got 0"),

@@ -5,7 +5,10 @@ them): **read** the file (a folder's records hold paths); **locate**: the image'
 header (nothing decoded), each view's window by torchvision's sampler seeded by ``(seed, epoch,
 index, view)``, and the union of the windows; **decode** the union once (a JPEG only there:
 ``decode_and_crop_jpeg`` skips the IDCT outside it); **crop** each view's window out of it;
-**resize** each to ``S x S``, bilinear with antialiasing, rounded to uint8.
+**resize** each to ``S x S``, bilinear with antialiasing, rounded to uint8. With
+``dataset.resize_on = "device"`` the last two steps become **pack**: the decoded union and each
+view's box inside it go to the device, which cuts and resizes there (``window_resize``: the
+same views within one grey level), leaving the host half the work.
 
 A view is therefore the whole image decoded, its window cut out and resized, whatever the other
 view (``tests/test_host_crops.py`` restates it so). Evaluation (``make_eval_fn``): the shorter
@@ -142,12 +145,19 @@ def _resize(tf, image, size):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
+def resizes_on_device(config: Any) -> bool:
+    """Whether the views' resize is left to the device (``dataset.resize_on``)."""
+    return config.dataset.get("resize_on", "host") == "device"
+
+
 def crop_steps(config: Any, epoch: int, num_views: int = 2, from_files: bool = False):
     """``[(name, step)]``: the host's work on one record in order, each step taking what the
     one before returns (the first: ``(index, (encoded image or path, label))``; the last
-    returns ``(*views, label)``). ``from_files``: records hold the images' paths."""
+    returns ``(*views, label)``, or with ``dataset.resize_on = "device"`` ``(union, boxes,
+    label)``, see ``pack``). ``from_files``: records hold the images' paths."""
     tf = _tf()
     size, channels = config.dataset.image_size, config.dataset.num_channels
+    side = config.dataset.get("union_buffer", 0)
     scale, ratio = tuple(config.augment.crop_scale), tuple(config.augment.crop_ratio)
     first_seed = tf.cast(config.seed * 1_000_003 + epoch, tf.int64)
 
@@ -176,6 +186,27 @@ def crop_steps(config: Any, epoch: int, num_views: int = 2, from_files: bool = F
     def resize(crops, label):
         return (*(_resize(tf, image, size) for image in crops), label)
 
+    def pack(pixels, windows, union, label):
+        """For ``window_resize`` on the device: the decoded union with each view's box inside
+        it; a union larger than ``union_buffer`` on a side: the views resized here, side by
+        side, each box ``S x S`` (which the device returns unchanged)."""
+        shape = tf.shape(pixels)
+
+        def decoded():
+            return pixels, windows - tf.stack([union[0], union[1], 0, 0])
+
+        def resized():
+            views = resize(*crop(pixels, windows, union, label))[:-1]
+            boxes = [[0, view * size, size, size] for view in range(num_views)]
+            return tf.concat(views, axis=1), tf.constant(boxes, tf.int32)
+
+        union_pixels, boxes = tf.cond(
+            tf.logical_and(shape[0] <= side, shape[1] <= side), decoded, resized
+        )
+        return union_pixels, boxes, label
+
+    if resizes_on_device(config):
+        return [("read", read), ("locate", locate), ("decode", decode), ("pack", pack)]
     return [("read", read), ("locate", locate), ("decode", decode), ("crop", crop),
             ("resize", resize)]  # fmt: skip
 
@@ -193,7 +224,8 @@ def chain(steps):
 
 def make_crop_fn(config: Any, epoch: int, num_views: int = 2, from_files: bool = False):
     """tf.data map: ``(index, (encoded image, label)) -> (crop_q, crop_k, label)`` (or
-    ``(crop, label)`` with ``num_views=1``); ``from_files``: records hold the images' paths."""
+    ``(crop, label)`` with ``num_views=1``; ``(union, boxes, label)`` when the device resizes);
+    ``from_files``: records hold the images' paths."""
     return chain(crop_steps(config, epoch, num_views, from_files))
 
 

@@ -19,6 +19,7 @@ skipped and counted (``skipped_images`` in the epoch records): never a crash mid
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,12 +28,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moco_jax.data.augment import augment_batch, two_views
-from moco_jax.data.host_crops import _tf, make_crop_fn, make_eval_fn
+from moco_jax.data.host_crops import _tf, make_crop_fn, make_eval_fn, resizes_on_device
 from moco_jax.data.tfds_source import holds_paths
+from moco_jax.data.window_resize import resize_windows
 from moco_jax.data.windows import EmptyWindow, full_windows
 from moco_jax.mesh import DeviceViews, shard_batch, shard_views
 
 SHUFFLE_BUFFER = 16_384
+IN_FLIGHT_PER_THREAD = 4
 CropPair = tuple[np.ndarray, np.ndarray]  # (crops_q, crops_k) of one host batch, uint8
 
 
@@ -85,13 +88,30 @@ def crop_dataset(
     ds = records_ds.shuffle(buffer, seed=config.seed * 7919 + epoch, reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(skip)
     crop = make_crop_fn(config, epoch, num_views, read)
+    threads = config.dataset.get("host_threads", 0) or _usable_cores()
     ds = ds.map(
         lambda position, record: (*crop(*record), position) if positions else crop(*record),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        # Records in flight: 4 a thread, so that one slow image (a large one resized on the
+        # host) holds back its own slot only, not the threads (outputs stay in order).
+        num_parallel_calls=IN_FLIGHT_PER_THREAD * threads,
         deterministic=True,
     )
-    ds = ds.ignore_errors().batch(batch, drop_remainder=False).prefetch(2)
-    return with_threads(ds, config.dataset.get("host_threads", 0))
+    ds = ds.ignore_errors()
+    if resizes_on_device(config):  # each union padded into the buffer as it is batched
+        side, channels = config.dataset.union_buffer, config.dataset.num_channels
+        shapes = [spec.shape for spec in ds.element_spec]
+        shapes[0] = tf.TensorShape([side, side, channels])
+        ds = ds.padded_batch(batch, padded_shapes=tuple(shapes), drop_remainder=False)
+    else:
+        ds = ds.batch(batch, drop_remainder=False)
+    return with_threads(ds.prefetch(2), config.dataset.get("host_threads", 0))
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (all the machine's where affinity is unknown: macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def with_threads(ds, threads: int):
@@ -119,7 +139,8 @@ def eval_batches(builder, split: str, config: Any, batch: int, limit: int = 0):
 def make_crop_augment_fn(mesh: Mesh, config: Any, labelled: bool = False):
     """The device half: jitted ``(crops_q, crops_k, rng, step) -> (view_q, view_k, step + 1)``,
     crop turned off (see ``shard_views``); ``labelled``: ``(crops, labels, ...) -> (view,
-    labels, ...)``."""
+    labels, ...)``. When the device resizes (``dataset.resize_on``) the crops are the host's
+    ``(unions, boxes)``, and ``(unions, (boxes, labels))`` when ``labelled``."""
     aug = config.augment.copy_and_resolve_references()
     aug.crop = False  # done on the host
     mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
@@ -127,6 +148,10 @@ def make_crop_augment_fn(mesh: Mesh, config: Any, labelled: bool = False):
 
     def per_device(crops_q, crops_k, step, rng):
         del step  # the crops already are this step's
+        if resizes_on_device(config):  # crops_q: the unions; crops_k: the boxes (and labels)
+            boxes, labels = crops_k if labelled else (crops_k, None)
+            views = [resize_windows(crops_q, boxes[:, v], size) for v in range(boxes.shape[1])]
+            crops_q, crops_k = views[0], labels if labelled else views[1]
         if labelled:
             return augment_batch(rng, crops_q, aug, 0, size, mean, std), crops_k
         return two_views(rng, crops_q, aug, size, mean, std, images_k=crops_k)
@@ -178,7 +203,10 @@ class StreamingViews:
         decoded = _Counted(crop_dataset(*args).as_numpy_iterator())
         try:
             for *crops, labels, _ in full_windows(decoded, start_step, self.steps_per_epoch, batch):
-                yield (crops[0], crops[1]) if len(crops) == 2 else (crops[0], labels)
+                if resizes_on_device(self.config):  # crops: the unions and their boxes
+                    yield crops[0], (crops[1] if self._num_views == 2 else (crops[1], labels))
+                else:
+                    yield (crops[0], crops[1]) if len(crops) == 2 else (crops[0], labels)
         except EmptyWindow as err:
             from moco_jax.data.tfds_source import DatasetError
 
@@ -216,5 +244,5 @@ class StreamingViews:
         if step_in_epoch == self.steps_per_epoch - 1:
             for _ in self._iterator:  # the dropped partial window; counts the epoch's skips
                 pass
-        crops = (shard_batch(self.mesh, crops_q), shard_batch(self.mesh, crops_k))
+        crops = jax.tree.map(lambda rows: shard_batch(self.mesh, rows), (crops_q, crops_k))
         return self._augment(step, *crops)

@@ -30,13 +30,14 @@ def fill(columns: Columns, size: int) -> Columns:
 def full_windows(batches: Iterable[Columns], first: int, stop: int, size: int) -> Iterator[Columns]:
     """Windows ``first .. stop - 1`` of ``size`` rows each from ``batches`` of decoded rows in
     position order (last column: each row's position); raises ``EmptyWindow`` for a window whose
-    images all failed. Rows past window ``stop - 1`` (the epoch's partial tail) are dropped."""
+    images all failed. Rows past window ``stop - 1`` (the epoch's partial tail) are dropped. A
+    batch that is exactly one whole window (nothing failed) is given on as it is, uncopied."""
     window, pending = first, None
     for batch in batches:
-        if pending is not None:
+        if pending is not None and len(pending[-1]):
             batch = tuple(map(np.concatenate, zip(pending, batch, strict=True)))
         pending = batch
-        while window < stop and pending[-1].size and pending[-1][-1] // size > window:
+        while window < stop and len(pending[-1]) and _ready(pending[-1], window, size):
             pending, done = _take(pending, window, size)
             yield done
             window += 1
@@ -46,9 +47,21 @@ def full_windows(batches: Iterable[Columns], first: int, stop: int, size: int) -
         window += 1
 
 
+def _ready(positions: np.ndarray, window: int, size: int) -> bool:
+    """Whether ``window``'s rows are all in: a later window's row has come, or all ``size``."""
+    return positions[-1] // size > window or _count(positions, window, size) == size
+
+
+def _count(positions: np.ndarray, window: int, size: int) -> int:
+    """Rows of ``window`` at the head of ``positions`` (increasing, none of an earlier window)."""
+    return int(np.searchsorted(positions, (window + 1) * size))
+
+
 def _take(pending: Columns | None, window: int, size: int) -> tuple[Columns | None, Columns]:
-    if pending is None or not np.any(pending[-1] // size == window):
+    count = 0 if pending is None else _count(pending[-1], window, size)
+    if not count:
         raise EmptyWindow(f"all {size} images of batch window {window} failed to decode")
-    mine = pending[-1] // size == window
-    done = fill(tuple(column[mine] for column in pending), size)
-    return tuple(column[~mine] for column in pending), done
+    if count == size == len(pending[-1]):  # exactly this window: no slicing
+        return tuple(column[:0] for column in pending), pending
+    done = tuple(column[:count] for column in pending)
+    return tuple(column[count:] for column in pending), done if count == size else fill(done, size)

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from moco_jax.assemble import Setup, build, mesh_for
 from moco_jax.config.checks import ConfigError
+from moco_jax.data.host_crops import resizes_on_device
 from moco_jax.data.resident import EPOCH_TABLE_SPEC, make_view_fn
 from moco_jax.data.streaming import make_crop_augment_fn
 from moco_jax.data.tfds_source import RESIDENT_DATASETS, get_builder
@@ -172,10 +173,17 @@ def _view_target(setup: Setup, sizes: Sizes, bank_rows: int, steps: int) -> Targ
     common = (_spec((), rng.dtype, mesh), _spec((), jnp.int32, mesh))
     labels = _rows((bank_rows,), jnp.int32, mesh)
     if sizes.stored_shape is None:
-        crops = _rows((config.batch_size, *setup.image_shape), jnp.uint8, mesh)
-        second = crops if inputs == "two_views" else _rows((config.batch_size,), jnp.int32, mesh)
-        fn = make_crop_augment_fn(mesh, config, labelled=inputs != "two_views")
-        return Target("views (host crops, augmented)", fn, (crops, second, *common))
+        batch, two = config.batch_size, inputs == "two_views"
+        crops = _rows((batch, *setup.image_shape), jnp.uint8, mesh)
+        second = crops if two else _rows((batch,), jnp.int32, mesh)
+        kind = "host crops, augmented"
+        if resizes_on_device(config):  # the host's unions and the views' boxes in them
+            side = config.dataset.union_buffer
+            crops = _rows((batch, side, side, config.dataset.num_channels), jnp.uint8, mesh)
+            boxes = _rows((batch, 2 if two else 1, 4), jnp.int32, mesh)
+            second, kind = boxes if two else (boxes, second), "host unions, resized, augmented"
+        fn = make_crop_augment_fn(mesh, config, labelled=not two)
+        return Target(f"views ({kind})", fn, (crops, second, *common))
     table = _spec((steps, config.batch_size), jnp.int32, mesh, EPOCH_TABLE_SPEC)
     images = _rows((bank_rows, *sizes.stored_shape), jnp.uint8, mesh)
     if inputs == "features":
