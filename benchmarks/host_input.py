@@ -9,6 +9,10 @@ Usage (from the repository root)::
 Two-view images per second (each image read, decoded, cropped twice, resized to 224, batched and
 handed over) of moco_jax's streamed input and of the official MoCo input, each on the same N
 cores, on the same files, in one run (``host_sides.py`` says exactly what each side does).
+moco_jax is timed both ways (``dataset.resize_on``): ``--resize device`` (the default) makes the
+device-resize mode "ours" (the host decodes and sends each image's union of windows; the resize
+itself then runs on the accelerators and is not in this number) and the host-resize mode
+``ours_other_resize``; ``--resize host`` the other way round.
 Sides alternate, ``--repeats`` times; the best run of each side counts (the least disturbed by
 other load on the machine; every run is in the JSON). ``--baseline REV`` also times moco_jax's
 input at git revision REV (its ``moco_jax`` package checked out into a temporary directory), for

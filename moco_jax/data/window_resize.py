@@ -5,14 +5,14 @@ windows, padded into a fixed ``B x B`` buffer (``dataset.union_buffer``), and ea
 as a box ``[top, left, h, w]`` inside it (``host_crops.crop_steps``). Here each window is cut out
 and resized to ``S x S`` exactly as the host does it (``host_crops._resize``, PIL's bilinear):
 a triangle filter widened by the scale factor when shrinking, over the window's own pixels
-only (weights renormalised at the window's edges, so pixels beside it never leak in), in
-float32, rounded to uint8 values. A box of ``S x S`` is therefore returned unchanged, pixel for
+only (weights renormalised at the window's edges, so pixels beside it never leak in), with
+float32 sums, rounded to uint8 values. A box of ``S x S`` is therefore returned unchanged, pixel for
 pixel: that is how the host sends views it already resized (unions larger than the buffer).
 
 The filter is separable: a view is ``Wy @ window @ Wx^T`` per channel, with ``Wy`` and ``Wx``
-``[S, B]`` weight matrices built from the box, two matmuls per view: about 2 x 224 x 512 x 512
-x 3 + 2 x 224 x 224 x 512 x 3, 1.0 GFLOP an image of two views at ``S = 224``, ``B = 512``
-(the TPU compiler's count; ~3% of a MoCo v2 ResNet-50 step's 32 GFLOP an image).
+``[S, B]`` weight matrices built from the box, two matmuls per view (the rows one twice, see
+``resize_window``): 2.6 GFLOP an image of two views at ``S = 224``, ``B = 640`` by the TPU
+compiler's count, ~8% of a MoCo v2 ResNet-50 step's ~32 GFLOP an image.
 """
 
 from __future__ import annotations
