@@ -17,3 +17,19 @@ def test_the_bound_is_read_from_the_compile_report():
 def test_a_missing_folder_is_one_error_line(capsys):
     assert host_input.main(["--cores", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: give --folder")
+
+
+def test_the_summary_names_both_resize_modes():
+    """``--resize device`` (the default): "ours" is the device-resize mode, the host mode is
+    timed beside it; the ratio is ours over the official."""
+    values = host_input.parse_args(["--folder", "/tmp/unused"])
+    assert values.resize == "device"
+    report = {"cores": 2, "images_per_run": 768, "resize": "device", "ratio": 2.0}
+    report |= {"ours": 800.0, "ours_per_cpu_sec": 420.0, "official": 400.0}
+    report |= {"official_per_cpu_sec": 210.0, "ratio_cpu": 2.0}
+    report |= {"ours_other_resize": 300.0, "ours_other_resize_per_cpu_sec": 160.0}
+    report["chips"] = host_input.cores_per_chip(400.0, 420.0, 6000.0)
+    lines = host_input.summary(report).splitlines()
+    assert any(line.split()[:4] == ["ours", "(device", "resize)", "800.0"] for line in lines)
+    assert any(line.split()[:4] == ["ours", "(host", "resize)", "300.0"] for line in lines)
+    assert "2.00 (ours / official" in host_input.summary(report)

@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     # (the host sends S x S crops); "device": the host only decodes, and sends each image's
     # union of windows padded into a union_buffer x union_buffer square that the accelerators
     # resize: the same views within one grey level, ~2.5x the images per host core, ~4x the
-    # bytes to the device, ~8% more FLOPs there (README, "Feeding the chips"). Unions larger
+    # bytes to the device, ~10% more FLOPs there (README, "Feeding the chips"). Unions larger
     # than the buffer (~3% of ImageNet-like images at 640) are resized on the host either way;
     # the buffer must hold two views side by side, >= 2 x image_size.
     dataset.resize_on = "host"

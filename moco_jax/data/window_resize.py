@@ -2,25 +2,24 @@
 
 With this the host stops at decoding: per image it sends the decoded union of the views'
 windows, padded into a fixed ``B x B`` buffer (``dataset.union_buffer``), and each view's window
-as a box ``[top, left, h, w]`` inside it (``host_crops.crop_steps``). Here each window is cut out
-and resized to ``S x S`` exactly as the host does it (``host_crops._resize``, PIL's bilinear):
-a triangle filter widened by the scale factor when shrinking, over the window's own pixels
-only (weights renormalised at the window's edges, so pixels beside it never leak in), with
-float32 sums, rounded to uint8 values. A box of ``S x S`` is therefore returned unchanged, pixel for
-pixel: that is how the host sends views it already resized (unions larger than the buffer).
+as a box ``[top, left, h, w]`` inside it (``host_crops.crop_steps``). Here each window is cut
+out and resized to ``S x S`` exactly as the host does it (``host_crops._resize``, PIL's
+bilinear): a triangle filter widened by the scale factor when shrinking, over the window's own
+pixels only (weights renormalised at the window's edges, so pixels beside it never leak in),
+with float32 sums, rounded to uint8 values. A box of ``S x S`` is therefore returned unchanged,
+pixel for pixel: that is how the host sends views it already resized (unions larger than the
+buffer).
 
 The filter is separable: a view is ``Wy @ window @ Wx^T`` per channel, with ``Wy`` and ``Wx``
-``[S, B]`` weight matrices built from the box, two matmuls per view (the rows one twice, see
-``resize_window``): 2.6 GFLOP an image of two views at ``S = 224``, ``B = 640`` by the TPU
-compiler's count, ~8% of a MoCo v2 ResNet-50 step's ~32 GFLOP an image.
+``[S, B]`` weight matrices built from the box: two matmuls per view, in 2 and 3 bf16 parts
+(see ``resize_window``): 3.4 GFLOP an image of two views at ``S = 224``, ``B = 640`` by the TPU
+compiler's count, ~10% of a MoCo v2 ResNet-50 step's ~32 GFLOP an image.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-HIGH = jax.lax.Precision.HIGH  # f32 products to ~16 bits (bf16_3x on a TPU): 0.01 level
 
 
 def axis_weights(start: jax.Array, length: jax.Array, size: int, extent: int) -> jax.Array:
@@ -41,22 +40,33 @@ def axis_weights(start: jax.Array, length: jax.Array, size: int, extent: int) ->
     return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
+def _bf16_parts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A float32 array as a bf16 head and the bf16 rounding of what is left."""
+    head = x.astype(jnp.bfloat16)
+    return head, (x - head.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def resize_window(buffer: jax.Array, box: jax.Array, size: int) -> jax.Array:
     """``[S, S, C]`` uint8: the window ``box = [top, left, h, w]`` of a ``[B, B, C]`` uint8
     ``buffer`` resized to ``size x size`` (see the module docstring)."""
     rows = axis_weights(box[0], box[2], size, buffer.shape[0])
     cols = axis_weights(box[1], box[3], size, buffer.shape[1])
-    # The rows pass in two bf16 matmuls (f32 sums): uint8 values are exact in bf16, and the
-    # weights split into a bf16 head and tail carry 16 bits (0.004 levels at most), at a third
-    # of f32 HIGHEST's MXU passes on a TPU; the smaller columns pass runs at HIGH (bf16_3x).
+    # bf16 matmuls with float32 sums, the same arithmetic on every backend (what the tests
+    # check on a CPU is what a TPU's MXU computes): uint8 values are exact in bf16, and a
+    # float32 array split into a bf16 head and tail carries 16 bits (0.004 levels here). Rows:
+    # weights (head + tail) x pixels, 2 products; columns: the rows pass's result x weights,
+    # 3 (tail x tail is below the precision). A third of float32 HIGHEST's 6 passes on a TPU.
     pixels = buffer.astype(jnp.bfloat16)
-    head = rows.astype(jnp.bfloat16)
-    tail = (rows - head.astype(jnp.float32)).astype(jnp.bfloat16)
-    tall = sum(
-        jnp.einsum("ij,jlc->ilc", part, pixels, preferred_element_type=jnp.float32)
-        for part in (head, tail)
+    tall = sum(_dot("ij,jlc->ilc", part, pixels) for part in _bf16_parts(rows))
+    (tall_head, tall_tail), (cols_head, cols_tail) = _bf16_parts(tall), _bf16_parts(cols)
+    view = sum(
+        _dot("ilc,kl->ikc", a, b)
+        for a, b in ((tall_head, cols_head), (tall_head, cols_tail), (tall_tail, cols_head))
     )
-    view = jnp.einsum("ilc,kl->ikc", tall, cols, precision=HIGH)
     return jnp.clip(jnp.round(view), 0, 255).astype(jnp.uint8)
 
 
