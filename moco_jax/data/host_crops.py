@@ -8,7 +8,7 @@ index, view)``, and the union of the windows; **decode** the union once (a JPEG 
 **resize** each to ``S x S``, bilinear with antialiasing, rounded to uint8. With
 ``dataset.resize_on = "device"`` the last two steps become **pack**: the decoded union and each
 view's box inside it go to the device, which cuts and resizes there (``window_resize``: the
-same views within one grey level), leaving the host half the work.
+same views within one grey level), leaving the host about a third of the work.
 
 A view is therefore the whole image decoded, its window cut out and resized, whatever the other
 view (``tests/test_host_crops.py`` restates it so). Evaluation (``make_eval_fn``): the shorter
