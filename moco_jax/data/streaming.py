@@ -1,11 +1,11 @@
 """Large-image datasets (ImageNet, Imagenette): the host decodes and crops, the device the rest.
 
 Per example the host (tf.data, parallel) decodes the JPEG once, only inside the union of two
-independent random-resized-crop windows, and resizes each window to the training size as
-uint8 (``moco_jax.data.host_crops``: each view is its window of the whole decoded image), or
-with ``dataset.resize_on = "device"`` sends the decoded union padded into a fixed buffer with
-the views' boxes, and the device resizes (``moco_jax.data.window_resize``). The windows follow the rule the device crop follows too (``moco_jax.data.augment.crop_window``,
-torchvision's sampler):
+independent random-resized-crop windows, and resizes each window to the training size as uint8
+(``moco_jax.data.host_crops``: each view is its window of the whole decoded image), or with
+``dataset.resize_on = "device"`` sends the decoded union padded into a fixed buffer with the
+views' boxes, and the device resizes (``moco_jax.data.window_resize``). The windows follow the
+rule the device crop follows too (``moco_jax.data.augment.crop_window``, torchvision's sampler):
 area in ``augment.crop_scale``, log-uniform aspect ratio in ``augment.crop_ratio``, 10 tries,
 then the largest centred crop whose aspect ratio is clamped into ``crop_ratio`` (the whole image
 when its own aspect ratio is within). Flip, colour jitter, grayscale, blur, solarize and
