@@ -213,3 +213,26 @@ def test_the_environment_is_left_as_it_was(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     topology.topology_devices("v5e:2x2")
     assert not set(topology.LIBTPU_ENV) & set(os.environ)
+
+
+def test_a_streamed_dataset_resized_on_the_device_compiles_its_views():
+    """``dataset.resize_on="device"``: the views function takes each image's union buffer and
+    the two boxes in it, resizes and augments, and compiles for a slice; its FLOPs grow by the
+    two matmuls per view (``window_resize``: 2 and 3 bf16 parts), (2 x 28 x 64 x 64 + 3 x 28 x
+    28 x 64) x 2 FLOPs x 2 views an image (one channel), and the weights' arithmetic."""
+    devices = topology.topology_devices("v5e:2x2").devices
+    flops = {}
+    for where in ("host", "device"):
+        config = tiny_config(
+            **{"dataset.name": "imagenet2012", "dataset.resize_on": where},
+            **{"dataset.union_buffer": 64},
+        )
+        views = run_targets(config, devices)[1][1]
+        if where == "device":
+            assert views.name == "views (host unions, resized, augmented)"
+            assert views.args[0].shape == (32, 64, 64, 1) and views.args[1].shape == (32, 2, 4)
+        cost = views.fn.lower(*views.args).compile().cost_analysis()
+        flops[where] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    per_image = (2 * 28 * 64 * 64 + 3 * 28 * 28 * 64) * 2 * 2
+    matmuls = per_image * 32 / 4  # 8 images a chip; the rest: weights, splits, sums
+    assert matmuls <= flops["device"] - flops["host"] <= 1.25 * matmuls
