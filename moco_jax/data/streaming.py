@@ -92,9 +92,10 @@ def crop_dataset(
     threads = config.dataset.get("host_threads", 0) or _usable_cores()
     ds = ds.map(
         lambda position, record: (*crop(*record), position) if positions else crop(*record),
-        # Records in flight: 4 a thread, so that one slow image (a large one resized on the
-        # host) holds back its own slot only, not the threads (outputs stay in order).
-        num_parallel_calls=IN_FLIGHT_PER_THREAD * threads,
+        # Records in flight: 4 a thread (at most 256 more than threads: each holds a decoded
+        # union), so that one slow image (a large one resized on the host) holds back its own
+        # slot only, not the threads (outputs stay in order).
+        num_parallel_calls=min(IN_FLIGHT_PER_THREAD * threads, threads + 256),
         deterministic=True,
     )
     ds = ds.ignore_errors()

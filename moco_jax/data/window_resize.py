@@ -41,9 +41,12 @@ def axis_weights(start: jax.Array, length: jax.Array, size: int, extent: int) ->
 
 
 def _bf16_parts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A float32 array as a bf16 head and the bf16 rounding of what is left."""
-    head = x.astype(jnp.bfloat16)
-    return head, (x - head.astype(jnp.float32)).astype(jnp.bfloat16)
+    """A float32 array as a bf16 head and the bf16 rounding of what is left. The head is
+    rounded by ``reduce_precision``, not by a bf16 round trip: XLA's GPU pipeline folds
+    ``f32 -> bf16 -> f32`` back into ``x`` (excess precision allowed), which would make
+    every tail zero there."""
+    head = jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    return head.astype(jnp.bfloat16), (x - head).astype(jnp.bfloat16)
 
 
 def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:

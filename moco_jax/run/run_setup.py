@@ -142,6 +142,12 @@ def load_data(config: Any, mesh: Mesh, inputs: str = "two_views", source: Any = 
     builder = source if holds_paths(source) else None
     builder = builder or prepared_builder(dataset.name, dataset.data_dir, dataset.download)
     if dataset.name in RESIDENT_DATASETS:
+        if dataset.get("resize_on", "host") == "device":
+            logging.warning(
+                "dataset.resize_on='device' applies to streamed datasets; %s stays on the "
+                "devices, which crop and resize it already",
+                dataset.name,
+            )
         sources = _resident_data(config, mesh, builder, inputs)
     else:
         sources = _streaming_data(config, mesh, builder, inputs)
