@@ -115,3 +115,20 @@ def test_the_bf16_tails_survive_the_gpu_compiler():
     program = resize.lower(buffer, box).compile().as_text()
     self_subtractions = re.findall(r"subtract\((%[\w.-]+), \1\)", program)
     assert "subtract(" in program and not self_subtractions
+
+
+def test_resize_on_the_device_with_a_resident_dataset_is_a_warning(caplog):
+    """Fashion-MNIST stays on the devices, which crop and resize it already: said once, and the
+    run goes on."""
+    from data_fixtures import fashion_mnist_data_dir
+
+    from moco_jax.mesh import make_data_mesh
+    from moco_jax.run.run_setup import load_data
+    from tiny import tiny_config
+
+    overrides = {"dataset.data_dir": fashion_mnist_data_dir(), "dataset.resize_on": "device"}
+    with caplog.at_level("WARNING"):
+        data = load_data(tiny_config(**overrides), make_data_mesh(8))
+    said = [r.getMessage() for r in caplog.records if "applies to streamed" in r.getMessage()]
+    assert len(said) == 1 and "fashion_mnist stays on the devices" in said[0]
+    assert data.num_classes == 10
