@@ -55,6 +55,7 @@ class SyntheticViews:
             rows = self.batch // jax.process_count()
             shape = (rows, size, size, channels)
             crops = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]
+            # Not host_crops.resizes_on_device: --baseline runs import this with older packages
             if config.dataset.get("resize_on") == "device":  # unions and two boxes in each
                 side = config.dataset.union_buffer
                 crops[0] = rng.integers(0, 256, (rows, side, side, channels), dtype=np.uint8)

@@ -9,8 +9,7 @@ PIL's bilinear resize of the window alone (restated here in NumPy from Pillow's
 
 import numpy as np
 import pytest
-from PIL import Image
-from test_host_crops import SIZE, _config, _reference, jpegs  # noqa: F401 (a fixture)
+from test_host_crops import SIZE, _config, _photo, _reference, jpegs  # noqa: F401 (a fixture)
 
 from moco_jax.data.host_crops import _tf
 from moco_jax.data.streaming import crop_dataset
@@ -34,11 +33,6 @@ def _pil_weights(length, size):
     return weights
 
 
-def _smooth(rng, height, width):
-    low = rng.uniform(0, 255, (height // 8 + 2, width // 8 + 2, 3)).astype(np.uint8)
-    return np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC))
-
-
 @pytest.mark.parametrize("box", [(7, 3, 80, 61), (0, 0, BUFFER, BUFFER), (50, 40, 12, 9)])
 def test_a_view_is_the_window_alone_resized_as_pil_does(box):
     """Shrinking, whole buffer and enlarging: the window's pixels only (the buffer outside it is
@@ -47,7 +41,7 @@ def test_a_view_is_the_window_alone_resized_as_pil_does(box):
     rng = np.random.default_rng(0)
     buffer = np.full((BUFFER, BUFFER, 3), 255, np.uint8)
     top, left, h, w = box
-    window = _smooth(rng, h, w)
+    window = _photo(rng, h, w)
     buffer[top : top + h, left : left + w] = window
     got = np.asarray(resize_window(buffer, np.asarray(box, np.int32), SIZE)).astype(int)
     rows, cols = _pil_weights(h, SIZE), _pil_weights(w, SIZE)

@@ -89,7 +89,8 @@ def crop_dataset(
     ds = records_ds.shuffle(buffer, seed=config.seed * 7919 + epoch, reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(skip)
     crop = make_crop_fn(config, epoch, num_views, read)
-    threads = config.dataset.get("host_threads", 0) or _usable_cores()
+    host_threads = config.dataset.get("host_threads", 0)
+    threads = host_threads or _usable_cores()
     ds = ds.map(
         lambda position, record: (*crop(*record), position) if positions else crop(*record),
         # Records in flight: 4 a thread (at most 256 more than threads: each holds a decoded
@@ -106,7 +107,7 @@ def crop_dataset(
         ds = ds.padded_batch(batch, padded_shapes=tuple(shapes), drop_remainder=False)
     else:
         ds = ds.batch(batch, drop_remainder=False)
-    return with_threads(ds.prefetch(2), config.dataset.get("host_threads", 0))
+    return with_threads(ds.prefetch(2), host_threads)
 
 
 def _usable_cores() -> int:
@@ -205,10 +206,11 @@ class StreamingViews:
         decoded = _Counted(crop_dataset(*args).as_numpy_iterator())
         try:
             for *crops, labels, _ in full_windows(decoded, start_step, self.steps_per_epoch, batch):
-                if resizes_on_device(self.config):  # crops: the unions and their boxes
-                    yield crops[0], (crops[1] if self._num_views == 2 else (crops[1], labels))
-                else:
-                    yield (crops[0], crops[1]) if len(crops) == 2 else (crops[0], labels)
+                # (crops_q, crops_k), (crop, labels), or resized on the device (unions, boxes)
+                # and (unions, (boxes, labels)): what ``make_crop_augment_fn`` takes
+                first, *rest = crops
+                rest += [labels] if self._num_views == 1 else []
+                yield first, rest[0] if len(rest) == 1 else tuple(rest)
         except EmptyWindow as err:
             from moco_jax.data.tfds_source import DatasetError
 

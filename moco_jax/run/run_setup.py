@@ -21,6 +21,7 @@ from moco_jax.algorithms import State
 from moco_jax.assemble import Setup, build, mesh_for
 from moco_jax.config.checks import ConfigError
 from moco_jax.data.folder_source import absolute_name
+from moco_jax.data.host_crops import resizes_on_device
 from moco_jax.data.resident import ResidentTrainSet, ResidentViews, put_sharded
 from moco_jax.data.streaming import StreamingViews, eval_batches
 from moco_jax.data.tfds_source import (
@@ -142,7 +143,7 @@ def load_data(config: Any, mesh: Mesh, inputs: str = "two_views", source: Any = 
     builder = source if holds_paths(source) else None
     builder = builder or prepared_builder(dataset.name, dataset.data_dir, dataset.download)
     if dataset.name in RESIDENT_DATASETS:
-        if dataset.get("resize_on", "host") == "device":
+        if resizes_on_device(config):
             logging.warning(
                 "dataset.resize_on='device' applies to streamed datasets; %s stays on the "
                 "devices, which crop and resize it already",
