@@ -83,16 +83,13 @@ def _validate_data_fields(config: Any) -> None:
     check_int_at_least("dataset.max_train_examples", dataset.max_train_examples, 0)
     check_int_at_least("dataset.max_test_examples", dataset.max_test_examples, 0)
     check_int_at_least("dataset.host_threads", dataset.host_threads, 0)
-    where = dataset.resize_on
+    where, side, least = dataset.resize_on, dataset.union_buffer, 2 * dataset.image_size
+    message = f"dataset.resize_on must be 'host' or 'device', got {where!r}"
+    require(where in ("host", "device"), message)
     require(
-        where in ("host", "device"), f"dataset.resize_on must be 'host' or 'device', got {where!r}"
-    )
-    require(
-        dataset.resize_on == "host"
-        or (is_int(dataset.union_buffer) and dataset.union_buffer >= 2 * dataset.image_size),
-        f"dataset.union_buffer must be an integer >= 2 x dataset.image_size "
-        f"({2 * dataset.image_size}: it carries two views side by side), "
-        f"got {dataset.union_buffer!r}",
+        where == "host" or (is_int(side) and side >= least),
+        f"dataset.union_buffer must be an integer >= 2 x dataset.image_size ({least}: it carries "
+        f"two views side by side), got {side!r}",
     )
     for name, value in [("dataset.mean", dataset.mean), ("dataset.std", dataset.std)]:
         require(are_numbers(value), f"{name} must be a tuple of numbers, got {value!r}")
