@@ -26,6 +26,8 @@ from jax.sharding import Mesh
 from moco_jax.algorithms import Algorithm, State, build_algorithm, image_shape
 from moco_jax.config.checks import ConfigError
 from moco_jax.config.validation import validate
+from moco_jax.data.host_crops import resizes_on_device
+from moco_jax.data.tfds_source import RESIDENT_DATASETS
 from moco_jax.mesh import make_data_mesh, replicated
 
 
@@ -82,21 +84,32 @@ def build(
 
 
 def check_memory(setup: Setup) -> None:
-    """``ConfigError`` if the state and one step's two views alone exceed a device's memory (a
-    lower bound, checked from shapes before anything is allocated or compiled)."""
+    """``ConfigError`` if the state and one step's two views alone (with, when the device
+    resizes streamed images, the host's union buffers) exceed a device's memory (a lower bound,
+    checked from shapes before anything is allocated or compiled)."""
+    config = setup.config
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state()))
-    per_device = setup.config.batch_size // setup.mesh.size
+    per_device = config.batch_size // setup.mesh.size
     views_bytes = 2 * per_device * int(np.prod(setup.image_shape)) * 4  # float32
+    side = config.dataset.get("union_buffer", 0)  # the host's unions, uint8, when resized here
+    streamed = config.dataset.name not in RESIDENT_DATASETS
+    union_bytes = per_device * side * side * config.dataset.num_channels
+    union_bytes = union_bytes if streamed and resizes_on_device(config) else 0
     available = device_memory(setup.mesh.devices.flat[0])
-    needed = state_bytes + views_bytes
+    needed = state_bytes + views_bytes + union_bytes
     if available is not None and needed > available:
-        gib = lambda n: f"{n / 2**30:.3g} GiB"
+        unions = f", {per_device} union buffers of {side}x{side}: {_gib(union_bytes)}"
         raise ConfigError(
-            f"the run needs at least {gib(needed)} per device (state {gib(state_bytes)}, two "
+            f"the run needs at least {_gib(needed)} per device (state {_gib(state_bytes)}, two "
             f"views of {per_device} images of {'x'.join(map(str, setup.image_shape))}: "
-            f"{gib(views_bytes)}) but a device has {gib(available)}: lower "
-            f"dataset.image_size, moco.queue_size or batch_size"
+            f"{_gib(views_bytes)}{unions if union_bytes else ''}) but a device has "
+            f"{_gib(available)}: lower dataset.image_size, moco.queue_size or batch_size"
+            f"{' (or dataset.union_buffer)' if union_bytes else ''}"
         )
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.3g} GiB"
 
 
 def device_memory(device) -> int | None:

@@ -364,6 +364,11 @@ def test_good_configs_pass():
     [
         ({"dataset.image_size": 100000}, r"two views of 8 images of 100000x100000x1: 596 GiB"),
         ({"moco.queue_size": 10**12}, r"needs at least 4.77e\+05 GiB per device \(state 4.77e\+05"),
+        (
+            {"dataset.name": "imagenet2012", "dataset.resize_on": "device"}
+            | {"dataset.union_buffer": 100000},
+            r"8 union buffers of 100000x100000: 74.5 GiB\) .* \(or dataset.union_buffer\)",
+        ),
     ],
 )
 def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated(
